@@ -1,0 +1,415 @@
+"""Activation shard format v1 (the written spec is docs/shard-format.md; code that diverges
+from it is a bug).
+
+A set lives under ``activations/<set_id>/``::
+
+    manifest.json                 written last; readers trust only what it lists
+    shard-000000/layer-10.bin     [n_images, tokens_per_image, d_model], little-endian, raw
+    shard-000000/images.jsonl     one {"id", "label"} line per image, in row order
+    shard-000000/index.json       the shard's own record (lets an interrupted run resume)
+
+No shard is padded: each records its exact image count, and the last one is as long as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitscope.hashing import sha256_bytes
+from vitscope.store import NotFound, Store
+
+FORMAT = "vitscope.activations"
+VERSION = 1
+PREFIX = "activations"
+
+# Stored dtypes. numpy has no bfloat16, so bf16 is stored as its raw 16-bit patterns.
+DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    "float32": (np.dtype("<f4"), torch.float32),
+    "float16": (np.dtype("<f2"), torch.float16),
+    "bfloat16": (np.dtype("<u2"), torch.bfloat16),
+}
+
+
+class FormatError(ValueError):
+    """A manifest or shard does not follow the format it claims."""
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Which stored token is which, per image: CLS first (if kept), then registers (if kept),
+    then the patch grid row-major. Never implied: always written in the manifest."""
+
+    n_cls: int
+    n_registers: int
+    grid: tuple[int, int]
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.n_cls + self.n_registers + self.n_patches
+
+    @property
+    def patch_start(self) -> int:
+        return self.n_cls + self.n_registers
+
+    def kinds(self) -> list[str]:
+        """One label per stored token: 'cls', 'reg0'.., 'patch'."""
+        return ["cls"] * self.n_cls + [f"reg{i}" for i in range(self.n_registers)] + ["patch"] * self.n_patches
+
+    def token_indices(self, kinds: Sequence[str]) -> np.ndarray:
+        """Stored token positions of the requested kinds ('cls', 'registers', 'patches', 'all')."""
+        wanted = set(kinds)
+        unknown = wanted - {"cls", "registers", "patches", "all"}
+        if unknown:
+            raise ValueError(f"unknown token kinds {sorted(unknown)}: use cls, registers, patches or all")
+        idx: list[int] = []
+        if "all" in wanted or "cls" in wanted:
+            if self.n_cls == 0 and "all" not in wanted:
+                raise ValueError("CLS tokens were requested but this activation set stores none")
+            idx += list(range(self.n_cls))
+        if "all" in wanted or "registers" in wanted:
+            if self.n_registers == 0 and "all" not in wanted:
+                raise ValueError("register tokens were requested but this activation set stores none")
+            idx += list(range(self.n_cls, self.patch_start))
+        if "all" in wanted or "patches" in wanted:
+            idx += list(range(self.patch_start, self.tokens_per_image))
+        return np.asarray(idx, dtype=np.int64)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n_cls": self.n_cls,
+            "n_registers": self.n_registers,
+            "grid": list(self.grid),
+            "tokens_per_image": self.tokens_per_image,
+            "kinds": self.kinds_summary(),
+        }
+
+    def kinds_summary(self) -> dict[str, list[int]]:
+        """Half-open [start, end) ranges of each token kind within an image's tokens."""
+        return {
+            "cls": [0, self.n_cls],
+            "registers": [self.n_cls, self.patch_start],
+            "patches": [self.patch_start, self.tokens_per_image],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TokenLayout:
+        layout = cls(int(d["n_cls"]), int(d["n_registers"]), (int(d["grid"][0]), int(d["grid"][1])))
+        if "tokens_per_image" in d and int(d["tokens_per_image"]) != layout.tokens_per_image:
+            raise FormatError("token layout's tokens_per_image disagrees with its parts")
+        return layout
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard: which images it holds and the checksum of each of its files."""
+
+    index: int
+    first_image: int
+    n_images: int
+    files: dict[str, dict[str, Any]]  # relative key -> {"sha256", "nbytes"}
+    # The slice of the dataset's canonical order this shard covers (skipped images included),
+    # so that a resumed run knows where to continue.
+    dataset_start: int = 0
+    dataset_end: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ShardRecord:
+        return cls(int(d["index"]), int(d["first_image"]), int(d["n_images"]), dict(d["files"]),
+                   int(d.get("dataset_start", 0)), int(d.get("dataset_end", 0)), list(d.get("skipped", [])))
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def layer_file(layer: int) -> str:
+    return f"layer-{layer}.bin"
+
+
+@dataclass
+class Manifest:
+    """Everything needed to read a set and to know what it is, without the dataset or model."""
+
+    set_id: str
+    model: dict[str, Any]
+    layers: list[int]  # absolute block indices, ascending
+    layers_requested: list[int]  # as the user wrote them (e.g. -2), same order as ``layers``
+    d_model: int
+    dtype: str
+    layout: TokenLayout
+    transform: dict[str, Any]
+    dataset: dict[str, Any]
+    n_images: int = 0
+    shards: list[ShardRecord] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    created_at: str = ""
+    vitscope_version: str = ""
+    format: str = FORMAT
+    version: int = VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layout"] = self.layout.to_json()
+        d["shards"] = [s.to_json() for s in self.shards]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        if d.get("format") != FORMAT:
+            raise FormatError(f"not an activation manifest (format={d.get('format')!r})")
+        if int(d.get("version", 0)) > VERSION:
+            raise FormatError(
+                f"activation set uses format version {d['version']}, this vitscope reads up to {VERSION}: upgrade vitscope"
+            )
+        if d["dtype"] not in DTYPES:
+            raise FormatError(f"unknown stored dtype {d['dtype']!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        kw["layout"] = TokenLayout.from_json(d["layout"])
+        kw["shards"] = [ShardRecord.from_json(s) for s in d["shards"]]
+        return cls(**kw)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.d_model * DTYPES[self.dtype][0].itemsize
+
+    def layer_position(self, layer: int) -> int:
+        """Resolve a layer given as absolute or as requested (e.g. -2) to an absolute index."""
+        if layer in self.layers:
+            return layer
+        if layer in self.layers_requested:
+            return self.layers[self.layers_requested.index(layer)]
+        raise ValueError(f"layer {layer} is not in this activation set; it has layers {self.layers}")
+
+
+def set_prefix(set_id: str) -> str:
+    return f"{PREFIX}/{set_id}"
+
+
+def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """Convert activations to their stored little-endian representation."""
+    np_dtype, t_dtype = DTYPES[dtype]
+    t = x.detach().to("cpu", t_dtype).contiguous()
+    if dtype == "bfloat16":
+        return t.view(torch.int16).numpy().view(np_dtype)
+    return t.numpy().astype(np_dtype, copy=False)
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored array -> float32 tensor."""
+    if dtype == "bfloat16":  # np.array copies: memory-mapped pages are read-only
+        return torch.from_numpy(np.array(a).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.asarray(a, dtype=np.float32).copy() if a.dtype == np.float32 else a.astype(np.float32))
+
+
+class ShardWriter:
+    """Writes one activation set: shards as they fill, then the manifest last.
+
+    Each finished shard also gets an ``index.json`` written after its data, so that a killed
+    run can find every complete shard and resume after the last one (:meth:`completed_shards`).
+    """
+
+    def __init__(self, store: Store, manifest: Manifest, images_per_shard: int):
+        if images_per_shard <= 0:
+            raise ValueError("images_per_shard must be positive")
+        self.store = store
+        self.manifest = manifest
+        self.images_per_shard = images_per_shard
+        self.prefix = set_prefix(manifest.set_id)
+
+    def completed_shards(self) -> list[ShardRecord]:
+        """Shards a previous run finished, contiguous from the first (a gap ends the list)."""
+        done: list[ShardRecord] = []
+        while True:
+            key = f"{self.prefix}/{shard_name(len(done))}/index.json"
+            try:
+                rec = ShardRecord.from_json(json.loads(self.store.get_bytes(key)))
+            except NotFound:
+                return done
+            done.append(rec)
+
+    def write_shard(
+        self, index: int, first_image: int, acts: dict[int, np.ndarray], records: list[dict[str, Any]],
+        dataset_range: tuple[int, int] = (0, 0), skipped: list[dict[str, str]] | None = None,
+    ) -> ShardRecord:
+        """Write one shard's files (``acts[layer]`` of shape [n, tokens, d] in stored dtype)."""
+        n = len(records)
+        m = self.manifest
+        files: dict[str, dict[str, Any]] = {}
+        for layer in m.layers:
+            a = acts[layer]
+            expected = (n, m.layout.tokens_per_image, m.d_model)
+            if a.shape != expected or a.dtype != DTYPES[m.dtype][0]:
+                raise FormatError(f"layer {layer} shard has shape {a.shape} {a.dtype}, expected {expected} {m.dtype}")
+            data = np.ascontiguousarray(a).tobytes()
+            rel = f"{shard_name(index)}/{layer_file(layer)}"
+            self.store.put_bytes(f"{self.prefix}/{rel}", data)
+            files[rel] = {"sha256": sha256_bytes(data), "nbytes": len(data)}
+        ids = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+        rel = f"{shard_name(index)}/images.jsonl"
+        self.store.put_bytes(f"{self.prefix}/{rel}", ids)
+        files[rel] = {"sha256": sha256_bytes(ids), "nbytes": len(ids)}
+        rec = ShardRecord(index=index, first_image=first_image, n_images=n, files=files,
+                          dataset_start=dataset_range[0], dataset_end=dataset_range[1], skipped=list(skipped or []))
+        self.store.put_bytes(f"{self.prefix}/{shard_name(index)}/index.json", json.dumps(rec.to_json()).encode())
+        return rec
+
+    def finish(self, shards: list[ShardRecord], trailing_skipped: Sequence[dict[str, str]] = ()) -> Manifest:
+        """Publish: check the shards tile [0, n_images) and write the manifest last.
+
+        ``trailing_skipped`` lists unreadable images after the last shard's last image."""
+        expected_first = 0
+        for i, s in enumerate(shards):
+            if s.index != i or s.first_image != expected_first:
+                raise FormatError(f"shard {i} does not follow its predecessor")
+            expected_first += s.n_images
+        m = self.manifest
+        m.shards = list(shards)
+        m.n_images = expected_first
+        m.skipped = [s for shard in shards for s in shard.skipped] + list(trailing_skipped)
+        m.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        from vitscope import __version__
+
+        m.vitscope_version = __version__
+        self.store.put_bytes(f"{self.prefix}/manifest.json", json.dumps(m.to_json(), indent=1).encode())
+        return m
+
+
+def set_exists(store: Store, set_id: str) -> bool:
+    return store.exists(f"{set_prefix(set_id)}/manifest.json")
+
+
+class ActivationSet:
+    """Read side of a published set. Local stores are memory-mapped; S3 uses ranged GETs."""
+
+    def __init__(self, store: Store, manifest: Manifest):
+        self.store = store
+        self.manifest = manifest
+        self.prefix = set_prefix(manifest.set_id)
+        self._starts = np.asarray([s.first_image for s in manifest.shards], dtype=np.int64)
+
+    @classmethod
+    def open(cls, store: Store, set_id: str) -> ActivationSet:
+        try:
+            raw = store.get_bytes(f"{set_prefix(set_id)}/manifest.json")
+        except NotFound:
+            raise NotFound(f"no published activation set {set_id!r} in {store.uri}") from None
+        return cls(store, Manifest.from_json(json.loads(raw)))
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.manifest.layout
+
+    def __len__(self) -> int:
+        return self.manifest.n_images
+
+    def _key(self, shard: ShardRecord, layer: int) -> str:
+        return f"{self.prefix}/{shard.name}/{layer_file(self.manifest.layer_position(layer))}"
+
+    def shard_array(self, shard: ShardRecord, layer: int) -> np.ndarray:
+        """All of one shard's activations for a layer: [n_images, tokens, d] in stored dtype."""
+        m = self.manifest
+        np_dtype = DTYPES[m.dtype][0]
+        shape = (shard.n_images, m.layout.tokens_per_image, m.d_model)
+        key = self._key(shard, layer)
+        path = self.store.local_path(key)
+        if path is not None:
+            if not path.exists():
+                raise NotFound(f"{self.store.uri}/{key}")
+            return np.memmap(path, dtype=np_dtype, mode="r", shape=shape)
+        return np.frombuffer(self.store.get_bytes(key), dtype=np_dtype).reshape(shape)
+
+    def iter_shards(self, layer: int) -> Iterator[tuple[ShardRecord, np.ndarray]]:
+        for shard in self.manifest.shards:
+            yield shard, self.shard_array(shard, layer)
+
+    def locate(self, image_index: int) -> tuple[ShardRecord, int]:
+        """(shard, row within shard) of a global image index."""
+        if not 0 <= image_index < self.manifest.n_images:
+            raise IndexError(f"image index {image_index} out of range [0, {self.manifest.n_images})")
+        i = int(np.searchsorted(self._starts, image_index, side="right") - 1)
+        shard = self.manifest.shards[i]
+        return shard, image_index - shard.first_image
+
+    def image_tokens(self, layer: int, image_index: int) -> torch.Tensor:
+        """One image's stored tokens for a layer as float32 [tokens, d], read by range."""
+        m = self.manifest
+        shard, row = self.locate(image_index)
+        per_image = m.layout.tokens_per_image * m.bytes_per_token
+        raw = self.store.get_range(self._key(shard, layer), row * per_image, per_image)
+        a = np.frombuffer(raw, dtype=DTYPES[m.dtype][0]).reshape(m.layout.tokens_per_image, m.d_model)
+        return from_storage(a, m.dtype)
+
+    def shard_records(self, shard: ShardRecord) -> list[dict[str, Any]]:
+        raw = self.store.get_bytes(f"{self.prefix}/{shard.name}/images.jsonl")
+        return [json.loads(line) for line in io.StringIO(raw.decode())]
+
+    def image_record(self, image_index: int) -> dict[str, Any]:
+        """{"id", "label"} of one image."""
+        shard, row = self.locate(image_index)
+        return self.shard_records(shard)[row]
+
+    def verify(self, progress: bool = False) -> list[str]:
+        """Check every listed file's size and checksum and every shard's counts.
+
+        Returns a list of problems (empty when the set is intact)."""
+        from tqdm.auto import tqdm
+
+        m = self.manifest
+        problems: list[str] = []
+        first = 0
+        for shard in tqdm(m.shards, desc=f"verify {m.set_id}", disable=not progress, unit="shard"):
+            if shard.first_image != first:
+                problems.append(f"{shard.name}: starts at image {shard.first_image}, expected {first}")
+            first = shard.first_image + shard.n_images
+            expected_layers = {f"{shard.name}/{layer_file(layer)}" for layer in m.layers}
+            missing = expected_layers - set(shard.files)
+            if missing:
+                problems.append(f"{shard.name}: manifest lists no {sorted(missing)}")
+            for rel, info in shard.files.items():
+                try:
+                    data = self.store.get_bytes(f"{self.prefix}/{rel}")
+                except NotFound:
+                    problems.append(f"{rel}: missing")
+                    continue
+                if len(data) != info["nbytes"]:
+                    problems.append(f"{rel}: {len(data)} bytes, manifest says {info['nbytes']}")
+                elif sha256_bytes(data) != info["sha256"]:
+                    problems.append(f"{rel}: checksum mismatch")
+                elif rel.endswith(".bin"):
+                    expected = shard.n_images * m.layout.tokens_per_image * m.bytes_per_token
+                    if len(data) != expected:
+                        problems.append(f"{rel}: {len(data)} bytes for {shard.n_images} images, expected {expected}")
+                elif rel.endswith("images.jsonl"):
+                    n_lines = data.count(b"\n")
+                    if n_lines != shard.n_images:
+                        problems.append(f"{rel}: {n_lines} image records for {shard.n_images} images")
+        if first != m.n_images:
+            problems.append(f"shards hold {first} images, manifest says {m.n_images}")
+        return problems
+
+
+def list_sets(store: Store) -> list[str]:
+    """Ids of every published activation set in the store."""
+    return [k.split("/")[1] for k in store.list(f"{PREFIX}/") if k.endswith("/manifest.json") and k.count("/") == 2]

@@ -1,0 +1,201 @@
+"""One storage interface, two backends: a local folder and S3-compatible object storage.
+
+Keys are '/'-separated relative paths (``activations/<id>/manifest.json``). Every backend
+writes whole objects atomically: a reader sees either the old object, the new one, or none,
+never a partial one. Publishing a *set* of objects is made atomic one level up by writing
+the manifest last (see :mod:`vitscope.shards`); readers trust only what a manifest lists.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class StoreError(RuntimeError):
+    """A storage operation failed in a way the caller should report, not retry."""
+
+
+class NotFound(StoreError, KeyError):
+    """The key does not exist in the store."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0]) if self.args else "not found"
+
+
+class Store(abc.ABC):
+    """Key/value object storage with ranged reads.
+
+    ``uri`` names the store root so that it can be written into manifests and reopened with
+    :func:`open_store`.
+    """
+
+    uri: str
+
+    @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Write ``data`` at ``key`` atomically, replacing any previous object."""
+
+    @abc.abstractmethod
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        """Upload a local file at ``key`` atomically (multipart where the backend has it)."""
+
+    @abc.abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Read the whole object. Raises :class:`NotFound` when missing."""
+
+    @abc.abstractmethod
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Read ``length`` bytes from ``start``. Raises :class:`NotFound` when missing and
+        :class:`StoreError` when the range runs past the end of the object."""
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int:
+        """Size of the object in bytes. Raises :class:`NotFound` when missing."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored at ``key``."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys starting with ``prefix``, sorted."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove one object; missing keys are not an error."""
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        """Copy the object at ``key`` into a local file."""
+        Path(path).write_bytes(self.get_bytes(key))
+
+    def local_path(self, key: str) -> Path | None:
+        """A filesystem path for ``key`` when the backend has one (lets readers memory-map)."""
+        return None
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every object under ``prefix``; returns how many were removed."""
+        keys = self.list(prefix)
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"invalid store key {key!r}: use a relative '/'-separated path")
+    return key
+
+
+class LocalStore(Store):
+    """A folder on a filesystem (the embedded default; also what HPC users on a shared
+    filesystem want). Writes go to a temporary file in the same folder and are renamed into
+    place, which POSIX makes atomic."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def _atomic_write(self, key: str, write) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._atomic_write(key, lambda f: f.write(data))
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        with open(path, "rb") as src:
+            self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, 8 << 20))
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{self.uri}/{key}") from None
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if start < 0 or length < 0:
+            raise ValueError("start and length must be non-negative")
+        try:
+            with open(self._path(key), "rb") as f:
+                f.seek(start)
+                data = f.read(length)
+        except FileNotFoundError:
+            raise NotFound(f"{self.uri}/{key}") from None
+        if len(data) != length:
+            raise StoreError(f"range {start}+{length} runs past the end of {self.uri}/{key}")
+        return data
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"{self.uri}/{key}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        if not self.root.exists():
+            return []
+        keys = []
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(".") and name.endswith(".part"):
+                    continue  # an in-flight write, not an object
+                key = os.path.relpath(os.path.join(dirpath, name), self.root).replace(os.sep, "/")
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError:
+            raise NotFound(f"{self.uri}/{key}") from None
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+
+def open_store(uri: str | os.PathLike) -> Store:
+    """Open a store from a URI: ``s3://bucket[/prefix]``, ``file:///path`` or a plain path.
+
+    S3 settings (endpoint URL, credentials, region) come from the standard AWS environment
+    variables and config files, as for any boto3 program; ``AWS_ENDPOINT_URL`` points at an
+    S3-compatible server such as Ceph radosgw or MinIO.
+    """
+    uri = os.fspath(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        from vitscope.s3 import S3Store
+
+        return S3Store(bucket=parsed.netloc, prefix=parsed.path.strip("/"))
+    if parsed.scheme == "file":
+        return LocalStore(parsed.path)
+    if parsed.scheme in ("", None) or len(parsed.scheme) == 1:  # plain path (or C:\ on Windows)
+        return LocalStore(uri)
+    raise ValueError(f"unsupported store URI {uri!r}: use a path, file:///path or s3://bucket/prefix")
