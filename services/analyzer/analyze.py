@@ -1,0 +1,134 @@
+"""One ordered pass of an SAE over its activation set: per-latent statistics and top-k images."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vitscope.sae import load_sae_from
+from vitscope.shards import ActivationSet, from_storage
+from vitscope.store import open_store
+
+from .results import AnalysisManifest, LatentTable, analysis_exists, analysis_id, save_analysis
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnalyzeConfig:
+    """Compute per-latent statistics and top-k images of a trained SAE."""
+
+    sae: str
+    """SAE id (printed by `vitscope train`)."""
+    store: str = ".vitscope/store"
+    """Store holding the SAE and its activation set; results are published there too."""
+    k: int = 32
+    """Top images kept per latent (unique images, each with its best patch)."""
+    batch_images: int = 256
+    """Images encoded at once (bounds memory: batch_images x patches x d_sae floats)."""
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class AnalyzeResult:
+    analysis_id: str
+    reused: bool
+
+
+class TopK:
+    """Running top-k per latent of (score, image, patch) with an associative merge, so that
+    partial results from several workers combine into the same answer as one pass."""
+
+    def __init__(self, d_sae: int, k: int, device: torch.device):
+        self.score = torch.zeros(d_sae, k, device=device)
+        self.image = torch.full((d_sae, k), -1, dtype=torch.int64, device=device)
+        self.patch = torch.full((d_sae, k), -1, dtype=torch.int32, device=device)
+
+    def merge(self, score: torch.Tensor, image: torch.Tensor, patch: torch.Tensor) -> None:
+        """Merge candidates [d_sae, n] (each image at most once per latent across all merges)."""
+        all_score = torch.cat([self.score, score], dim=1)
+        all_image = torch.cat([self.image, image], dim=1)
+        key = torch.where(all_image < 0, torch.full_like(all_score, -torch.inf), all_score)
+        # Ties go to the lower image index (stable sorts), so the result is order-independent.
+        by_image = all_image.argsort(dim=1, stable=True)
+        order = key.gather(1, by_image).argsort(dim=1, descending=True, stable=True)
+        top = by_image.gather(1, order)[:, : self.score.shape[1]]
+        self.score = all_score.gather(1, top)
+        self.image = all_image.gather(1, top)
+        self.patch = torch.cat([self.patch, patch], dim=1).gather(1, top)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
+    """Analyse (or find, if already published) the SAE ``cfg.sae`` over its activation set."""
+    if cfg.k <= 0:
+        raise ValueError("k must be positive")
+    store = open_store(cfg.store)
+    device = _device(cfg.device)
+    sae, record = load_sae_from(store, cfg.sae, device)
+    aset = ActivationSet.open(store, record.activation_set_id)
+    m = aset.manifest
+    aid = analysis_id(record.sae_id, m.set_id, cfg.k)
+    if analysis_exists(store, aid):
+        log.info("analysis %s already published in %s: reusing it", aid, store.uri)
+        return AnalyzeResult(aid, reused=True)
+    if m.d_model != sae.cfg.d_in:
+        raise ValueError(f"SAE expects d_in={sae.cfg.d_in} but activation set {m.set_id} has d={m.d_model}")
+
+    d_sae = sae.cfg.d_sae
+    stat_positions = torch.as_tensor(m.layout.token_indices(record.tokens), device=device)
+    patch_slice = slice(m.layout.patch_start, m.layout.tokens_per_image)
+    fires = torch.zeros(d_sae, dtype=torch.float64, device=device)
+    act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
+    act_max = torch.zeros(d_sae, device=device)
+    topk = TopK(d_sae, min(cfg.k, len(aset)), device)
+    n_tokens = 0
+    t0 = time.perf_counter()
+    with tqdm(total=len(aset), unit="img", desc=f"analyze {record.sae_id[:8]}", disable=not cfg.progress) as bar:
+        for shard, arr in aset.iter_shards(record.layer):
+            for lo in range(0, shard.n_images, cfg.batch_images):
+                hi = min(lo + cfg.batch_images, shard.n_images)
+                x = from_storage(arr[lo:hi], m.dtype).to(device)  # [B, T, d]
+                z = sae.encode(x)  # [B, T, d_sae]
+                zs = z[:, stat_positions].reshape(-1, d_sae)
+                fires += (zs > 0).sum(dim=0).double()
+                act_sum += zs.sum(dim=0).double()
+                act_max = torch.maximum(act_max, zs.max(dim=0).values)
+                n_tokens += len(zs)
+                # Best patch per image: each image enters a latent's top-k at most once.
+                best, where = z[:, patch_slice].max(dim=1)  # [B, d_sae]
+                images = torch.arange(shard.first_image + lo, shard.first_image + hi, device=device)
+                topk.merge(best.T, images[None].expand(d_sae, -1), where.T.int())
+                bar.update(hi - lo)
+    freq = (fires / max(n_tokens, 1)).cpu().numpy()
+    mean_when_firing = (act_sum / fires.clamp_min(1)).cpu().numpy()
+    unused = topk.score <= 0  # an image where the latent never fired is no example of it
+    table = LatentTable(
+        frequency=freq,
+        mean_activation=mean_when_firing,
+        max_activation=act_max.cpu().numpy().astype(np.float32),
+        topk_score=topk.score.masked_fill(unused, 0).cpu().numpy().astype(np.float32),
+        topk_image=topk.image.masked_fill(unused, -1).cpu().numpy(),
+        topk_patch=topk.patch.masked_fill(unused, -1).cpu().numpy(),
+    )
+    manifest = AnalysisManifest(
+        analysis_id=aid, sae_id=record.sae_id, activation_set_id=m.set_id, layer=record.layer,
+        k=topk.score.shape[1], d_sae=d_sae, n_images=len(aset), n_tokens=n_tokens, tokens=list(record.tokens),
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    save_analysis(store, manifest, table)
+    log.info("published analysis %s (%d latents over %d images, %.1fs)", aid, d_sae, len(aset),
+             time.perf_counter() - t0)
+    return AnalyzeResult(aid, reused=False)

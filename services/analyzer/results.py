@@ -1,0 +1,121 @@
+"""Analysis results format v1: per-latent statistics and top-k examples of one SAE over one
+activation set, under ``analyses/<analysis_id>/``::
+
+    stats.safetensors   frequency, mean/max activation, top-k (score, image, patch) per latent
+    manifest.json       written last
+
+Top-k stores (score, image index, patch index) only. Heatmaps are recomputed on demand from the
+stored shard rows, never kept as a dense d_sae x k x patches tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitscope.hashing import content_id
+from vitscope.store import NotFound, Store
+
+FORMAT = "vitscope.analysis"
+VERSION = 1
+PREFIX = "analyses"
+
+
+@dataclass
+class AnalysisManifest:
+    analysis_id: str
+    sae_id: str
+    activation_set_id: str
+    layer: int
+    k: int
+    d_sae: int
+    n_images: int
+    n_tokens: int  # tokens the statistics are over (the kinds the SAE was trained on)
+    tokens: list[str]
+    created_at: str = ""
+    format: str = FORMAT
+    version: int = VERSION
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AnalysisManifest:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not an analysis manifest (format={d.get('format')!r})")
+        if int(d.get("version", 0)) > VERSION:
+            raise ValueError(f"analysis format {d['version']} is newer than this vitscope reads ({VERSION})")
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class LatentTable:
+    """Per-latent arrays, all with d_sae rows. Top-k rows are sorted by score, descending;
+    unused slots (fewer than k images ever fired) have image index -1 and score 0."""
+
+    frequency: np.ndarray  # float64 [d_sae]: fraction of tokens where the latent is > 0
+    mean_activation: np.ndarray  # float64 [d_sae]: mean over the tokens where it fires
+    max_activation: np.ndarray  # float32 [d_sae]
+    topk_score: np.ndarray  # float32 [d_sae, k]
+    topk_image: np.ndarray  # int64 [d_sae, k]
+    topk_patch: np.ndarray  # int32 [d_sae, k]
+
+    @property
+    def d_sae(self) -> int:
+        return len(self.frequency)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> LatentTable:
+        return cls(**{k: t[k].numpy() for k in cls.__dataclass_fields__})
+
+
+def analysis_id(sae_id: str, activation_set_id: str, k: int) -> str:
+    return content_id({"format": FORMAT, "version": VERSION, "sae_id": sae_id, "set": activation_set_id, "k": k})
+
+
+def analysis_prefix(aid: str) -> str:
+    return f"{PREFIX}/{aid}"
+
+
+def save_analysis(store: Store, manifest: AnalysisManifest, table: LatentTable) -> None:
+    from safetensors.torch import save
+
+    prefix = analysis_prefix(manifest.analysis_id)
+    store.put_bytes(f"{prefix}/stats.safetensors", save(table.to_tensors()))
+    store.put_bytes(f"{prefix}/manifest.json", json.dumps(asdict(manifest), indent=1).encode())
+
+
+def load_analysis(store: Store, aid: str) -> tuple[AnalysisManifest, LatentTable]:
+    from safetensors.torch import load
+
+    prefix = analysis_prefix(aid)
+    try:
+        manifest = AnalysisManifest.from_json(json.loads(store.get_bytes(f"{prefix}/manifest.json")))
+    except NotFound:
+        raise NotFound(f"no published analysis {aid!r} in {store.uri}") from None
+    return manifest, LatentTable.from_tensors(load(store.get_bytes(f"{prefix}/stats.safetensors")))
+
+
+def analysis_exists(store: Store, aid: str) -> bool:
+    return store.exists(f"{analysis_prefix(aid)}/manifest.json")
+
+
+def list_analyses(store: Store) -> list[AnalysisManifest]:
+    """Every published analysis in the store (manifests only)."""
+    out = []
+    for key in store.list(f"{PREFIX}/"):
+        if key.endswith("/manifest.json") and key.count("/") == 2:
+            out.append(AnalysisManifest.from_json(json.loads(store.get_bytes(key))))
+    return out
+
+
+def log_frequency_histogram(frequency: np.ndarray, bins: int = 20, low: float = -8.0) -> tuple[np.ndarray, np.ndarray, int]:
+    """(edges, counts, dead) of log10 firing frequencies; latents that never fired are 'dead'."""
+    alive = frequency[frequency > 0]
+    edges = np.linspace(low, 0.0, bins + 1)
+    counts, _ = np.histogram(np.clip(np.log10(alive), low, 0.0), bins=edges)
+    return edges, counts, int((frequency <= 0).sum())
