@@ -1,0 +1,92 @@
+"""End to end: images with a planted concept go through the Prefect pipeline, and an SAE
+latent finds the concept, in the right images and at the right place."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pipeline_fixtures import TINY_IMAGE, pipeline_config
+
+from vitscope.analyzer.results import load_analysis
+from vitscope.sae import load_sae, load_sae_from
+from vitscope.shards import ActivationSet
+from vitscope.store import open_store
+
+PATCH = 16
+
+
+def _patch_on_square(patch: int, grid_cols: int, box: tuple[int, int, int, int]) -> bool:
+    """Whether the patch's pixel cell overlaps the planted square."""
+    row, col = divmod(patch, grid_cols)
+    x0, y0, x1, y1 = box
+    return col * PATCH < x1 and (col + 1) * PATCH > x0 and row * PATCH < y1 and (row + 1) * PATCH > y0
+
+
+def test_a_latent_finds_the_planted_square(pipeline):
+    store = open_store(pipeline.store_uri)
+    manifest, table = load_analysis(store, pipeline.analysis_id)
+    aset = ActivationSet.open(store, pipeline.set_id)
+    sae, record = load_sae_from(store, pipeline.sae_id)
+    assert manifest.sae_id == pipeline.sae_id and record.activation_set_id == pipeline.set_id
+    boxes = {item.id: item.box for item in pipeline.items}
+    image_ids = [r["id"] for s in aset.manifest.shards for r in aset.shard_records(s)]
+    grid_rows, grid_cols = aset.layout.grid
+    assert grid_cols * PATCH == TINY_IMAGE
+
+    found = []
+    for latent in range(table.d_sae):
+        images = table.topk_image[latent]
+        if (images < 0).any() or not all(boxes[image_ids[i]] for i in images):
+            continue  # top-k not entirely made of planted images
+        hits = 0
+        for i in images:
+            tokens = aset.image_tokens(record.layer, int(i))[aset.layout.patch_start:]
+            heat = sae.encode(tokens)[:, latent]
+            hits += _patch_on_square(int(heat.argmax()), grid_cols, boxes[image_ids[i]])
+        found.append((hits, latent))
+    assert found, "no latent's top-k images are all planted images"
+    best_hits, best = max(found)
+    assert best_hits == manifest.k, f"latent {best}: heatmap peak on the square in {best_hits}/{manifest.k} images"
+    # The stored best patch agrees with the recomputed heatmap peak.
+    first = int(table.topk_image[best, 0])
+    heat = sae.encode(aset.image_tokens(record.layer, first)[aset.layout.patch_start:])[:, best]
+    assert int(heat.argmax()) == int(table.topk_patch[best, 0])
+    np.testing.assert_allclose(float(heat.max()), float(table.topk_score[best, 0]), rtol=1e-4)
+
+
+def test_topk_images_are_unique_and_sorted(pipeline):
+    _, table = load_analysis(open_store(pipeline.store_uri), pipeline.analysis_id)
+    for latent in range(table.d_sae):
+        used = table.topk_image[latent][table.topk_image[latent] >= 0]
+        assert len(np.unique(used)) == len(used)
+        scores = table.topk_score[latent][: len(used)]
+        assert (np.diff(scores) <= 0).all()
+    # Batch-local indices would put every latent's examples in the first batch.
+    assert table.topk_image.max() > 16
+
+
+def test_sae_metrics_are_published_and_sane(pipeline):
+    store = open_store(pipeline.store_uri)
+    sae, record = load_sae_from(store, pipeline.sae_id)
+    m = record.metrics
+    assert 0 < m["nmse"] < 1 and 0 < m["l0"] < sae.cfg.d_sae
+    assert m["dead"] + m["dense"] <= sae.cfg.d_sae
+    # Loading by URI gives the same SAE, normalisation included.
+    by_uri = load_sae(f"{pipeline.store_uri}/saes/{pipeline.sae_id}")
+    assert float(by_uri.norm_scale) == float(sae.norm_scale) != 1.0
+    x = torch.randn(4, sae.cfg.d_in)
+    torch.testing.assert_close(by_uri.encode(x), sae.encode(x))
+
+
+def test_rerun_skips_every_finished_stage(pipeline, caplog):
+    from vitscope.flows import pipeline_flow
+
+    assert pipeline.skipped == []
+    again = pipeline_flow(pipeline_config(pipeline.store_uri, pipeline.data_root, pipeline.model_name))
+    assert again.skipped == ["extract", "train", "analyze"]
+    assert (again.set_id, again.sae_id, again.analysis_id) == (pipeline.set_id, pipeline.sae_id, pipeline.analysis_id)
+    # A changed training setting retrains and re-analyses but reuses the extracted set.
+    changed = pipeline_flow(pipeline_config(pipeline.store_uri, pipeline.data_root, pipeline.model_name,
+                                            l1_coeff=4.0, n_tokens=20_000))
+    assert changed.skipped == ["extract"]
+    assert changed.set_id == pipeline.set_id and changed.sae_id != pipeline.sae_id

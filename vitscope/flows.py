@@ -1,0 +1,173 @@
+"""Prefect flows: each stage as a task, and the whole pipeline as one flow.
+
+This is the one place that composes the stages, through their public entry points
+(``extract``, ``train``, ``analyze`` and their configs). Content ids make reruns cheap: a
+stage whose output is already published is skipped, and the run says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from vitscope.analyzer.analyze import AnalyzeConfig, AnalyzeResult, analyze
+from vitscope.extractor.extract import ExtractConfig, ExtractResult, extract
+from vitscope.store import StoreError
+from vitscope.trainer.train import TrainConfig, TrainResult, train
+
+
+def _retry_on_store_errors(task_, task_run, state) -> bool:
+    """Transient storage faults are retried (extraction resumes from its last shard); bad
+    input such as a wrong layer or a missing folder is not."""
+    try:
+        state.result()
+    except StoreError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+_RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_on_store_errors)
+
+
+@task(name="extract", **_RETRY)
+def extract_task(cfg: ExtractConfig) -> ExtractResult:
+    """Extract activations (skipped when the content-addressed set already exists)."""
+    result = extract(cfg)
+    log = get_run_logger()
+    if result.reused:
+        log.info("skipping extract: activation set %s is already published", result.set_id)
+    else:
+        m = result.manifest
+        log.info("extracted %d images into activation set %s (%d skipped as unreadable)",
+                 m.n_images, result.set_id, len(m.skipped))
+    return result
+
+
+@task(name="train", **_RETRY)
+def train_task(cfg: TrainConfig) -> TrainResult:
+    """Train an SAE (skipped when the same SAE is already published)."""
+    result = train(cfg)
+    log = get_run_logger()
+    if result.reused:
+        log.info("skipping train: SAE %s is already published", result.sae_id)
+    else:
+        log.info("trained SAE %s", result.sae_id)
+    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in result.metrics.items())
+    create_markdown_artifact(
+        key=f"sae-{result.sae_id[:12]}",
+        markdown=f"# SAE `{result.sae_id}`\n\n| metric | value |\n|---|---|\n{rows}\n",
+        description="SAE training metrics",
+    )
+    return result
+
+
+@task(name="analyze", **_RETRY)
+def analyze_task(cfg: AnalyzeConfig) -> AnalyzeResult:
+    """Per-latent statistics and top-k (skipped when already published)."""
+    result = analyze(cfg)
+    log = get_run_logger()
+    if result.reused:
+        log.info("skipping analyze: analysis %s is already published", result.analysis_id)
+    else:
+        log.info("published analysis %s", result.analysis_id)
+    return result
+
+
+@dataclass
+class PipelineConfig:
+    """Run extract -> train -> analyze under one Prefect flow.
+
+    With no --data, a small image set with a planted concept (red squares on real photos,
+    from scikit-image) is generated, so the pipeline runs offline on any machine."""
+
+    data: str | None = None
+    """Image folder (class folders or flat). Default: generate the demo set under <workdir>/demo-images."""
+    store: str = ".vitscope/store"
+    """Where every stage publishes: a folder, file:///path or s3://bucket/prefix."""
+    workdir: str = ".vitscope"
+    """Scratch space for generated demo data."""
+    model: str = "ViT-B-32"
+    """open_clip model name, hf-hub:org/repo or local-dir:/path."""
+    pretrained: str | None = "openai"
+    """Pretrained tag or checkpoint file for built-in model names."""
+    allow_random_weights: bool = False
+    """If pretrained weights cannot be fetched, warn and use random weights (the demo sets this)."""
+    layers: tuple[int, ...] = (-2,)
+    """Blocks to extract; the SAE trains on the deepest of them."""
+    dtype: str = "float16"
+    batch_size: int = 32
+    """Images per forward pass."""
+    workers: int = 2
+    images_per_shard: int | None = None
+    tokens: tuple[str, ...] = ("patches",)
+    """Tokens the SAE trains on: cls, registers, patches or all."""
+    expansion: int = 8
+    l1_coeff: float = 5.0
+    lr: float = 4e-4
+    train_batch_size: int = 4096
+    n_tokens: int | None = None
+    """Training tokens; default one epoch."""
+    seed: int = 0
+    k: int = 16
+    """Top images kept per latent."""
+    demo_images: int = 256
+    """Size of the generated demo set (when --data is not given)."""
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class PipelineResult:
+    set_id: str
+    sae_id: str
+    analysis_id: str
+    store: str
+    skipped: list[str]
+
+
+def prepare_data(cfg: PipelineConfig) -> str:
+    """The image folder to use: the user's, or the generated demo set (made once)."""
+    if cfg.data:
+        return cfg.data
+    from vitscope.synthetic import make_planted_dataset
+
+    root = Path(cfg.workdir) / "demo-images"
+    if not root.exists() or not any(root.rglob("*.jpg")):
+        make_planted_dataset(root, n_images=cfg.demo_images, size=224, square=64)
+    return str(root)
+
+
+@flow(name="vitscope-pipeline", log_prints=True)
+def pipeline_flow(cfg: PipelineConfig) -> PipelineResult:
+    """extract -> train -> analyze, each skipped when its output is already published."""
+    log = get_run_logger()
+    data = prepare_data(cfg)
+    ex = extract_task(ExtractConfig(
+        data=data, store=cfg.store, model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers,
+        dtype=cfg.dtype, batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device,
+        images_per_shard=cfg.images_per_shard, allow_random_weights=cfg.allow_random_weights,
+        progress=cfg.progress))
+    tr = train_task(TrainConfig(
+        activations=ex.set_id, store=cfg.store, tokens=cfg.tokens, expansion=cfg.expansion,
+        l1_coeff=cfg.l1_coeff, lr=cfg.lr, batch_size=cfg.train_batch_size, n_tokens=cfg.n_tokens,
+        seed=cfg.seed, device=cfg.device, progress=cfg.progress))
+    an = analyze_task(AnalyzeConfig(sae=tr.sae_id, store=cfg.store, k=cfg.k, device=cfg.device,
+                                    progress=cfg.progress))
+    skipped = [name for name, r in (("extract", ex), ("train", tr), ("analyze", an)) if r.reused]
+    if len(skipped) == 3:
+        log.info("nothing to do: every stage's output is already published")
+    result = PipelineResult(ex.set_id, tr.sae_id, an.analysis_id, cfg.store, skipped)
+    create_markdown_artifact(
+        key="pipeline-result",
+        markdown=(f"# vitscope pipeline\n\n- activation set: `{ex.set_id}`\n- SAE: `{tr.sae_id}`\n"
+                  f"- analysis: `{an.analysis_id}`\n- store: `{cfg.store}`\n- skipped: {', '.join(skipped) or 'none'}\n\n"
+                  f"Explore: `vitscope explore --store {cfg.store}`\n"),
+        description="What the pipeline published",
+    )
+    return result
+
