@@ -8,6 +8,7 @@ stage whose output is already published is skipped, and the run says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -95,29 +96,41 @@ class PipelineConfig:
     """open_clip model name, hf-hub:org/repo or local-dir:/path."""
     pretrained: str | None = "openai"
     """Pretrained tag or checkpoint file for built-in model names."""
-    allow_random_weights: bool = False
-    """If pretrained weights cannot be fetched, warn and use random weights (the demo sets this)."""
+    allow_random_weights: bool | None = None
+    """If pretrained weights cannot be fetched, warn and use random weights. Default: yes for the
+    generated demo set, no for your own data."""
     layers: tuple[int, ...] = (-2,)
     """Blocks to extract; the SAE trains on the deepest of them."""
-    dtype: str = "float16"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    """Stored precision of activations."""
     batch_size: int = 32
     """Images per forward pass."""
     workers: int = 2
+    """Image-decoding processes (the stored order never depends on this)."""
     images_per_shard: int | None = None
+    """Images per shard; default: shards of about 256 MiB per layer."""
     tokens: tuple[str, ...] = ("patches",)
     """Tokens the SAE trains on: cls, registers, patches or all."""
     expansion: int = 8
+    """SAE width as a multiple of the ViT width."""
     l1_coeff: float = 5.0
+    """L1 sparsity weight (larger = sparser)."""
     lr: float = 4e-4
-    train_batch_size: int = 4096
+    """Adam learning rate (with warmup and a final linear decay)."""
+    train_batch_size: int | None = None
+    """Tokens per optimiser step; default 4096 (1024 for the small demo set)."""
     n_tokens: int | None = None
-    """Training tokens; default one epoch."""
+    """Training tokens; default one epoch (for the small demo set: --demo-tokens)."""
     seed: int = 0
+    """Seeds the SAE's initialisation and data order."""
     k: int = 16
     """Top images kept per latent."""
     demo_images: int = 256
     """Size of the generated demo set (when --data is not given)."""
+    demo_tokens: int = 200_000
+    """Training tokens for the demo set: many epochs, since one epoch of it is only ~12k tokens."""
     device: str = "auto"
+    """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
     progress: bool = True
 
 
@@ -150,11 +163,14 @@ def pipeline_flow(cfg: PipelineConfig) -> PipelineResult:
     ex = extract_task(ExtractConfig(
         data=data, store=cfg.store, model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers,
         dtype=cfg.dtype, batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device,
-        images_per_shard=cfg.images_per_shard, allow_random_weights=cfg.allow_random_weights,
+        images_per_shard=cfg.images_per_shard,
+        allow_random_weights=cfg.data is None if cfg.allow_random_weights is None else cfg.allow_random_weights,
         progress=cfg.progress))
     tr = train_task(TrainConfig(
         activations=ex.set_id, store=cfg.store, tokens=cfg.tokens, expansion=cfg.expansion,
-        l1_coeff=cfg.l1_coeff, lr=cfg.lr, batch_size=cfg.train_batch_size, n_tokens=cfg.n_tokens,
+        l1_coeff=cfg.l1_coeff, lr=cfg.lr,
+        batch_size=cfg.train_batch_size or (4096 if cfg.data else 1024),
+        n_tokens=cfg.n_tokens or (None if cfg.data else cfg.demo_tokens),
         seed=cfg.seed, device=cfg.device, progress=cfg.progress))
     an = analyze_task(AnalyzeConfig(sae=tr.sae_id, store=cfg.store, k=cfg.k, device=cfg.device,
                                     progress=cfg.progress))
