@@ -112,10 +112,21 @@ class TokenStream:
             yield from drain(0)
 
     def __iter__(self) -> Iterator[TokenBatch]:
-        """Epochs forever; the trainer stops at its token budget."""
+        """Epochs forever, in full batches (an epoch's short last batch is topped up from the
+        next epoch); the trainer stops at its token budget."""
         epoch = 0
+        carry: TokenBatch | None = None
         while True:
-            yield from self.epoch(epoch)
+            for batch in self.epoch(epoch):
+                if carry is not None:
+                    batch = TokenBatch(torch.cat([carry.x, batch.x]), np.concatenate([carry.ids, batch.ids]))
+                    carry = None
+                if len(batch.ids) < self.batch_size:
+                    carry = batch
+                    continue
+                yield TokenBatch(batch.x[: self.batch_size], batch.ids[: self.batch_size])
+                if len(batch.ids) > self.batch_size:
+                    carry = TokenBatch(batch.x[self.batch_size:], batch.ids[self.batch_size:])
             epoch += 1
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:

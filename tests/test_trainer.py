@@ -1,0 +1,190 @@
+"""The SAE, its recipe and the token stream, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vitscope.extractor.extract import ExtractConfig, extract
+from vitscope.sae import (
+    SaeConfig,
+    SaeRecord,
+    build_sae,
+    fit_normalizer,
+    geometric_median,
+    load_sae_from,
+    save_sae,
+)
+from vitscope.shards import ActivationSet
+from vitscope.store import LocalStore, open_store
+from vitscope.trainer.stream import TokenStream
+from vitscope.trainer.train import TrainConfig, TrainingError, _schedule, train
+
+
+@pytest.fixture(scope="module")
+def small_set(planted_data, tiny_model_name, tmp_path_factory):
+    """A 40-image activation set (7 shards, the last one short) with two layers."""
+    data_root, _ = planted_data
+    store = tmp_path_factory.mktemp("train-store")
+    res = extract(ExtractConfig(data=str(data_root), store=str(store), model=tiny_model_name, pretrained=None,
+                                layers=(0, 1), images_per_shard=6, max_images=40, workers=0, progress=False))
+    return store, res.set_id
+
+
+def test_relu_loss_matches_a_hand_computation():
+    sae = build_sae(SaeConfig("relu", d_in=2, d_sae=3))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, -1.0]]))
+        sae.b_enc.copy_(torch.tensor([0.0, -1.0, 0.25]))
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]]))
+        sae.b_dec.copy_(torch.tensor([0.5, -0.5]))
+    x = torch.tensor([[1.5, 0.5], [0.5, 1.5]])
+    # Row 1: x - b_dec = (1, 1); pre = (1, 1, -0.5) + b_enc = (1, 0, -0.25) -> z = (1, 0, 0)
+    #        x_hat = 1*(1, 0) + b_dec = (1.5, -0.5); err^2 = 0 + 1 = 1
+    #        L1 weighted by decoder norms (1, 2, 5): 1*1 = 1
+    # Row 2: x - b_dec = (0, 2); pre = (0, 4, -2) + b_enc = (0, 3, -1.75) -> z = (0, 3, 0)
+    #        x_hat = 3*(0, 2) + b_dec = (0.5, 5.5); err^2 = 0 + 16 = 16; L1 = 3*2 = 6
+    loss, parts = sae.loss(x, l1_coeff=0.1)
+    assert parts["recon"].item() == pytest.approx((1 + 16) / 2)
+    assert parts["l1"].item() == pytest.approx((1 + 6) / 2)
+    assert loss.item() == pytest.approx((1 + 16) / 2 + 0.1 * (1 + 6) / 2)
+
+
+def test_decoder_stays_unit_norm_and_parallel_gradient_is_removed():
+    sae = build_sae(SaeConfig("relu", d_in=8, d_sae=16))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(16))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)  # encoder starts as decoder transpose
+    x = torch.randn(32, 8)
+    loss, _ = sae.loss(x, l1_coeff=1.0)
+    loss.backward()
+    sae.remove_parallel_decoder_grad()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
+    torch.testing.assert_close(parallel, torch.zeros(16), atol=1e-5, rtol=0)
+
+
+def test_normaliser_and_geometric_median():
+    x = torch.randn(20_000, 16) * 3 + 7
+    mean, scale = fit_normalizer(x)
+    z = (x - mean) * scale
+    assert z.norm(dim=1).mean().item() == pytest.approx(4.0, rel=1e-4)  # sqrt(16)
+    torch.testing.assert_close(z.mean(dim=0), torch.zeros(16), atol=1e-3, rtol=0)
+    # One far outlier moves the mean but hardly the geometric median.
+    pts = torch.cat([torch.zeros(999, 2), torch.tensor([[1000.0, 0.0]])])
+    assert pts.mean(dim=0)[0].item() == pytest.approx(1.0)
+    assert abs(geometric_median(pts)[0].item()) < 1e-2
+
+
+def test_schedule_warms_up_and_decays():
+    total = 100
+    lrs = [_schedule(s, total, warmup=0.1, decay=0.2) for s in range(total)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[50] == 1.0 and lrs[-1] == pytest.approx(0.05) and lrs[80] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+
+
+@pytest.mark.parametrize("buffer_tokens", [64, 10_000])
+def test_stream_covers_every_token_once_per_epoch_deterministically(small_set, buffer_tokens):
+    store, set_id = small_set
+    aset = ActivationSet.open(open_store(store), set_id)
+    positions = aset.layout.token_indices(["patches"])
+    stream = TokenStream(aset, 1, positions, batch_size=32, seed=3, buffer_tokens=buffer_tokens)
+    ids = np.concatenate([b.ids for b in stream.epoch(0)])
+    tpi = aset.layout.tokens_per_image
+    expected = (np.arange(len(aset))[:, None] * tpi + positions[None]).ravel()
+    assert len(ids) == len(expected) == stream.tokens_per_epoch
+    np.testing.assert_array_equal(np.sort(ids), np.sort(expected))  # each token exactly once
+    assert not np.array_equal(ids, expected)  # and shuffled
+    again = np.concatenate([b.ids for b in stream.epoch(0)])
+    np.testing.assert_array_equal(ids, again)  # same seed and epoch: same order
+    other = np.concatenate([b.ids for b in stream.epoch(1)])
+    assert not np.array_equal(ids, other)
+    # The tokens travel with their ids: check one batch against the stored rows.
+    batch = next(iter(stream.epoch(0)))
+    for tid, x in zip(batch.ids[:5], batch.x[:5]):
+        image, pos = divmod(int(tid), tpi)
+        torch.testing.assert_close(x, aset.image_tokens(1, image)[pos])
+
+
+def test_bdec_and_normalisation_come_from_a_large_sample_and_are_saved(small_set):
+    store, set_id = small_set
+    res = train(TrainConfig(activations=set_id, store=str(store), expansion=2, n_tokens=2048, batch_size=256,
+                            init_sample=100_000, eval_tokens=512, progress=False))
+    sae, record = load_sae_from(open_store(store), res.sae_id)
+    aset = ActivationSet.open(open_store(store), set_id)
+    every_patch = torch.cat([aset.image_tokens(1, i)[aset.layout.patch_start:] for i in range(len(aset))])
+    mean, scale = fit_normalizer(every_patch)  # the sample covered all 1960 patch tokens
+    torch.testing.assert_close(sae.norm_mean, mean, atol=1e-5, rtol=1e-5)
+    assert float(sae.norm_scale) == pytest.approx(scale, rel=1e-5)
+    assert record.extra["norm_scale"] == pytest.approx(scale, rel=1e-5)
+    cfg = json.loads((store / "saes" / res.sae_id / "cfg.json").read_text())
+    assert cfg["schema_version"] == 1 and cfg["config"]["variant"] == "relu"
+    assert cfg["layer"] == 1 and cfg["activation_set_id"] == set_id
+    assert {"mse", "nmse", "l0", "dead", "dense"} <= set(cfg["metrics"])
+
+
+def test_l1_warmup_really_applies(small_set, monkeypatch):
+    store, set_id = small_set
+    seen: list[float] = []
+    from vitscope.sae import ReluSae
+
+    original = ReluSae.loss
+
+    def spy(self, x, l1_coeff=0.0, **kw):
+        seen.append(l1_coeff)
+        return original(self, x, l1_coeff=l1_coeff, **kw)
+
+    monkeypatch.setattr(ReluSae, "loss", spy)
+    train(TrainConfig(activations=set_id, store=str(store), expansion=2, n_tokens=256 * 20, batch_size=256,
+                      l1_coeff=2.0, l1_warmup_frac=0.5, eval_tokens=256, progress=False))
+    assert len(seen) == 20
+    assert seen[0] == pytest.approx(0.2) and seen[9] == pytest.approx(2.0) and seen[-1] == 2.0
+    assert all(a <= b for a, b in zip(seen, seen[1:]))
+
+
+def test_training_reduces_error_and_reruns_are_reused(small_set):
+    store, set_id = small_set
+    cfg = TrainConfig(activations=set_id, store=str(store), expansion=4, n_tokens=60_000, batch_size=256,
+                      l1_coeff=1.0, lr=1e-3, progress=False)
+    res = train(cfg)
+    assert not res.reused
+    assert res.metrics["nmse"] < 0.5 and res.metrics["l0"] > 0
+    again = train(cfg)
+    assert again.reused and again.sae_id == res.sae_id and again.metrics == res.metrics
+
+
+def test_divergence_and_bad_input_fail_clearly(small_set):
+    store, set_id = small_set
+    with pytest.raises(TrainingError, match="loss became"):
+        train(TrainConfig(activations=set_id, store=str(store), expansion=2, n_tokens=4096, batch_size=256,
+                          lr=1e30, progress=False))
+    assert not LocalStore(store).list("saes/") or all(
+        k.endswith(("cfg.json", "sae.safetensors")) for k in LocalStore(store).list("saes/"))
+    with pytest.raises(ValueError, match="register tokens were requested"):
+        train(TrainConfig(activations=set_id, store=str(store), tokens=("registers",), progress=False))
+    with pytest.raises(ValueError, match="layer 7 is not in this activation set"):
+        train(TrainConfig(activations=set_id, store=str(store), layer=7, progress=False))
+    with pytest.raises(KeyError, match="no published activation set"):
+        train(TrainConfig(activations="0" * 20, store=str(store), progress=False))
+
+
+def test_checkpoint_loads_back_as_saved(tmp_path):
+    store = LocalStore(tmp_path)
+    sae = build_sae(SaeConfig("relu", 4, 8))
+    with torch.no_grad():
+        sae.norm_mean.copy_(torch.arange(4.0))
+        sae.norm_scale.fill_(math.pi)
+    save_sae(store, sae, SaeRecord(sae_id="abc", config=sae.cfg, activation_set_id="s", layer=3, tokens=["patches"]))
+    back, record = load_sae_from(store, "abc")
+    assert type(back) is type(sae) and record.layer == 3
+    for name, value in sae.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], value)
+    # A newer schema is refused with a clear message, not misread.
+    cfg = json.loads((tmp_path / "saes/abc/cfg.json").read_text())
+    cfg["schema_version"] = 99
+    (tmp_path / "saes/abc/cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="upgrade vitscope"):
+        load_sae_from(store, "abc")
