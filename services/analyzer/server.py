@@ -1,0 +1,478 @@
+"""The analyzer's gRPC server: serves a store's SAEs, their analyses and dataset images to the
+explorer (or any client) under the contract in ``proto/vitscope/v1/analyzer.proto``.
+
+Everything it serves is read from the store and cached in memory by id. Ids are content hashes,
+so a cached SAE, analysis or activation set never goes stale; only "which analysis belongs to
+this SAE" is looked up again until one is found.
+
+An SAE's analysis is the one over the SAE's own activation set (largest k, then newest), so
+that image indices in latent examples and in ``GetImage`` always refer to the same images.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hmac
+import io
+import json
+import logging
+import os
+import re
+import signal
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
+from grpc_health.v1.health import HealthServicer
+
+from vitscope.hashing import content_id
+from vitscope.models import TransformInfo, load_image
+from vitscope.proto import pb, rpc
+from vitscope.sae import Sae, SaeRecord, list_saes, load_record, load_sae_from
+from vitscope.shards import ActivationSet
+from vitscope.store import NotFound, Store, open_store
+
+from .results import AnalysisManifest, LatentTable, list_analyses, load_analysis, log_frequency_histogram
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Analyzer"].full_name
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+DEFAULT_K = 16
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServeConfig:
+    """Serve a store's SAEs, analyses and images over gRPC (the explorer's back end)."""
+
+    store: str = ".vitscope/store"
+    """Store holding the SAEs and analyses: a folder path, file:///path or s3://bucket/prefix."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 or [::] for every interface)."""
+    port: int = 50051
+    """Port to listen on; 0 picks a free one."""
+    token: str | None = None
+    """Require 'authorization: Bearer <token>' on every call (health checks exempt). Default: $VITSCOPE_TOKEN if set."""
+    tls_cert: str | None = None
+    """PEM certificate chain file: serve TLS (needs tls_key too)."""
+    tls_key: str | None = None
+    """PEM private key file for tls_cert."""
+    workers: int = 8
+    """Threads answering calls concurrently."""
+
+
+class RequestError(Exception):
+    """A request the server cannot answer as asked, with the status code to answer instead."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class _Lru:
+    """A small thread-safe least-recently-used cache of immutable things keyed by id."""
+
+    def __init__(self, capacity: int):
+        self._capacity = capacity
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, load: Callable[[], T]) -> T:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        # Loaded outside the lock so one slow load does not stall every other call; two
+        # threads may load the same id at once, which is harmless for immutable things.
+        value = load()
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+        return value
+
+
+def _rpc(method: Callable[..., T]) -> Callable[..., T]:
+    """Answer every failure with a status code: request errors and missing things as such,
+    anything unexpected as INTERNAL (logged), so that no exception ever reaches grpc."""
+
+    @functools.wraps(method)
+    def wrapper(self: AnalyzerService, request: Any, context: grpc.ServicerContext) -> T:
+        try:
+            return method(self, request, context)
+        except RequestError as e:
+            code, message = e.code, e.message
+        except NotFound as e:
+            code, message = grpc.StatusCode.NOT_FOUND, str(e)
+        except Exception as e:
+            log.exception("%s failed", method.__name__)
+            code, message = grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(e).__name__}: {e}"
+        context.abort(code, message)
+
+    return wrapper
+
+
+def _check_id(value: str, what: str) -> str:
+    if not value:
+        raise _invalid(f"{what} is required")
+    if not _ID.fullmatch(value):
+        raise _invalid(f"malformed {what} {value!r}")
+    return value
+
+
+class AnalyzerService(rpc.AnalyzerServicer):
+    """The ``vitscope.v1.Analyzer`` service over one store."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._records = _Lru(1024)
+        self._saes = _Lru(4)  # weights can be hundreds of MB each
+        self._analyses = _Lru(8)
+        self._histograms = _Lru(1024)  # per analysis: lets ListSaes skip loading whole tables
+        self._sets = _Lru(16)
+        self._image_records = _Lru(256)  # per shard
+        self._orders = _Lru(32)  # sorted latent indices per (analysis, order)
+        self._analysis_of: dict[str, str] = {}  # sae id -> analysis id, once one is published
+
+    # --- loading, cached ---------------------------------------------------------------------
+    def _record(self, sae_id: str) -> SaeRecord:
+        _check_id(sae_id, "sae_id")
+        return self._records.get(sae_id, lambda: load_record(self.store, sae_id))
+
+    def _sae(self, sae_id: str) -> Sae:
+        return self._saes.get(sae_id, lambda: load_sae_from(self.store, sae_id)[0])
+
+    def _set(self, set_id: str) -> ActivationSet:
+        return self._sets.get(set_id, lambda: ActivationSet.open(self.store, set_id))
+
+    def _analysis_id(self, record: SaeRecord, published: list[AnalysisManifest] | None = None) -> str | None:
+        """The SAE's analysis (see the module docstring), or None while it has none."""
+        if record.sae_id in self._analysis_of:
+            return self._analysis_of[record.sae_id]
+        mine = [m for m in (published if published is not None else list_analyses(self.store))
+                if m.sae_id == record.sae_id and m.activation_set_id == record.activation_set_id]
+        if not mine:
+            return None
+        aid = max(mine, key=lambda m: (m.k, m.created_at)).analysis_id
+        self._analysis_of[record.sae_id] = aid
+        return aid
+
+    def _analysis(self, record: SaeRecord) -> tuple[AnalysisManifest, LatentTable]:
+        aid = self._analysis_id(record)
+        if aid is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"SAE {record.sae_id} has not been analysed yet: run `vitscope analyze --sae {record.sae_id}`")
+        return self._analyses.get(aid, lambda: load_analysis(self.store, aid))
+
+    def _image_record(self, aset: ActivationSet, image_index: int) -> dict[str, Any]:
+        shard, row = aset.locate(image_index)
+        records = self._image_records.get((aset.manifest.set_id, shard.index), lambda: aset.shard_records(shard))
+        return records[row]
+
+    def _sorted(self, manifest: AnalysisManifest, table: LatentTable, order: int) -> np.ndarray:
+        """Latent indices in ``order``; ties keep index order, so paging is deterministic."""
+        def sort() -> np.ndarray:
+            if order == pb.INDEX_ASC:
+                return np.arange(table.d_sae)
+            key = {
+                pb.FREQUENCY_DESC: -table.frequency,
+                pb.FREQUENCY_ASC: table.frequency,
+                pb.MAX_ACTIVATION_DESC: -table.max_activation.astype(np.float64),
+                pb.MEAN_ACTIVATION_DESC: -table.mean_activation,
+            }[order]
+            return np.argsort(key, kind="stable")
+
+        return self._orders.get((manifest.analysis_id, order), sort)
+
+    # --- messages ------------------------------------------------------------------------------
+    def _sae_message(self, record: SaeRecord, aid: str | None) -> pb.Sae:
+        msg = pb.Sae(
+            sae_id=record.sae_id, variant=record.config.variant, d_in=record.config.d_in,
+            d_sae=record.config.d_sae, layer=record.layer, activation_set_id=record.activation_set_id,
+            model=record.model, analyzed=aid is not None, analysis_id=aid or "", tokens=record.tokens,
+            metrics={k: float(v) for k, v in record.metrics.items() if isinstance(v, (int, float))},
+            config={k: v if isinstance(v, str) else json.dumps(v) for k, v in record.training.items()},
+        )
+        try:
+            m = self._set(record.activation_set_id).manifest
+        except NotFound:  # one SAE whose activation set was deleted must not break the listing
+            log.warning("SAE %s: activation set %s is gone", record.sae_id, record.activation_set_id)
+        else:
+            msg.n_images = m.n_images
+            msg.grid_rows, msg.grid_cols = m.layout.grid
+            msg.model = msg.model or str(m.model.get("spec", ""))
+        if aid is not None:
+            edges, counts, dead = self._histograms.get(
+                aid, lambda: log_frequency_histogram(load_analysis(self.store, aid)[1].frequency))
+            msg.log_freq_edges.extend(edges.tolist())
+            msg.log_freq_counts.extend(counts.tolist())
+            msg.dead_latents = dead
+        return msg
+
+    @staticmethod
+    def _stats(table: LatentTable, i: int) -> pb.LatentStats:
+        return pb.LatentStats(index=i, frequency=float(table.frequency[i]),
+                              mean_activation=float(table.mean_activation[i]),
+                              max_activation=float(table.max_activation[i]))
+
+    # --- the service ---------------------------------------------------------------------------
+    @_rpc
+    def ListSaes(self, request: pb.ListSaesRequest, context: grpc.ServicerContext) -> pb.ListSaesResponse:
+        published = list_analyses(self.store)
+        saes = []
+        for sae_id in list_saes(self.store):
+            record = self._record(sae_id)
+            saes.append(self._sae_message(record, self._analysis_id(record, published)))
+        return pb.ListSaesResponse(saes=saes)
+
+    @_rpc
+    def GetSae(self, request: pb.GetSaeRequest, context: grpc.ServicerContext) -> pb.Sae:
+        record = self._record(request.sae_id)
+        return self._sae_message(record, self._analysis_id(record))
+
+    @_rpc
+    def ListLatents(self, request: pb.ListLatentsRequest, context: grpc.ServicerContext) -> pb.ListLatentsResponse:
+        manifest, table = self._analysis(self._record(request.sae_id))
+        page_size = _page_size(request.page_size)
+        order = _order(request.order)
+        low, high = _frequency_bounds(request.min_frequency, request.max_frequency)
+        query = content_id({"analysis": manifest.analysis_id, "order": order, "min": low, "max": high})
+        ordered = self._sorted(manifest, table, order)
+        freq = table.frequency[ordered]
+        selected = ordered[(freq >= low) & (freq <= high)]
+        offset = _decode_page_token(request.page_token, query, len(selected))
+        page = selected[offset:offset + page_size]
+        end = offset + len(page)
+        return pb.ListLatentsResponse(
+            latents=[self._stats(table, int(i)) for i in page],
+            next_page_token=_encode_page_token(end, query) if end < len(selected) else "",
+            total_size=len(selected),
+        )
+
+    @_rpc
+    def GetLatent(self, request: pb.GetLatentRequest, context: grpc.ServicerContext) -> pb.Latent:
+        record = self._record(request.sae_id)
+        manifest, table = self._analysis(record)
+        if not 0 <= request.latent < manifest.d_sae:
+            raise _invalid(f"latent {request.latent} out of range: SAE {record.sae_id} has {manifest.d_sae} latents")
+        k = _top_k(request, manifest.k)
+        aset = self._set(manifest.activation_set_id)
+        rows, cols = aset.layout.grid
+        latent = request.latent
+        examples = []
+        for image, patch, score in zip(table.topk_image[latent, :k], table.topk_patch[latent, :k],
+                                       table.topk_score[latent, :k], strict=True):
+            if image < 0:  # fewer than k images ever made this latent fire
+                continue
+            info = self._image_record(aset, int(image))
+            examples.append(pb.Example(
+                image_index=int(image), image_id=str(info["id"]), label=_label(info), score=float(score),
+                patch=int(patch), patch_row=int(patch) // cols, patch_col=int(patch) % cols,
+            ))
+        if request.heatmaps and examples:
+            maps = self._heatmaps(record, aset, manifest.layer, latent, [e.image_index for e in examples])
+            for example, heatmap in zip(examples, maps, strict=True):
+                example.heatmap.extend(heatmap)
+        return pb.Latent(stats=self._stats(table, latent), examples=examples, grid_rows=rows, grid_cols=cols)
+
+    def _heatmaps(self, record: SaeRecord, aset: ActivationSet, layer: int, latent: int,
+                  images: list[int]) -> list[list[float]]:
+        """The latent's activation on every patch of each image, recomputed from the stored rows
+        (the full encoder runs because some variants' activations depend on all latents)."""
+        start = aset.layout.patch_start
+        tokens = torch.stack([aset.image_tokens(layer, i)[start:] for i in images])
+        with torch.inference_mode():
+            return self._sae(record.sae_id).encode(tokens)[..., latent].tolist()
+
+    @_rpc
+    def GetImage(self, request: pb.GetImageRequest, context: grpc.ServicerContext) -> pb.Image:
+        record = self._record(request.sae_id)
+        aset = self._set(record.activation_set_id)
+        if not 0 <= request.image_index < len(aset):
+            raise _invalid(f"image index {request.image_index} out of range: the activation set has {len(aset)} images")
+        info = self._image_record(aset, request.image_index)
+        root = aset.manifest.dataset.get("root")
+        if not root:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"activation set {aset.manifest.set_id} records no dataset folder to read images from")
+        path = Path(root) / info["id"]
+        try:
+            image = load_image(path)
+        except FileNotFoundError:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"image {info['id']} is no longer at {path} (moved since extraction?)") from None
+        image = TransformInfo.from_json(aset.manifest.transform).geometric()(image)
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        return pb.Image(data=png.getvalue(), mime_type="image/png", width=image.width, height=image.height,
+                        image_id=str(info["id"]), label=_label(info))
+
+
+# --- request validation ------------------------------------------------------------------------
+def _label(info: dict[str, Any]) -> str:
+    return "" if info.get("label") is None else str(info["label"])
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise _invalid(f"page_size must not be negative (got {requested})")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _order(requested: int) -> int:
+    if requested == pb.LATENT_ORDER_UNSPECIFIED:
+        return pb.FREQUENCY_DESC
+    if requested not in pb.LatentOrder.values():
+        raise _invalid(f"unknown latent order {requested}")
+    return requested
+
+
+def _frequency_bounds(low: float, high: float) -> tuple[float, float]:
+    """Inclusive [low, high]; 0 means unbounded on that side."""
+    if not (low >= 0 and high >= 0):  # also rejects NaN
+        raise _invalid(f"frequency bounds must be non-negative (got min {low}, max {high})")
+    high = high or float("inf")
+    if low > high:
+        raise _invalid(f"min_frequency {low} is above max_frequency {high}")
+    return low, high
+
+
+def _top_k(request: pb.GetLatentRequest, analysed_k: int) -> int:
+    if not request.HasField("k"):
+        return min(DEFAULT_K, analysed_k)
+    if not 1 <= request.k <= analysed_k:
+        raise _invalid(f"k must be between 1 and {analysed_k} (the analysis kept {analysed_k}), got {request.k}")
+    return request.k
+
+
+def _encode_page_token(offset: int, query: str) -> str:
+    raw = json.dumps({"offset": offset, "query": query}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str, query: str, total: int) -> int:
+    """The offset a token stands for; it must come from the same query (SAE, order, filter)."""
+    if not token:
+        return 0
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode() + b"=" * (-len(token) % 4)))
+        offset, token_query = data["offset"], data["query"]
+    except (ValueError, binascii.Error, KeyError, TypeError):
+        raise _invalid("page_token is not one this server issued") from None
+    if token_query != query:
+        raise _invalid("page_token belongs to another query: keep sae_id, order and filters between pages")
+    if not isinstance(offset, int) or not 0 <= offset <= total:
+        raise _invalid("page_token is not one this server issued")
+    return offset
+
+
+# --- serving -----------------------------------------------------------------------------------
+class _BearerAuth(grpc.ServerInterceptor):
+    """Every call but health checks must carry ``authorization: Bearer <token>``."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+        self._deny = grpc.unary_unary_rpc_method_handler(
+            lambda _request, context: context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"))
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(f"/{HEALTH_SERVICE}/"):
+            return continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if hmac.compare_digest(str(metadata.get("authorization", "")).encode(), self._expected):
+            return continuation(handler_call_details)
+        return self._deny
+
+
+@dataclass
+class RunningServer:
+    """A started analyzer server and where it listens."""
+
+    server: grpc.Server
+    health: HealthServicer
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as a gRPC target."""
+        return _target(self.host, self.port)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, then stop, letting in-flight calls finish for ``grace`` seconds."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+
+def _target(host: str, port: int) -> str:
+    bracket = ":" in host and not host.startswith("[")  # an IPv6 address
+    return f"[{host}]:{port}" if bracket else f"{host}:{port}"
+
+
+def _token(cfg: ServeConfig) -> str | None:
+    return cfg.token or os.environ.get("VITSCOPE_TOKEN") or None
+
+
+def _bind(server: grpc.Server, cfg: ServeConfig) -> int:
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ValueError("TLS needs both tls_cert and tls_key")
+    address = _target(cfg.host, cfg.port)
+    if cfg.tls_cert:
+        creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+        return server.add_secure_port(address, creds)
+    return server.add_insecure_port(address)  # raises RuntimeError when the port is taken
+
+
+def serve(cfg: ServeConfig) -> RunningServer:
+    """Start the analyzer (non-blocking) and return it; ``.port`` is the bound port."""
+    if cfg.workers <= 0:
+        raise ValueError("workers must be positive")
+    token = _token(cfg)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="analyzer"),
+        interceptors=[_BearerAuth(token)] if token else [],
+        # Without this, grpc shares a busy port with another process instead of failing.
+        options=[("grpc.so_reuseport", 0)],
+    )
+    rpc.add_AnalyzerServicer_to_server(AnalyzerService(open_store(cfg.store)), server)
+    health = HealthServicer()
+    for name in ("", SERVICE_NAME):
+        health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = _bind(server, cfg)
+    server.start()
+    return RunningServer(server, health, cfg.host, port)
+
+
+def main(cfg: ServeConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then let in-flight calls finish (5 s at most)."""
+    running = serve(cfg)
+    log.info("analyzer listening on %s (store %s%s%s)", running.address, cfg.store,
+             ", TLS" if cfg.tls_cert else "", ", bearer-token auth" if _token(cfg) else "")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("analyzer shutting down")
+    running.stop(grace=5)

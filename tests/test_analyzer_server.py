@@ -1,0 +1,414 @@
+"""The analyzer's gRPC server, called over a real loopback port: every RPC, its status codes,
+paging, heatmaps, images, health checking, bearer-token auth, TLS and deadlines."""
+
+from __future__ import annotations
+
+import datetime
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from vitscope.analyzer.analyze import AnalyzeConfig, analyze
+from vitscope.analyzer.results import LatentTable, load_analysis
+from vitscope.analyzer.server import AnalyzerService, ServeConfig, serve
+from vitscope.extractor.extract import ExtractConfig, extract
+from vitscope.proto import pb, rpc
+from vitscope.sae import SaeConfig, SaeRecord, build_sae, fit_normalizer, save_sae
+from vitscope.shards import ActivationSet, from_storage
+from vitscope.store import open_store
+from vitscope.synthetic import make_planted_dataset
+
+D_SAE = 128
+K = 8
+N_IMAGES = 40
+SAE_ID = "test-relu"
+UNANALYSED_ID = "test-unanalysed"
+Code = grpc.StatusCode
+
+
+@dataclass
+class Served:
+    store_uri: str
+    set_id: str
+    sae_id: str
+    analysis_id: str
+    data_root: Path
+    table: LatentTable
+    aset: ActivationSet
+
+
+def _random_sae(tokens: torch.Tensor, seed: int):
+    """A ReLU SAE normalised for ``tokens``, with encoder biases spread from 'never fires' to
+    'fires often', so the analysis has dead latents and latents with fewer than k images."""
+    sae = build_sae(SaeConfig("relu", d_in=tokens.shape[1], d_sae=D_SAE))
+    sae.reset_parameters(torch.Generator().manual_seed(seed))
+    mean, scale = fit_normalizer(tokens)
+    with torch.no_grad():
+        sae.norm_mean.copy_(mean)
+        sae.norm_scale.fill_(scale)
+        sae.b_enc.copy_(torch.linspace(-12.0, 1.0, D_SAE))
+    return sae
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_name: str) -> Served:
+    """An activation set of planted images, one analysed SAE and one not, in a fresh store
+    (its own image copy, so tests may remove a file)."""
+    root = tmp_path_factory.mktemp("analyzer") / "images"
+    make_planted_dataset(root, n_images=N_IMAGES, size=112, square=32, seed=3)
+    store_uri = str(root.parent / "store")
+    res = extract(ExtractConfig(data=str(root), store=store_uri, model=tiny_model_name, pretrained=None,
+                                layers=(-1,), images_per_shard=8, workers=0, progress=False))
+    store = open_store(store_uri)
+    aset = ActivationSet.open(store, res.set_id)
+    layer = aset.manifest.layers[0]
+    patches = torch.cat([from_storage(a[:, aset.layout.patch_start:], aset.manifest.dtype).flatten(0, 1)
+                         for _, a in aset.iter_shards(layer)])
+    for sae_id, seed in ((SAE_ID, 0), (UNANALYSED_ID, 1)):
+        record = SaeRecord(sae_id=sae_id, config=SaeConfig("relu", patches.shape[1], D_SAE),
+                           activation_set_id=res.set_id, layer=layer, tokens=["patches"],
+                           training={"lr": 1e-3, "l1_coeff": 3.0, "schedule": "cosine"},
+                           metrics={"nmse": 0.25, "l0": 12.5, "dead": 3, "freq_hist": [1, 2, 3]})
+        save_sae(store, _random_sae(patches, seed), record)
+    aid = analyze(AnalyzeConfig(sae=SAE_ID, store=store_uri, k=K, device="cpu", progress=False)).analysis_id
+    return Served(store_uri, res.set_id, SAE_ID, aid, root, load_analysis(store, aid)[1], aset)
+
+
+@pytest.fixture(scope="module")
+def server(served: Served):
+    running = serve(ServeConfig(store=served.store_uri, port=0, workers=4))
+    yield running
+    running.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def stub(server) -> Iterator[rpc.AnalyzerStub]:
+    with grpc.insecure_channel(server.address) as channel:
+        yield rpc.AnalyzerStub(channel)
+
+
+def _code(call: Callable[[], object]) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as e:
+        return e.code()
+    return Code.OK
+
+
+def _alive(stub: rpc.AnalyzerStub) -> None:
+    assert stub.GetSae(pb.GetSaeRequest(sae_id=SAE_ID), timeout=10).sae_id == SAE_ID
+
+
+# --- health ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("service", ["", "vitscope.v1.Analyzer"])
+def test_health_check_serving(server, service: str):
+    with grpc.insecure_channel(server.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# --- SAEs --------------------------------------------------------------------------------------
+def test_list_saes_reports_metrics_and_analysis(stub, served: Served):
+    saes = {s.sae_id: s for s in stub.ListSaes(pb.ListSaesRequest(), timeout=10).saes}
+    assert set(saes) == {SAE_ID, UNANALYSED_ID}
+    sae = saes[SAE_ID]
+    assert sae.analyzed and sae.analysis_id == served.analysis_id
+    assert (sae.variant, sae.d_in, sae.d_sae, sae.activation_set_id) == ("relu", 64, D_SAE, served.set_id)
+    assert (sae.n_images, sae.grid_rows, sae.grid_cols) == (N_IMAGES, 7, 7)
+    assert dict(sae.metrics) == {"nmse": 0.25, "l0": 12.5, "dead": 3.0}  # the list is not a number
+    assert dict(sae.config) == {"lr": "0.001", "l1_coeff": "3.0", "schedule": "cosine"}
+    assert list(sae.tokens) == ["patches"] and sae.model
+    dead = int((served.table.frequency == 0).sum())
+    assert dead > 0 and sae.dead_latents == dead
+    assert len(sae.log_freq_edges) == len(sae.log_freq_counts) + 1
+    assert sum(sae.log_freq_counts) + sae.dead_latents == D_SAE
+
+    other = saes[UNANALYSED_ID]
+    assert not other.analyzed and other.analysis_id == "" and not other.log_freq_counts
+
+
+def test_get_sae_equals_its_listing(stub):
+    listed = next(s for s in stub.ListSaes(pb.ListSaesRequest(), timeout=10).saes if s.sae_id == SAE_ID)
+    assert stub.GetSae(pb.GetSaeRequest(sae_id=SAE_ID), timeout=10) == listed
+
+
+# --- latents -----------------------------------------------------------------------------------
+def _walk(stub, page_size: int, **query) -> list[pb.LatentStats]:
+    """Every page of a ListLatents query, checking total_size on the way."""
+    out, token, totals = [], "", set()
+    while True:
+        page = stub.ListLatents(pb.ListLatentsRequest(sae_id=SAE_ID, page_size=page_size, page_token=token,
+                                                      **query), timeout=10)
+        assert len(page.latents) <= page_size
+        out += page.latents
+        totals.add(page.total_size)
+        token = page.next_page_token
+        if not token:
+            break
+    assert totals == {len(out)}
+    return out
+
+
+_SORT_KEY = {
+    pb.LATENT_ORDER_UNSPECIFIED: lambda s: (-s.frequency, s.index),
+    pb.FREQUENCY_DESC: lambda s: (-s.frequency, s.index),
+    pb.FREQUENCY_ASC: lambda s: (s.frequency, s.index),
+    pb.MAX_ACTIVATION_DESC: lambda s: (-s.max_activation, s.index),
+    pb.MEAN_ACTIVATION_DESC: lambda s: (-s.mean_activation, s.index),
+    pb.INDEX_ASC: lambda s: s.index,
+}
+
+
+@pytest.mark.parametrize("order", list(_SORT_KEY), ids=pb.LatentOrder.Name)
+def test_paging_visits_every_latent_once_in_order(stub, served: Served, order: int):
+    latents = _walk(stub, page_size=7, order=order)
+    assert sorted(s.index for s in latents) == list(range(D_SAE))
+    assert latents == sorted(latents, key=_SORT_KEY[order])
+    t = served.table
+    for s in latents:
+        assert s.frequency == t.frequency[s.index] and s.max_activation == pytest.approx(t.max_activation[s.index])
+
+
+def test_page_size_defaults_and_caps(stub):
+    first = stub.ListLatents(pb.ListLatentsRequest(sae_id=SAE_ID), timeout=10)
+    assert len(first.latents) == 50 and first.next_page_token
+    everything = stub.ListLatents(pb.ListLatentsRequest(sae_id=SAE_ID, page_size=10**6), timeout=10)
+    assert len(everything.latents) == D_SAE and everything.next_page_token == ""
+
+
+@pytest.mark.parametrize("low,high", [(0.01, 0.0), (0.0, 0.05), (0.01, 0.2)])
+def test_frequency_filter(stub, served: Served, low: float, high: float):
+    latents = _walk(stub, page_size=9, min_frequency=low, max_frequency=high)
+    freq = served.table.frequency
+    expected = np.flatnonzero((freq >= low) & (freq <= (high or np.inf)))
+    assert 0 < len(expected) < D_SAE  # the filter actually filters
+    assert sorted(s.index for s in latents) == expected.tolist()
+
+
+def _busiest_latent(table: LatentTable) -> int:
+    return int(np.argmax(table.max_activation))
+
+
+def test_get_latent_stats_and_examples(stub, served: Served):
+    t, latent = served.table, _busiest_latent(served.table)
+    reply = stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent), timeout=10)
+    assert (reply.grid_rows, reply.grid_cols) == (7, 7)
+    assert reply.stats.index == latent and reply.stats.frequency == t.frequency[latent]
+    assert len(reply.examples) == K  # default min(16, the analysis' k)
+    for j, ex in enumerate(reply.examples):
+        info = served.aset.image_record(ex.image_index)
+        assert (ex.image_index, ex.patch) == (t.topk_image[latent, j], t.topk_patch[latent, j])
+        assert ex.score == pytest.approx(float(t.topk_score[latent, j]))
+        assert (ex.image_id, ex.label) == (info["id"], info["label"])
+        assert (ex.patch_row, ex.patch_col) == divmod(ex.patch, 7)
+        assert not ex.heatmap
+    fewer = stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent, k=3), timeout=10)
+    assert list(fewer.examples) == list(reply.examples[:3])
+
+
+def test_empty_top_k_slots_are_skipped(stub, served: Served):
+    used = (served.table.topk_image >= 0).sum(axis=1)
+    partial = int(np.flatnonzero((used > 0) & (used < K))[0])
+    dead = int(np.flatnonzero(used == 0)[0])
+    reply = stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=partial, k=K), timeout=10)
+    assert len(reply.examples) == used[partial] and all(ex.image_index >= 0 for ex in reply.examples)
+    assert not stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=dead, heatmaps=True), timeout=10).examples
+
+
+def test_heatmap_peaks_at_the_stored_best_patch(stub, served: Served):
+    latent = _busiest_latent(served.table)
+    reply = stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent, heatmaps=True), timeout=30)
+    assert reply.examples
+    for ex in reply.examples:
+        heatmap = np.asarray(ex.heatmap)
+        assert heatmap.shape == (49,)
+        assert int(heatmap.argmax()) == ex.patch
+        assert heatmap.max() == pytest.approx(ex.score, rel=1e-2)
+
+
+# --- images ------------------------------------------------------------------------------------
+def test_get_image_is_a_png_of_the_model_input_size(stub, served: Served):
+    reply = stub.GetImage(pb.GetImageRequest(sae_id=SAE_ID, image_index=N_IMAGES - 1), timeout=10)
+    image = Image.open(io.BytesIO(reply.data))
+    size = tuple(served.aset.manifest.transform["size"])
+    assert image.format == "PNG" and reply.mime_type == "image/png"
+    assert image.size == size[::-1] and (reply.width, reply.height) == image.size
+    info = served.aset.image_record(N_IMAGES - 1)
+    assert (reply.image_id, reply.label) == (info["id"], info["label"])
+
+
+def test_missing_image_file_is_not_found(stub, served: Served):
+    path = served.data_root / served.aset.image_record(0)["id"]
+    moved = path.with_name(path.name + ".moved")
+    path.rename(moved)
+    try:
+        assert _code(lambda: stub.GetImage(pb.GetImageRequest(sae_id=SAE_ID, image_index=0), timeout=10)) \
+            == Code.NOT_FOUND
+    finally:
+        moved.rename(path)
+    _alive(stub)
+
+
+# --- bad requests --------------------------------------------------------------------------------
+def _other_query_token(stub) -> str:
+    return stub.ListLatents(pb.ListLatentsRequest(sae_id=SAE_ID, page_size=5, order=pb.INDEX_ASC),
+                            timeout=10).next_page_token
+
+
+BAD_REQUESTS = {
+    "unknown sae: GetSae": (lambda s: s.GetSae(pb.GetSaeRequest(sae_id="nope")), Code.NOT_FOUND),
+    "unknown sae: ListLatents": (lambda s: s.ListLatents(pb.ListLatentsRequest(sae_id="nope")), Code.NOT_FOUND),
+    "unknown sae: GetLatent": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id="nope")), Code.NOT_FOUND),
+    "unknown sae: GetImage": (lambda s: s.GetImage(pb.GetImageRequest(sae_id="nope")), Code.NOT_FOUND),
+    "empty sae id": (lambda s: s.GetSae(pb.GetSaeRequest()), Code.INVALID_ARGUMENT),
+    "path as sae id": (lambda s: s.GetSae(pb.GetSaeRequest(sae_id="../saes/x")), Code.INVALID_ARGUMENT),
+    "latent -1": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=-1)), Code.INVALID_ARGUMENT),
+    "latent d_sae": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=D_SAE)), Code.INVALID_ARGUMENT),
+    "k 0": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, k=0)), Code.INVALID_ARGUMENT),
+    "k -3": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, k=-3)), Code.INVALID_ARGUMENT),
+    "k huge": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, k=10**6)), Code.INVALID_ARGUMENT),
+    "k above analysis": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, k=K + 1)), Code.INVALID_ARGUMENT),
+    "garbage token": (lambda s: s.ListLatents(pb.ListLatentsRequest(sae_id=SAE_ID, page_token="garbage!")),
+                      Code.INVALID_ARGUMENT),
+    "token of another query": (
+        lambda s: s.ListLatents(pb.ListLatentsRequest(sae_id=SAE_ID, page_token=_other_query_token(s))),
+        Code.INVALID_ARGUMENT),
+    "negative page size": (lambda s: s.ListLatents(pb.ListLatentsRequest(sae_id=SAE_ID, page_size=-1)),
+                           Code.INVALID_ARGUMENT),
+    "unknown order": (lambda s: s.ListLatents(pb.ListLatentsRequest(sae_id=SAE_ID, order=99)), Code.INVALID_ARGUMENT),
+    "min above max": (lambda s: s.ListLatents(pb.ListLatentsRequest(sae_id=SAE_ID, min_frequency=0.5,
+                                                                    max_frequency=0.1)), Code.INVALID_ARGUMENT),
+    "negative frequency": (lambda s: s.ListLatents(pb.ListLatentsRequest(sae_id=SAE_ID, min_frequency=-1)),
+                           Code.INVALID_ARGUMENT),
+    "image -1": (lambda s: s.GetImage(pb.GetImageRequest(sae_id=SAE_ID, image_index=-1)), Code.INVALID_ARGUMENT),
+    "image past the end": (lambda s: s.GetImage(pb.GetImageRequest(sae_id=SAE_ID, image_index=N_IMAGES)),
+                           Code.INVALID_ARGUMENT),
+    "not analysed: ListLatents": (lambda s: s.ListLatents(pb.ListLatentsRequest(sae_id=UNANALYSED_ID)),
+                                  Code.FAILED_PRECONDITION),
+    "not analysed: GetLatent": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=UNANALYSED_ID)),
+                                Code.FAILED_PRECONDITION),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_request_gets_its_status_and_the_server_keeps_serving(stub, name: str):
+    call, code = BAD_REQUESTS[name]
+    assert _code(lambda: call(stub)) == code
+    _alive(stub)
+
+
+def test_unexpected_error_is_internal_and_the_server_keeps_serving(stub, monkeypatch):
+    def broken(*_args):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(AnalyzerService, "_sae_message", broken)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ListSaes(pb.ListSaesRequest(), timeout=10)
+    assert err.value.code() == Code.INTERNAL and "disk on fire" in err.value.details()
+    monkeypatch.undo()
+    _alive(stub)
+
+
+def test_unanalysed_sae_still_serves_its_images(stub):
+    assert stub.GetImage(pb.GetImageRequest(sae_id=UNANALYSED_ID, image_index=1), timeout=10).data
+
+
+def test_tiny_deadline_fails_fast_or_succeeds(stub, served: Served):
+    request = pb.GetLatentRequest(sae_id=SAE_ID, latent=_busiest_latent(served.table), heatmaps=True)
+    assert _code(lambda: stub.GetLatent(request, timeout=0.001)) in (Code.OK, Code.DEADLINE_EXCEEDED)
+    _alive(stub)
+
+
+# --- auth and TLS --------------------------------------------------------------------------------
+@pytest.fixture(params=["config", "env"])
+def token_server(request, served: Served, monkeypatch):
+    """A server that requires a bearer token, given in its config or in $VITSCOPE_TOKEN."""
+    token = "s3cret-token"
+    if request.param == "env":
+        monkeypatch.setenv("VITSCOPE_TOKEN", token)
+    running = serve(ServeConfig(store=served.store_uri, port=0, token=token if request.param == "config" else None))
+    yield running, token
+    running.stop(grace=None)
+
+
+def test_bearer_token_auth(token_server):
+    running, token = token_server
+    with grpc.insecure_channel(running.address) as channel:
+        stub = rpc.AnalyzerStub(channel)
+        request = pb.GetSaeRequest(sae_id=SAE_ID)
+        assert _code(lambda: stub.GetSae(request, timeout=10)) == Code.UNAUTHENTICATED
+        wrong = [("authorization", "Bearer not-it")]
+        assert _code(lambda: stub.GetSae(request, timeout=10, metadata=wrong)) == Code.UNAUTHENTICATED
+        right = [("authorization", f"Bearer {token}")]
+        assert stub.GetSae(request, timeout=10, metadata=right).sae_id == SAE_ID
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING  # exempt from auth
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for localhost / 127.0.0.1 and its key, as PEM files."""
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)).add_extension(san, critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls(served: Served, tmp_path: Path):
+    cert, key = _self_signed(tmp_path)
+    running = serve(ServeConfig(store=served.store_uri, port=0, tls_cert=str(cert), tls_key=str(key)))
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        options = [("grpc.ssl_target_name_override", "localhost")]
+        with grpc.secure_channel(running.address, creds, options=options) as channel:
+            assert rpc.AnalyzerStub(channel).GetSae(pb.GetSaeRequest(sae_id=SAE_ID), timeout=10).sae_id == SAE_ID
+        with grpc.insecure_channel(running.address) as channel:  # plaintext is refused
+            assert _code(lambda: rpc.AnalyzerStub(channel).GetSae(pb.GetSaeRequest(sae_id=SAE_ID), timeout=5)) \
+                == Code.UNAVAILABLE
+    finally:
+        running.stop(grace=None)
+
+
+def test_tls_needs_both_files(served: Served):
+    with pytest.raises(ValueError, match="both"):
+        serve(ServeConfig(store=served.store_uri, port=0, tls_cert="cert.pem"))
+
+
+# --- the real pipeline's output --------------------------------------------------------------------
+def test_serves_the_pipeline_run(pipeline, analyzer_server: str):
+    """The session's Prefect pipeline run (a trained SAE), through the shared server fixture."""
+    with grpc.insecure_channel(analyzer_server) as channel:
+        stub = rpc.AnalyzerStub(channel)
+        sae = stub.GetSae(pb.GetSaeRequest(sae_id=pipeline.sae_id), timeout=10)
+        assert sae.analyzed and sae.analysis_id == pipeline.analysis_id and sae.activation_set_id == pipeline.set_id
+        top = stub.ListLatents(pb.ListLatentsRequest(sae_id=pipeline.sae_id, page_size=1,
+                                                     order=pb.MAX_ACTIVATION_DESC), timeout=10).latents[0]
+        latent = stub.GetLatent(pb.GetLatentRequest(sae_id=pipeline.sae_id, latent=top.index, heatmaps=True),
+                                timeout=30)
+        best = latent.examples[0]
+        assert int(np.argmax(best.heatmap)) == best.patch
+        assert max(best.heatmap) == pytest.approx(best.score, rel=1e-2)
+        image = stub.GetImage(pb.GetImageRequest(sae_id=pipeline.sae_id, image_index=best.image_index), timeout=10)
+        assert image.image_id == best.image_id and (pipeline.data_root / image.image_id).is_file()
