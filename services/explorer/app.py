@@ -1,0 +1,24 @@
+"""The vitscope explorer: a Streamlit app that browses SAEs and their latents through the
+analyzer's gRPC API. Run it with ``vitscope explore`` (or ``streamlit run app.py``) with
+``VITSCOPE_ANALYZER=host:port`` and, if the analyzer wants one, ``VITSCOPE_TOKEN``.
+
+The pages are scripts in ``views/``; this entry point runs before each of them and owns what
+they share: the page config, the navigation and the SAE picker in the sidebar."""
+
+import streamlit as st
+
+from vitscope.explorer.data import connection, pick_sae
+
+# Material icons ship with Streamlit's front end; emoji would need a font the host may lack.
+st.set_page_config(page_title="vitscope explorer", page_icon=":material/biotech:", layout="wide")
+
+page = st.navigation([
+    st.Page("views/saes.py", title="SAEs", icon=":material/monitor_heart:", default=True),  # served at /
+    st.Page("views/latents.py", title="Latents", icon=":material/table_rows:", url_path="latents"),
+    st.Page("views/latent.py", title="Latent", icon=":material/image_search:", url_path="latent"),
+])
+
+conn = connection()
+st.sidebar.caption(f"analyzer `{conn.target}`")
+pick_sae(conn)
+page.run()

@@ -1,0 +1,45 @@
+"""Start the explorer: ``streamlit run`` on this package's app, pointed at an analyzer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+APP = Path(__file__).resolve().parent / "app.py"
+
+
+def explorer_command(port: int = 8501, headless: bool = True, address: str | None = None) -> list[str]:
+    """The ``streamlit run`` command line for the explorer app."""
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(APP),
+        "--server.port", str(port),
+        "--server.headless", str(headless).lower(),
+        "--browser.gatherUsageStats", "false",
+        # A served app's code does not change under it: skip the file watcher's polling.
+        "--server.fileWatcherType", "none",
+        "--global.developmentMode", "false",
+        "--client.toolbarMode", "minimal",  # no "Deploy" button: this is a served tool
+    ]
+    if address is not None:
+        cmd += ["--server.address", address]
+    return cmd
+
+
+def explorer_env(analyzer: str, token: str | None = None) -> dict[str, str]:
+    """This process's environment plus the settings the app reads."""
+    env = {**os.environ, "VITSCOPE_ANALYZER": analyzer, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    if token:
+        env["VITSCOPE_TOKEN"] = token
+    return env
+
+
+def run_explorer(analyzer: str, port: int = 8501, headless: bool = True, token: str | None = None,
+                 address: str | None = None) -> int:
+    """Serve the explorer on ``port`` against the analyzer at ``analyzer`` (host:port) until
+    interrupted; returns Streamlit's exit status."""
+    try:
+        return subprocess.run(explorer_command(port, headless, address), env=explorer_env(analyzer, token)).returncode
+    except KeyboardInterrupt:  # Ctrl-C reaches streamlit too, which shuts down on its own
+        return 130

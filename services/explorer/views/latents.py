@@ -1,0 +1,100 @@
+"""Latents page: browse the selected SAE's latents, sorted and filtered by firing frequency."""
+
+import math
+
+import pandas as pd
+import streamlit as st
+
+from vitscope.explorer.client import LatentPage
+from vitscope.explorer.data import (
+    analyzer_errors,
+    connection,
+    list_latents,
+    open_latent,
+    require_analysis,
+    selected_sae,
+)
+
+ORDERS = {
+    "FREQUENCY_DESC": "Most frequent first",
+    "FREQUENCY_ASC": "Rarest first",
+    "MAX_ACTIVATION_DESC": "Strongest max activation",
+    "MEAN_ACTIVATION_DESC": "Strongest mean activation",
+    "INDEX_ASC": "Index",
+}
+LOG_FLOOR = -8.0  # the slider's lower end means "no lower bound"
+
+
+def filters() -> tuple[str, float, float, int]:
+    """(order, min_frequency, max_frequency, page_size) from the controls above the table."""
+    c1, c2, c3 = st.columns([2, 3, 1])
+    order = c1.selectbox("Sort", list(ORDERS), format_func=ORDERS.get, key="latents_order")
+    lo, hi = c2.slider("log10 firing frequency", LOG_FLOOR, 0.0, (LOG_FLOOR, 0.0), step=0.25, key="latents_freq",
+                       help="Only latents firing on between 10^lo and 10^hi of all tokens")
+    page_size = c3.selectbox("Rows", [25, 50, 100, 250], index=1, key="latents_page_size")
+    # 0 means unbounded in the API; the ends of the slider mean the same.
+    return order, 0.0 if lo <= LOG_FLOOR else 10.0**lo, 0.0 if hi >= 0.0 else 10.0**hi, page_size
+
+
+def page_table(page: LatentPage) -> pd.DataFrame:
+    return pd.DataFrame({
+        "latent": [s.index for s in page.latents],
+        "frequency": [s.frequency for s in page.latents],
+        "log10 freq": [math.log10(s.frequency) if s.frequency > 0 else None for s in page.latents],
+        "mean act": [s.mean_activation for s in page.latents],
+        "max act": [s.max_activation for s in page.latents],
+    })
+
+
+def pager(page: LatentPage, page_size: int) -> None:
+    """Previous/next buttons over page tokens, restarting at page 1 whenever the query changes."""
+    tokens: list[str] = st.session_state["latents_tokens"]
+    n_pages = max(1, math.ceil(page.total_size / page_size))
+    left, mid, right = st.columns([1, 3, 1])
+    if left.button("Previous", icon=":material/chevron_left:", disabled=len(tokens) == 1, width="stretch"):
+        tokens.pop()
+        st.rerun()
+    mid.markdown(f"<div style='text-align:center'>page {len(tokens)} of {n_pages} · {page.total_size} latents "
+                 "match</div>", unsafe_allow_html=True)
+    if right.button("Next", icon=":material/chevron_right:", disabled=not page.next_page_token, width="stretch"):
+        tokens.append(page.next_page_token)
+        st.rerun()
+
+
+conn = connection()
+sae = selected_sae(conn)
+require_analysis(sae)
+st.title("Latents")
+st.caption(f"SAE `{sae.sae_id}` · {sae.d_sae} latents · click a row to open it")
+
+order, min_f, max_f, page_size = filters()
+query = (sae.sae_id, order, min_f, max_f, page_size)
+if st.session_state.get("latents_query") != query:
+    st.session_state["latents_query"] = query
+    st.session_state["latents_tokens"] = [""]
+with analyzer_errors(conn):
+    page = list_latents(conn, sae.sae_id, page_size, st.session_state["latents_tokens"][-1], order, min_f, max_f)
+
+if not page.latents:
+    st.info("No latent passes these filters.")
+    st.stop()
+event = st.dataframe(
+    page_table(page), hide_index=True, width="stretch", height=min(38 + 35 * len(page.latents), 640),
+    key="latents_table", on_select="rerun", selection_mode="single-row",
+    column_config={
+        "latent": st.column_config.NumberColumn("latent", format="%d"),
+        "frequency": st.column_config.ProgressColumn("frequency", format="%.2e", min_value=0.0,
+                                                     max_value=max(s.frequency for s in page.latents)),
+        "log10 freq": st.column_config.NumberColumn(format="%.2f"),
+        "mean act": st.column_config.NumberColumn(format="%.3f"),
+        "max act": st.column_config.NumberColumn(format="%.3f"),
+    })
+pager(page, page_size)
+if event.selection.rows:
+    open_latent(sae.sae_id, page.latents[event.selection.rows[0]].index)
+
+with st.form("open_latent", border=False):
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    n = c1.number_input("Open latent #", min_value=0, max_value=sae.d_sae - 1, step=1, key="latents_open")
+    if c2.form_submit_button("Open", width="stretch"):
+        open_latent(sae.sae_id, int(n))
