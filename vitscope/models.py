@@ -7,12 +7,16 @@ Model names:
 
 - open_clip built-ins with a pretrained tag or a checkpoint file: ``ViT-B-16`` + ``openai``
 - open_clip from the Hugging Face hub or a local folder holding ``open_clip_config.json`` and
-  weights: ``hf-hub:imageomics/bioclip``, ``local-dir:/path/to/model``
+  weights: ``hf-hub:imageomics/bioclip``, ``local-dir:/path/to/model``; SigLIP models that
+  open_clip builds on a timm trunk (``ViT-B-16-SigLIP`` + ``webli``)
+- timm ViTs, DINOv2 with and without registers included: ``timm:vit_base_patch14_reg4_dinov2.lvd142m``
+  with ``pretrained`` = ``default`` (timm's own weights) or a checkpoint file
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,13 +38,25 @@ class ModelLoadError(RuntimeError):
     """The model (or its weights) could not be loaded."""
 
 
+TIMM_PREFIX = "timm:"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which ViT to run. ``pretrained`` is an open_clip tag (``openai``) or a checkpoint path;
-    ``None`` means random initialisation (tests, offline demos)."""
+    """Which ViT to run.
+
+    ``pretrained`` is an open_clip tag (``openai``), ``default`` for timm's own weights, or a
+    checkpoint path; ``None`` means random initialisation (tests, offline demos).
+    ``options`` go to the model factory as keyword arguments (e.g. ``{"img_size": 224}`` for timm,
+    or a smaller architecture for tests)."""
 
     name: str
     pretrained: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def family(self) -> str:
+        return "timm" if self.name.startswith(TIMM_PREFIX) else "open_clip"
 
     def describe(self) -> str:
         return f"{self.name}/{self.pretrained}" if self.pretrained else f"{self.name} (random init)"
@@ -48,7 +64,8 @@ class ModelSpec:
     def identity(self) -> dict[str, Any]:
         """What determines the weights, for content ids: local files are identified by content,
         so renaming a checkpoint does not change the id but retraining it does."""
-        ident: dict[str, Any] = {"family": "open_clip", "name": self.name, "pretrained": self.pretrained}
+        ident: dict[str, Any] = {"family": self.family, "name": self.name, "pretrained": self.pretrained,
+                                 "options": dict(self.options)}
         if self.name.startswith("local-dir:"):
             folder = Path(self.name.removeprefix("local-dir:"))
             ident["name"] = "local-dir"
@@ -69,6 +86,7 @@ class TransformInfo:
     resize_mode: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    crop_pct: float = 1.0  # timm resizes the short side to size / crop_pct before the centre crop
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,19 +95,24 @@ class TransformInfo:
             "resize_mode": self.resize_mode,
             "mean": list(self.mean),
             "std": list(self.std),
+            "crop_pct": self.crop_pct,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TransformInfo:
-        return cls(tuple(d["size"]), d["interpolation"], d["resize_mode"], tuple(d["mean"]), tuple(d["std"]))
+        return cls(tuple(d["size"]), d["interpolation"], d["resize_mode"], tuple(d["mean"]), tuple(d["std"]),
+                   float(d.get("crop_pct", 1.0)))
 
     def geometric(self) -> T.Compose:
         """PIL image -> PIL image as the model sees it (before normalisation): the analyzer
         uses this to show images that patch heatmaps line up with."""
         interp = InterpolationMode(self.interpolation)
         if self.resize_mode == "shortest":
-            steps = [T.Resize(min(self.size) if self.size[0] == self.size[1] else self.size, interpolation=interp),
-                     T.CenterCrop(self.size)]
+            if self.size[0] == self.size[1]:
+                resize: int | tuple[int, int] = math.floor(self.size[0] / self.crop_pct)
+            else:
+                resize = tuple(math.floor(x / self.crop_pct) for x in self.size)
+            steps = [T.Resize(resize, interpolation=interp), T.CenterCrop(self.size)]
         elif self.resize_mode == "squash":
             steps = [T.Resize(self.size, interpolation=interp)]
         else:
@@ -111,18 +134,22 @@ class _StopForward(Exception):
 
 
 class ViT:
-    """A loaded vision tower with hooks on its residual stream."""
+    """A loaded vision tower with hooks on its residual stream.
 
-    def __init__(self, spec: ModelSpec, visual: torch.nn.Module, transform: TransformInfo, pretrained_loaded: bool):
+    ``blocks`` are the transformer blocks whose outputs are the residual stream; ``layout`` is
+    the model's full token layout (every token it has, in order)."""
+
+    def __init__(self, spec: ModelSpec, module: torch.nn.Module, blocks: Sequence[torch.nn.Module],
+                 layout: TokenLayout, d_model: int, transform: TransformInfo, pretrained_loaded: bool,
+                 batch_first: bool = True):
         self.spec = spec
-        self.visual = visual.eval()
+        self.module = module.eval()
+        self.blocks = blocks
+        self.layout = layout
+        self.d_model = d_model
         self.transform = transform
         self.pretrained_loaded = pretrained_loaded
-        self.blocks: Sequence[torch.nn.Module] = visual.transformer.resblocks
-        self.batch_first = getattr(visual.transformer, "batch_first", True)
-        has_cls = getattr(visual, "class_embedding", None) is not None
-        self.layout = TokenLayout(n_cls=1 if has_cls else 0, n_registers=0, grid=tuple(visual.grid_size))
-        self.d_model = int(visual.transformer.width)
+        self.batch_first = batch_first
 
     @property
     def n_layers(self) -> int:
@@ -161,7 +188,7 @@ class ViT:
 
         handles = [self.blocks[i].register_forward_hook(make_hook(i)) for i in layers]
         try:
-            self.visual(pixels)
+            self.module(pixels)
         except _StopForward:
             pass
         finally:
@@ -170,7 +197,7 @@ class ViT:
         return captured
 
     def to(self, device: str | torch.device) -> ViT:
-        self.visual.to(device)
+        self.module.to(device)
         return self
 
 
@@ -181,13 +208,14 @@ def load_vit(spec: ModelSpec, device: str = "cpu", allow_random: bool = False) -
     and the same architecture is used with random weights; otherwise it raises
     :class:`ModelLoadError`.
     """
-    import open_clip
-
+    loader = _load_timm if spec.family == "timm" else _load_open_clip
     try:
-        model, _, _ = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained, device=device)
-        loaded = spec.pretrained is not None or spec.name.startswith(("hf-hub:", "local-dir:"))
-    except Exception as e:  # open_clip raises RuntimeError/FileNotFoundError/HF errors
-        if not allow_random or spec.name.startswith(("hf-hub:", "local-dir:")):
+        return loader(spec, device, pretrained=True)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # open_clip/timm/HF raise many types for "could not get the weights"
+        local = spec.name.startswith(("hf-hub:", "local-dir:")) or (spec.pretrained and os.path.exists(spec.pretrained))
+        if not allow_random or local or spec.pretrained is None:
             raise ModelLoadError(f"could not load {spec.describe()}: {e}") from e
         log.warning(
             "could not get pretrained weights for %s (%s); using RANDOM weights of the same architecture: "
@@ -195,22 +223,83 @@ def load_vit(spec: ModelSpec, device: str = "cpu", allow_random: bool = False) -
             spec.describe(), type(e).__name__,
         )
         try:
-            model = open_clip.create_model(spec.name, pretrained=None, device=device)
+            return loader(spec, device, pretrained=False)
         except Exception as e2:
             raise ModelLoadError(f"could not build {spec.name}: {e2}") from e2
-        loaded = False
+
+
+def _timm_layout(trunk: torch.nn.Module) -> TokenLayout:
+    """Token layout of a timm VisionTransformer: [cls][registers][patches]."""
+    n_cls = 1 if getattr(trunk, "has_class_token", False) else 0
+    n_reg = int(getattr(trunk, "num_reg_tokens", 0))
+    if int(getattr(trunk, "num_prefix_tokens", n_cls + n_reg)) != n_cls + n_reg:
+        raise ModelLoadError(f"{type(trunk).__name__} has prefix tokens other than CLS and registers")
+    if getattr(trunk, "dynamic_img_size", False):
+        raise ModelLoadError("models with a dynamic image size have no fixed patch grid; set img_size")
+    return TokenLayout(n_cls=n_cls, n_registers=n_reg, grid=tuple(trunk.patch_embed.grid_size))
+
+
+def _load_open_clip(spec: ModelSpec, device: str, pretrained: bool) -> ViT:
+    import open_clip
+
+    tag = spec.pretrained if pretrained else None
+    model, _, _ = open_clip.create_model_and_transforms(spec.name, pretrained=tag, device=device,
+                                                        **dict(spec.options))
+    loaded = tag is not None or (pretrained and spec.name.startswith(("hf-hub:", "local-dir:")))
     visual = model.visual
-    if not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
-        raise ModelLoadError(f"{spec.describe()} has no ViT vision tower (got {type(visual).__name__})")
     cfg = visual.preprocess_cfg
+    size = cfg["size"]
     transform = TransformInfo(
-        size=tuple(cfg["size"]) if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"]),
+        size=tuple(size) if isinstance(size, (tuple, list)) else (size, size),
         interpolation=cfg.get("interpolation", "bicubic"),
         resize_mode=cfg.get("resize_mode", "shortest"),
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
     )
-    return ViT(spec, visual, transform, pretrained_loaded=loaded)
+    if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
+        has_cls = getattr(visual, "class_embedding", None) is not None
+        layout = TokenLayout(n_cls=1 if has_cls else 0, n_registers=0, grid=tuple(visual.grid_size))
+        return ViT(spec, visual, visual.transformer.resblocks, layout, int(visual.transformer.width), transform,
+                   loaded, batch_first=getattr(visual.transformer, "batch_first", True))
+    trunk = getattr(visual, "trunk", None)  # SigLIP and friends: open_clip around a timm ViT
+    if trunk is not None and hasattr(trunk, "blocks") and hasattr(trunk, "patch_embed"):
+        return ViT(spec, visual, trunk.blocks, _timm_layout(trunk), int(trunk.embed_dim), transform, loaded)
+    raise ModelLoadError(f"{spec.describe()} has no ViT vision tower (got {type(visual).__name__})")
+
+
+def _load_timm(spec: ModelSpec, device: str, pretrained: bool) -> ViT:
+    import timm
+    from timm.data import resolve_data_config
+
+    name = spec.name.removeprefix(TIMM_PREFIX)
+    kw: dict[str, Any] = {"num_classes": 0, **dict(spec.options)}
+    use_weights = pretrained and spec.pretrained is not None
+    if use_weights and spec.pretrained != "default":
+        if not os.path.isfile(spec.pretrained):
+            raise ModelLoadError(f"checkpoint {spec.pretrained!r} does not exist (use 'default' for timm's weights)")
+        kw["pretrained_cfg_overlay"] = {"file": spec.pretrained}
+    model = timm.create_model(name, pretrained=use_weights, **kw).to(device)
+    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+        raise ModelLoadError(f"{name} is not a ViT (got {type(model).__name__})")
+    # The pretrained config may name another resolution than the model was built for (img_size).
+    cfg = resolve_data_config({"input_size": (3, *model.patch_embed.img_size)}, model=model)
+    if cfg.get("crop_mode", "center") != "center":
+        raise ModelLoadError(f"timm crop mode {cfg['crop_mode']!r} is not supported yet")
+    transform = TransformInfo(size=tuple(cfg["input_size"][1:]), interpolation=cfg["interpolation"],
+                              resize_mode="shortest", mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                              crop_pct=float(cfg.get("crop_pct", 1.0)))
+    # forward_features runs every block; the classifier head is not needed.
+    return ViT(spec, _ForwardFeatures(model), model.blocks, _timm_layout(model), int(model.embed_dim), transform,
+               use_weights)
+
+
+class _ForwardFeatures(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,13 +42,19 @@ class ExtractConfig:
     store: str = ".vitscope/store"
     """Where to publish: a folder path, file:///path or s3://bucket/prefix."""
     model: str = "ViT-B-16"
-    """open_clip model: a built-in name (ViT-B-16), hf-hub:org/repo (e.g. hf-hub:imageomics/bioclip) or local-dir:/path."""
+    """open_clip model: a built-in name (ViT-B-16), hf-hub:org/repo (e.g. hf-hub:imageomics/bioclip) or
+    local-dir:/path; or a timm ViT as timm:<name> (e.g. timm:vit_base_patch14_reg4_dinov2.lvd142m)."""
     pretrained: str | None = "openai"
-    """open_clip pretrained tag or checkpoint file for built-in names; ignored for hf-hub:/local-dir:. None = random init."""
+    """open_clip pretrained tag, 'default' for timm's own weights, or a checkpoint file; ignored for
+    hf-hub:/local-dir:. None = random init."""
+    model_options: str | None = None
+    """JSON keyword arguments for the model factory, e.g. '{"img_size": 224}' for a timm DINOv2."""
     layers: tuple[int, ...] = (-2,)
     """Blocks whose output (the residual stream) to store; negative counts from the end (-1 = last)."""
     cls: bool = True
     """Store the CLS token (patch tokens are always stored)."""
+    registers: bool = False
+    """Store register tokens (DINOv2-reg and other models that have them)."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     """Stored precision: half precision halves storage and I/O."""
     batch_size: int = 64
@@ -84,13 +91,23 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     store = open_store(cfg.store)
     source = ImageFolderSource(cfg.data, max_images=cfg.max_images)
     device = resolve_device(cfg.device)
-    vit = load_vit(ModelSpec(cfg.model, cfg.pretrained), device=str(device), allow_random=cfg.allow_random_weights)
-    spec = ModelSpec(cfg.model, cfg.pretrained if vit.pretrained_loaded else None)
+    options = tuple(sorted(json.loads(cfg.model_options).items())) if cfg.model_options else ()
+    vit = load_vit(ModelSpec(cfg.model, cfg.pretrained, options), device=str(device),
+                   allow_random=cfg.allow_random_weights)
+    spec = ModelSpec(cfg.model, cfg.pretrained if vit.pretrained_loaded else None, options)
     layers = vit.resolve_layers(cfg.layers)
     requested = [next(r for r in cfg.layers if int(r) % vit.n_layers == layer) for layer in layers]
-    layout = TokenLayout(n_cls=vit.layout.n_cls if cfg.cls else 0, n_registers=0, grid=vit.layout.grid)
+    if cfg.registers and vit.layout.n_registers == 0:
+        raise ValueError(f"{spec.describe()} has no register tokens; drop --registers")
+    full = vit.layout
+    layout = TokenLayout(n_cls=full.n_cls if cfg.cls else 0, n_registers=full.n_registers if cfg.registers else 0,
+                         grid=full.grid)
     # Positions of the stored tokens within the model's full token sequence.
-    keep = np.concatenate([np.arange(layout.n_cls), np.arange(vit.layout.patch_start, vit.layout.tokens_per_image)])
+    keep = np.concatenate([
+        np.arange(layout.n_cls),
+        np.arange(full.n_cls, full.n_cls + layout.n_registers),
+        np.arange(full.patch_start, full.tokens_per_image),
+    ])
 
     bytes_per_image = len(layers) * layout.tokens_per_image * vit.d_model * DTYPES[cfg.dtype][0].itemsize
     images_per_shard = cfg.images_per_shard or max(1, (cfg.shard_mb << 20) // (bytes_per_image // len(layers)))
