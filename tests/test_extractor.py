@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -26,13 +25,9 @@ def _cfg(data: Path, store: Path, model: str, **kw) -> ExtractConfig:
 
 
 def _set_bytes(store: Path, set_id: str) -> dict[str, bytes]:
-    """Every file of a published set (the manifest without its timestamp)."""
+    """Every file of a published set, by path."""
     root = store / set_prefix(set_id)
-    files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-    manifest = json.loads(files.pop("manifest.json"))
-    manifest.pop("created_at")
-    files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
-    return files
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -350,3 +350,20 @@ def test_local_path_only_for_local(store):
         assert isinstance(path, Path) and path.read_bytes() == b"x"
     else:
         assert path is None
+
+
+def test_discard_incomplete_removes_what_killed_writers_left(store):
+    store.put_bytes("set/shard-1/data.bin", b"kept")
+    if isinstance(store, LocalStore):
+        (store.root / "set/shard-1/.data2.bin.abc.part").write_bytes(b"half")
+        (store.root / "set/shard-2").mkdir(parents=True)
+        (store.root / "set/shard-2/.x.part").write_bytes(b"other shard")
+    else:
+        client, bucket = store._client, store.bucket
+        for key in ("set/shard-1/big.bin", "set/shard-2/x.bin"):
+            client.create_multipart_upload(Bucket=bucket, Key=store._key(key))
+    assert store.discard_incomplete("set/shard-1/") == 1
+    assert store.discard_incomplete("set/shard-1/") == 0  # idempotent
+    assert store.get_bytes("set/shard-1/data.bin") == b"kept"
+    assert store.discard_incomplete("set/") == 1  # the other shard's leftover, untouched until now
+    assert store.list("set/") == ["set/shard-1/data.bin"]

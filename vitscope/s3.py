@@ -246,6 +246,20 @@ class S3Store(Store):
                 )
         return len(keys)
 
+    def discard_incomplete(self, prefix: str) -> int:
+        """Abort multipart uploads under ``prefix`` that a killed writer never completed (their
+        parts cost storage but are invisible to readers)."""
+        aborted = 0
+        with self._errors():
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self._root + prefix)
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                        UploadId=upload["UploadId"])
+                    aborted += 1
+        return aborted
+
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         """Download to ``path`` (boto3 writes a temporary file and renames it into place)."""
         k = self._key(key)

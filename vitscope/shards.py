@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,10 +159,10 @@ class Manifest:
     layout: TokenLayout
     transform: dict[str, Any]
     dataset: dict[str, Any]
+    images_per_shard: int = 0  # dataset positions per shard (the last shard may cover fewer)
     n_images: int = 0
     shards: list[ShardRecord] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
-    created_at: str = ""
     vitscope_version: str = ""
     format: str = FORMAT
     version: int = VERSION
@@ -224,10 +223,10 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 class ShardWriter:
-    """Writes one activation set: shards as they fill, then the manifest last.
+    """Writes one activation set: shards in any order, then the manifest last.
 
     Each finished shard also gets an ``index.json`` written after its data, so that a killed
-    run can find every complete shard and resume after the last one (:meth:`completed_shards`).
+    run (or another process) can tell which shards are complete (:meth:`completed_shards`).
     """
 
     def __init__(self, store: Store, manifest: Manifest, images_per_shard: int):
@@ -238,22 +237,23 @@ class ShardWriter:
         self.images_per_shard = images_per_shard
         self.prefix = set_prefix(manifest.set_id)
 
-    def completed_shards(self) -> list[ShardRecord]:
-        """Shards a previous run finished, contiguous from the first (a gap ends the list)."""
-        done: list[ShardRecord] = []
-        while True:
-            key = f"{self.prefix}/{shard_name(len(done))}/index.json"
-            try:
+    def completed_shards(self) -> dict[int, ShardRecord]:
+        """Shards whose data and index are written, by shard index."""
+        done = {}
+        for key in self.store.list(f"{self.prefix}/shard-"):
+            if key.endswith("/index.json"):
                 rec = ShardRecord.from_json(json.loads(self.store.get_bytes(key)))
-            except NotFound:
-                return done
-            done.append(rec)
+                done[rec.index] = rec
+        return done
 
     def write_shard(
-        self, index: int, first_image: int, acts: dict[int, np.ndarray], records: list[dict[str, Any]],
-        dataset_range: tuple[int, int] = (0, 0), skipped: list[dict[str, str]] | None = None,
+        self, index: int, acts: dict[int, np.ndarray], records: list[dict[str, Any]],
+        dataset_range: tuple[int, int], skipped: list[dict[str, str]] | None = None,
     ) -> ShardRecord:
-        """Write one shard's files (``acts[layer]`` of shape [n, tokens, d] in stored dtype)."""
+        """Write one shard's files (``acts[layer]`` of shape [n, tokens, d] in stored dtype).
+
+        The shard's place among the set's rows (``first_image``) is only known once every
+        earlier shard is done, so it is assigned when the set is published."""
         n = len(records)
         m = self.manifest
         files: dict[str, dict[str, Any]] = {}
@@ -270,25 +270,25 @@ class ShardWriter:
         rel = f"{shard_name(index)}/images.jsonl"
         self.store.put_bytes(f"{self.prefix}/{rel}", ids)
         files[rel] = {"sha256": sha256_bytes(ids), "nbytes": len(ids)}
-        rec = ShardRecord(index=index, first_image=first_image, n_images=n, files=files,
+        rec = ShardRecord(index=index, first_image=-1, n_images=n, files=files,
                           dataset_start=dataset_range[0], dataset_end=dataset_range[1], skipped=list(skipped or []))
         self.store.put_bytes(f"{self.prefix}/{shard_name(index)}/index.json", json.dumps(rec.to_json()).encode())
         return rec
 
-    def finish(self, shards: list[ShardRecord], trailing_skipped: Sequence[dict[str, str]] = ()) -> Manifest:
-        """Publish: check the shards tile [0, n_images) and write the manifest last.
-
-        ``trailing_skipped`` lists unreadable images after the last shard's last image."""
-        expected_first = 0
+    def finish(self, shards: list[ShardRecord]) -> Manifest:
+        """Publish: number the shards' rows, check they tile the dataset, write the manifest last."""
+        placed: list[ShardRecord] = []
+        first = dataset_pos = 0
         for i, s in enumerate(shards):
-            if s.index != i or s.first_image != expected_first:
+            if s.index != i or s.dataset_start != dataset_pos:
                 raise FormatError(f"shard {i} does not follow its predecessor")
-            expected_first += s.n_images
+            placed.append(dataclasses.replace(s, first_image=first))
+            first += s.n_images
+            dataset_pos = s.dataset_end
         m = self.manifest
-        m.shards = list(shards)
-        m.n_images = expected_first
-        m.skipped = [s for shard in shards for s in shard.skipped] + list(trailing_skipped)
-        m.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        m.shards = placed
+        m.n_images = first
+        m.skipped = [s for shard in placed for s in shard.skipped]
         from vitscope import __version__
 
         m.vitscope_version = __version__
@@ -332,6 +332,8 @@ class ActivationSet:
         m = self.manifest
         np_dtype = DTYPES[m.dtype][0]
         shape = (shard.n_images, m.layout.tokens_per_image, m.d_model)
+        if shard.n_images == 0:  # every image of its range was unreadable
+            return np.empty(shape, dtype=np_dtype)
         key = self._key(shard, layer)
         path = self.store.local_path(key)
         if path is not None:
@@ -378,11 +380,14 @@ class ActivationSet:
 
         m = self.manifest
         problems: list[str] = []
-        first = 0
+        first = dataset_pos = 0
         for shard in tqdm(m.shards, desc=f"verify {m.set_id}", disable=not progress, unit="shard"):
             if shard.first_image != first:
                 problems.append(f"{shard.name}: starts at image {shard.first_image}, expected {first}")
+            if shard.dataset_start != dataset_pos:
+                problems.append(f"{shard.name}: covers the dataset from {shard.dataset_start}, expected {dataset_pos}")
             first = shard.first_image + shard.n_images
+            dataset_pos = shard.dataset_end
             expected_layers = {f"{shard.name}/{layer_file(layer)}" for layer in m.layers}
             missing = expected_layers - set(shard.files)
             if missing:

@@ -84,6 +84,11 @@ class Store(abc.ABC):
             self.delete(key)
         return len(keys)
 
+    @abc.abstractmethod
+    def discard_incomplete(self, prefix: str) -> int:
+        """Remove what killed writers left under ``prefix`` (temporary files, unfinished
+        multipart uploads). Only call it on a prefix no live writer is using."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
 
@@ -170,6 +175,16 @@ class LocalStore(Store):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def discard_incomplete(self, prefix: str) -> int:
+        base = self.root / prefix if prefix else self.root
+        folder = base if base.is_dir() else base.parent
+        if not folder.is_dir():
+            return 0
+        stale = [p for p in folder.rglob(".*.part") if str(p).startswith(str(base))]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         try:

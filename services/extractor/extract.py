@@ -1,9 +1,17 @@
-"""Run a ViT over an image dataset and publish the chosen layers' activations as shards."""
+"""Run a ViT over an image dataset and publish the chosen layers' activations as shards.
+
+Shard ``k`` holds the images of the dataset's canonical order in ``[k*S, (k+1)*S)`` that
+decoded (``S`` = ``images_per_shard``). Because boundaries are dataset positions, not counts of
+decoded images, shards are independent: separate processes or machines can each extract a
+contiguous range of shards (a *part*), a killed run redoes only unfinished shards, and the
+result is byte-identical however the work was split. A final step writes the manifest.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -14,23 +22,28 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vitscope.hashing import content_id
-from vitscope.models import ModelSpec, load_vit
+from vitscope.models import ModelSpec, ViT, load_vit
 from vitscope.shards import (
     DTYPES,
     VERSION,
     ActivationSet,
     Manifest,
-    ShardRecord,
     ShardWriter,
     TokenLayout,
     set_exists,
+    set_prefix,
+    shard_name,
     to_storage,
 )
-from vitscope.store import open_store
+from vitscope.store import Store, open_store
 
 from .datasets import DecodedImages, ImageFolderSource, collate
 
 log = logging.getLogger(__name__)
+
+
+class ExtractError(RuntimeError):
+    """Extraction cannot start or finish (not enough room, missing shards)."""
 
 
 @dataclass
@@ -59,15 +72,24 @@ class ExtractConfig:
     """Stored precision: half precision halves storage and I/O."""
     batch_size: int = 64
     workers: int = 2
-    """Image-decoding processes. The stored order never depends on this."""
+    """Image-decoding processes. The stored bytes never depend on this."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
     shard_mb: int = 256
     """Target shard size; each layer of a shard is one file of at most this size."""
     images_per_shard: int | None = None
-    """Images per shard, overriding shard_mb (small values make tests exercise many shards)."""
+    """Dataset images per shard, overriding shard_mb (small values make tests exercise many shards)."""
     max_images: int | None = None
     """Only the first N images of the canonical order (quick trials)."""
+    part: int = 0
+    """Which part of the work this process does (0-based), when the set is split into --parts."""
+    parts: int = 1
+    """Split the shards into this many contiguous parts for separate processes or machines. With
+    more than one part, each process writes its shards and `vitscope extract --finish` publishes."""
+    finish: bool = False
+    """Only publish the manifest of a set whose parts have all finished."""
+    force: bool = False
+    """Start even when the local target seems to lack the room the set needs."""
     allow_random_weights: bool = False
     """If pretrained weights cannot be fetched (offline), warn and use random weights instead of failing."""
     progress: bool = True
@@ -76,8 +98,45 @@ class ExtractConfig:
 @dataclass
 class ExtractResult:
     set_id: str
-    manifest: Manifest
+    manifest: Manifest | None  # None for a part that did not publish
     reused: bool  # True when the set already existed and nothing was computed
+
+
+@dataclass
+class ExtractPlan:
+    """Everything fixed before the first image is read: what will be stored, and where."""
+
+    store: Store
+    source: ImageFolderSource
+    vit: ViT
+    device: torch.device
+    manifest: Manifest  # without shards yet
+    keep: np.ndarray  # positions of the stored tokens within the model's full token sequence
+    images_per_shard: int
+
+    @property
+    def set_id(self) -> str:
+        return self.manifest.set_id
+
+    @property
+    def n_shards(self) -> int:
+        return -(-len(self.source) // self.images_per_shard)
+
+    @property
+    def bytes_per_image(self) -> int:
+        m = self.manifest
+        return len(m.layers) * m.layout.tokens_per_image * m.bytes_per_token
+
+    def shard_range(self, k: int) -> tuple[int, int]:
+        """Dataset positions [start, end) of shard ``k``."""
+        return k * self.images_per_shard, min((k + 1) * self.images_per_shard, len(self.source))
+
+    def part_shards(self, part: int, parts: int) -> range:
+        """The contiguous block of shards that ``part`` of ``parts`` extracts."""
+        if not 0 <= part < parts:
+            raise ValueError(f"part {part} is not in 0..{parts - 1}")
+        per = -(-self.n_shards // parts)
+        return range(min(part * per, self.n_shards), min((part + 1) * per, self.n_shards))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,8 +145,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def extract(cfg: ExtractConfig) -> ExtractResult:
-    """Extract (or find, if already published) the activation set ``cfg`` describes."""
+def plan(cfg: ExtractConfig) -> ExtractPlan:
+    """Load the model and the dataset listing, and derive the set's content id and layout."""
     store = open_store(cfg.store)
     source = ImageFolderSource(cfg.data, max_images=cfg.max_images)
     device = resolve_device(cfg.device)
@@ -102,15 +161,13 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     full = vit.layout
     layout = TokenLayout(n_cls=full.n_cls if cfg.cls else 0, n_registers=full.n_registers if cfg.registers else 0,
                          grid=full.grid)
-    # Positions of the stored tokens within the model's full token sequence.
     keep = np.concatenate([
         np.arange(layout.n_cls),
         np.arange(full.n_cls, full.n_cls + layout.n_registers),
         np.arange(full.patch_start, full.tokens_per_image),
     ])
-
-    bytes_per_image = len(layers) * layout.tokens_per_image * vit.d_model * DTYPES[cfg.dtype][0].itemsize
-    images_per_shard = cfg.images_per_shard or max(1, (cfg.shard_mb << 20) // (bytes_per_image // len(layers)))
+    layer_bytes = layout.tokens_per_image * vit.d_model * DTYPES[cfg.dtype][0].itemsize
+    images_per_shard = cfg.images_per_shard or max(1, (cfg.shard_mb << 20) // layer_bytes)
     identity = {
         "format_version": VERSION,
         "model": spec.identity(),
@@ -121,15 +178,10 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         "dtype": cfg.dtype,
         "images_per_shard": images_per_shard,
     }
-    set_id = content_id(identity)
-    if set_exists(store, set_id):
-        log.info("activation set %s already published in %s: reusing it", set_id, store.uri)
-        return ExtractResult(set_id, ActivationSet.open(store, set_id).manifest, reused=True)
-
     manifest = Manifest(
-        set_id=set_id,
+        set_id=content_id(identity),
         model={"spec": spec.describe(), "name": spec.name, "pretrained": spec.pretrained,
-               "pretrained_loaded": vit.pretrained_loaded, "n_layers": vit.n_layers},
+               "options": dict(options), "pretrained_loaded": vit.pretrained_loaded, "n_layers": vit.n_layers},
         layers=layers,
         layers_requested=requested,
         d_model=vit.d_model,
@@ -137,83 +189,129 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         layout=layout,
         transform=vit.transform.to_json(),
         dataset=source.describe(),
+        images_per_shard=images_per_shard,
     )
-    writer = ShardWriter(store, manifest, images_per_shard)
+    return ExtractPlan(store, source, vit, device, manifest, keep, images_per_shard)
 
-    shards = writer.completed_shards()
-    start = shards[-1].dataset_end if shards else 0
-    if shards:
-        log.info("resuming %s after %d complete shards (%d of %d images done)", set_id, len(shards), start, len(source))
-    log.info("extracting %d images x %d layers x %d tokens x %d dims (%s): about %.1f MiB",
-             len(source) - start, len(layers), layout.tokens_per_image, vit.d_model, cfg.dtype,
-             (len(source) - start) * bytes_per_image / 2**20)
 
+def check_room(p: ExtractPlan, n_images: int, force: bool) -> None:
+    """Say how much storage the run needs; refuse when a local target lacks it (unless forced)."""
+    need = n_images * p.bytes_per_image
+    m = p.manifest
+    log.info("extracting %d images x %d layers x %d tokens x %d dims x %d bytes = %.2f GiB into %s",
+             n_images, len(m.layers), m.layout.tokens_per_image, m.d_model, DTYPES[m.dtype][0].itemsize,
+             need / 2**30, p.store.uri)
+    root = p.store.local_path(".free-space-probe")
+    if root is None:
+        return  # object stores report no free space
+    folder = root.parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free and not force:
+        raise ExtractError(f"the set needs {need / 2**30:.2f} GiB but {folder} has {free / 2**30:.2f} GiB free; "
+                           "free some space, pick another --store, or pass --force")
+
+
+def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> int:
+    """Extract the given shards, skipping those a previous run finished; returns how many it wrote."""
+    writer = ShardWriter(p.store, p.manifest, p.images_per_shard)
+    done = writer.completed_shards()
+    todo = [k for k in shards if k not in done]
+    if len(todo) < len(shards):
+        log.info("resuming %s: %d of %d shards already complete", p.set_id, len(shards) - len(todo), len(shards))
+    for k in todo:  # this part owns these shards: nothing else writes there
+        p.store.discard_incomplete(f"{set_prefix(p.set_id)}/{shard_name(k)}/")
+    indices = [i for k in todo for i in range(*p.shard_range(k))]
+    if not indices:
+        return 0
+    check_room(p, len(indices), cfg.force)
+    vit, source, device = p.vit, p.source, p.device
+    layers = p.manifest.layers
     loader = DataLoader(
         DecodedImages(source.entries, vit.transform.tensor()),
         batch_size=cfg.batch_size,
-        sampler=range(start, len(source)),  # a sampler is an ordered index list: resume = skip ahead
+        sampler=indices,  # a sampler is an ordered index list: only the unfinished shards
         num_workers=cfg.workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
         prefetch_factor=4 if cfg.workers > 0 else None,
     )
     rows: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     records: list[dict] = []
     skipped: list[dict[str, str]] = []
-    next_image = shards[-1].first_image + shards[-1].n_images if shards else 0
-    shard_start = start
     pending: Future | None = None
+    written = 0
+
+    m = p.manifest
+    empty = np.zeros((0, m.layout.tokens_per_image, m.d_model), dtype=DTYPES[m.dtype][0])
 
     def take_rows(n: int) -> dict[int, np.ndarray]:
         taken = {}
         for layer in layers:
-            cat = np.concatenate(rows[layer]) if len(rows[layer]) > 1 else rows[layer][0]
+            cat = np.concatenate(rows[layer]) if rows[layer] else empty
             taken[layer], rows[layer] = cat[:n], [cat[n:]]
         return taken
 
     with ThreadPoolExecutor(max_workers=1) as pool, tqdm(
-        total=len(source), initial=start, unit="img", desc=f"extract {set_id[:8]}", disable=not cfg.progress
+        total=len(indices), unit="img", desc=f"extract {p.set_id[:8]}", disable=not cfg.progress
     ) as bar:
-
-        def flush(dataset_end: int) -> None:
-            nonlocal records, skipped, next_image, shard_start, pending
-            acts = take_rows(len(records))
-            if pending is not None:
-                shards.append(pending.result())  # at most one shard in flight: memory stays bounded
-            # The write overlaps the next batches' forward passes.
-            pending = pool.submit(writer.write_shard, len(shards), next_image, acts, records,
-                                  (shard_start, dataset_end), skipped)
-            next_image += len(records)
-            records, skipped, shard_start = [], [], dataset_end
-
-        for indices, pixels, failed in loader:
+        for batch_indices, pixels, failed in loader:
             if pixels is not None:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     out = vit.residuals(pixels.to(device, non_blocking=True), layers)
                 for layer in layers:
-                    rows[layer].append(to_storage(out[layer][:, keep], cfg.dtype))
+                    rows[layer].append(to_storage(out[layer][:, p.keep], m.dtype))
             errors = dict(failed)
-            # Walk the batch in dataset order so that skipped images are charged to the shard
-            # whose range holds them; shards are cut at a fixed count of decoded images, so
-            # boundaries depend on neither batch size nor worker count.
-            for i in sorted([*indices, *errors]):
+            # Walk the batch in dataset order so that each image, decoded or not, is charged to
+            # the shard whose range holds it.
+            for i in sorted([*batch_indices, *errors]):
                 entry = source.entries[i]
                 if i in errors:
                     log.warning("skipping unreadable image %s: %s", entry.id, errors[i])
                     skipped.append({"id": entry.id, "error": errors[i]})
-                    continue
-                records.append({"id": entry.id, "label": entry.label, "index": i})
-                if len(records) == images_per_shard:
-                    flush(i + 1)
-            bar.update(len(indices) + len(failed))
-        if records:
-            flush(len(source))
+                else:
+                    records.append({"id": entry.id, "label": entry.label, "index": i})
+                k, (start, end) = i // p.images_per_shard, p.shard_range(i // p.images_per_shard)
+                if i == end - 1:
+                    acts = take_rows(len(records))
+                    if pending is not None:
+                        pending.result()  # at most one shard in flight: memory stays bounded
+                    # The write overlaps the next batches' forward passes.
+                    pending = pool.submit(writer.write_shard, k, acts, records, (start, end), skipped)
+                    records, skipped = [], []
+                    written += 1
+            bar.update(len(batch_indices) + len(failed))
         if pending is not None:
-            shards.append(pending.result())
-    manifest = writer.finish(shards, trailing_skipped=skipped)
+            pending.result()
+    return written
+
+
+def publish(p: ExtractPlan) -> Manifest:
+    """Write the manifest once every shard is complete."""
+    writer = ShardWriter(p.store, p.manifest, p.images_per_shard)
+    done = writer.completed_shards()
+    missing = [k for k in range(p.n_shards) if k not in done]
+    if missing:
+        raise ExtractError(f"cannot publish {p.set_id}: {len(missing)} of {p.n_shards} shards are not finished "
+                           f"(first missing: {missing[0]}); run the remaining parts first")
+    manifest = writer.finish([done[k] for k in range(p.n_shards)])
     if manifest.skipped:
         log.warning("%d unreadable images were skipped; they are listed in the manifest", len(manifest.skipped))
-    log.info("published activation set %s: %d images in %d shards", set_id, manifest.n_images, len(shards))
-    return ExtractResult(set_id, manifest, reused=False)
+    log.info("published activation set %s: %d images in %d shards", p.set_id, manifest.n_images, p.n_shards)
+    return manifest
 
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Extract (or find, if already published) the activation set ``cfg`` describes.
+
+    With ``parts > 1`` only this part's shards are written; ``finish`` publishes the manifest."""
+    p = plan(cfg)
+    if set_exists(p.store, p.set_id):
+        log.info("activation set %s already published in %s: reusing it", p.set_id, p.store.uri)
+        return ExtractResult(p.set_id, ActivationSet.open(p.store, p.set_id).manifest, reused=True)
+    if not cfg.finish:
+        extract_shards(p, p.part_shards(cfg.part, cfg.parts), cfg)
+        if cfg.parts > 1:
+            return ExtractResult(p.set_id, None, reused=False)
+    return ExtractResult(p.set_id, publish(p), reused=False)

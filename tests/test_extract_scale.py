@@ -1,0 +1,96 @@
+"""Extraction at scale: parts, killed runs, room checks, unreadable shards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_extractor import _cfg, _set_bytes
+
+from vitscope.extractor import extract as extract_mod
+from vitscope.extractor.extract import ExtractError, extract
+from vitscope.shards import ActivationSet, set_prefix
+from vitscope.store import open_store
+
+
+def test_parts_in_any_order_give_the_same_bytes_as_one_process(planted_data, tiny_model_name, tmp_path):
+    data_root, _ = planted_data
+    whole = extract(_cfg(data_root, tmp_path / "one", tiny_model_name))
+    split = tmp_path / "three"
+    for part in (2, 0):
+        res = extract(_cfg(data_root, split, tiny_model_name, part=part, parts=3, workers=2))
+        assert res.manifest is None and res.set_id == whole.set_id
+    with pytest.raises(ExtractError, match="shards are not finished"):
+        extract(_cfg(data_root, split, tiny_model_name, parts=3, finish=True))
+    extract(_cfg(data_root, split, tiny_model_name, part=1, parts=3, batch_size=4))
+    done = extract(_cfg(data_root, split, tiny_model_name, parts=3, finish=True))
+    assert done.manifest is not None and done.manifest.n_images == whole.manifest.n_images
+    assert _set_bytes(tmp_path / "one", whole.set_id) == _set_bytes(split, done.set_id)
+
+
+def test_a_shard_of_only_unreadable_images(planted_data, tiny_model_name, tmp_path):
+    src, _ = planted_data
+    data = tmp_path / "data"
+    shutil.copytree(src, data)
+    ids = sorted(str(p.relative_to(data)) for p in data.rglob("*.jpg"))
+    for rel in ids[7:14]:  # exactly shard 1 (images_per_shard=7)
+        (data / rel).write_bytes(b"broken")
+    res = extract(_cfg(data, tmp_path / "s", tiny_model_name))
+    m = res.manifest
+    assert [s.n_images for s in m.shards][:3] == [7, 0, 7] and len(m.skipped) == 7
+    aset = ActivationSet.open(open_store(tmp_path / "s"), res.set_id)
+    assert aset.verify() == []
+    assert aset.image_record(7)["id"] == ids[14]  # row 7 is the first image after the gap
+    assert aset.shard_array(m.shards[1], 1).shape[0] == 0
+
+
+def test_refuses_to_start_without_room_unless_forced(planted_data, tiny_model_name, tmp_path, monkeypatch):
+    data_root, _ = planted_data
+    monkeypatch.setattr(extract_mod.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**6, 10**6, 1000))
+    with pytest.raises(ExtractError, match=r"needs .* GiB but .* free.*--force"):
+        extract(_cfg(data_root, tmp_path / "s", tiny_model_name))
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").rglob("*.bin"))
+    assert extract(_cfg(data_root, tmp_path / "s", tiny_model_name, force=True)).manifest.n_images > 0
+
+
+def _index_count(root: Path) -> int:
+    return len(list(root.glob("activations/*/shard-*/index.json")))
+
+
+def test_kill_9_at_several_points_then_resume_is_byte_identical(planted_data, tiny_model_name, tmp_path):
+    data_root, items = planted_data
+    ref = extract(_cfg(data_root, tmp_path / "ref", tiny_model_name, images_per_shard=4))
+    store = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "vitscope.cli", "extract", "--data", str(data_root), "--store", str(store),
+           "--model", tiny_model_name, "--pretrained", "None", "--layers", "0", "-1", "--images-per-shard", "4",
+           "--batch-size", "2", "--workers", "0", "--no-progress"]
+    env = {**os.environ, "VITSCOPE_LOG": "WARNING"}
+    n_shards = -(-len(items) // 4)
+    kills = 0
+    for target in (1, n_shards // 3, (2 * n_shards) // 3):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while _index_count(store) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        assert not (store / set_prefix(ref.set_id) / "manifest.json").exists()
+    assert kills == 3
+    assert 0 < _index_count(store) < n_shards
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == ref.set_id
+    assert _set_bytes(tmp_path / "ref", ref.set_id) == _set_bytes(store, ref.set_id)
+    resumed = ActivationSet.open(open_store(store), ref.set_id)
+    assert resumed.verify() == []
+    torch.testing.assert_close(resumed.image_tokens(1, len(items) - 1),
+                               ActivationSet.open(open_store(tmp_path / "ref"), ref.set_id).image_tokens(1, len(items) - 1))
