@@ -139,7 +139,7 @@ def test_l1_warmup_really_applies(small_set, monkeypatch):
 
     monkeypatch.setattr(ReluSae, "loss", spy)
     train(TrainConfig(activations=set_id, store=str(store), expansion=2, n_tokens=256 * 20, batch_size=256,
-                      l1_coeff=2.0, l1_warmup_frac=0.5, eval_tokens=256, progress=False))
+                      l1_coeff=2.0, sparsity_warmup_frac=0.5, eval_tokens=256, progress=False))
     assert len(seen) == 20
     assert seen[0] == pytest.approx(0.2) and seen[9] == pytest.approx(2.0) and seen[-1] == 2.0
     assert all(a <= b for a, b in zip(seen, seen[1:]))

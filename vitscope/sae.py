@@ -2,12 +2,23 @@
 
 A checkpoint is a folder ``saes/<sae_id>/`` in a store::
 
-    sae.safetensors   weights and the normalisation constants (norm_mean, norm_scale)
+    sae.safetensors   weights, variant buffers (e.g. a BatchTopK threshold) and the
+                      normalisation constants (norm_mean, norm_scale)
     cfg.json          written last: schema version, variant, sizes, provenance and metrics
 
 The normalisation (centre by the training mean, scale so the average norm is sqrt(d_in)) is
 part of the model: :meth:`Sae.encode` applies it to raw ViT activations, so whoever loads a
 checkpoint encodes exactly as training did.
+
+Families, one registry (:data:`Sae.registry`), each loading back as what it was saved as:
+
+- ``relu``: ReLU encoder, L1 penalty weighted by decoder norms.
+- ``topk``: keep the k largest pre-activations per token; AuxK loss revives dead latents.
+- ``batchtopk``: keep the k * batch largest over the whole batch while training; at inference
+  a stored threshold replaces the batch (so a token's code never depends on its neighbours).
+- ``matryoshka``: BatchTopK whose nested latent prefixes must each reconstruct on their own.
+- ``jumprelu``: a learned per-latent threshold, trained with an L0 penalty through
+  straight-through estimators.
 
 Load one in a line::
 
@@ -24,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitscope.store import NotFound, Store, open_store
@@ -33,30 +45,52 @@ SCHEMA_VERSION = 1
 PREFIX = "saes"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SaeConfig:
     """Architecture of an SAE (what is needed to rebuild it, nothing about training)."""
 
     variant: str
     d_in: int
     d_sae: int
+    k: int | None = None
+    """Latents kept per token (topk), or on average per token (batchtopk, matryoshka)."""
+    prefixes: tuple[int, ...] | None = None
+    """Matryoshka: sizes of the nested latent prefixes, ascending, the last equal to d_sae."""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SaeConfig:
+        prefixes = d.get("prefixes")
+        return cls(d["variant"], int(d["d_in"]), int(d["d_sae"]), d.get("k"),
+                   None if prefixes is None else tuple(int(p) for p in prefixes))
 
 
 class Sae(nn.Module):
     """Base class: a linear encoder with a variant-specific activation, a linear decoder, and
-    input normalisation stored as buffers. Subclasses register themselves by ``variant``."""
+    input normalisation stored as buffers. Subclasses register themselves by ``variant``.
+
+    Every ``loss`` returns ``(loss, parts)`` where ``parts`` always holds ``recon`` (mean over
+    tokens of the squared error summed over dimensions), ``fires`` (per-latent count of
+    tokens it fired on, [d_sae]) and ``l0`` (mean active latents per token): what the trainer
+    needs for live figures and dead-latent tracking, whatever the variant.
+    """
 
     variant: ClassVar[str]
     registry: ClassVar[dict[str, type[Sae]]] = {}
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        Sae.registry[cls.variant] = cls
+        if "variant" in cls.__dict__:  # abstract intermediate classes name no variant
+            Sae.registry[cls.variant] = cls
 
     def __init__(self, cfg: SaeConfig):
         super().__init__()
         if cfg.variant != self.variant:
             raise ValueError(f"config is for variant {cfg.variant!r}, not {self.variant!r}")
+        self.check_config(cfg)
         self.cfg = cfg
         d, m = cfg.d_in, cfg.d_sae
         self.W_dec = nn.Parameter(torch.empty(m, d))
@@ -74,6 +108,12 @@ class Sae(nn.Module):
         self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
         self.W_enc.copy_(self.W_dec.T)
         self.b_enc.zero_()
+
+    @classmethod
+    def check_config(cls, cfg: SaeConfig) -> None:
+        """Raise ValueError when ``cfg`` is not a valid architecture of this variant."""
+        if cfg.d_in <= 0 or cfg.d_sae <= 0:
+            raise ValueError(f"d_in and d_sae must be positive, got {cfg.d_in} and {cfg.d_sae}")
 
     # --- the model -------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,9 +142,13 @@ class Sae(nn.Module):
         return self.decode(z), z
 
     # --- training helpers ------------------------------------------------------------------
-    def loss(self, x_norm: torch.Tensor, **kw: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Training loss for one batch of normalised inputs and its parts."""
+    def loss(self, x_norm: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss for one batch of normalised inputs [n, d_in] and its parts."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def update_stats(self, parts: dict[str, torch.Tensor]) -> None:
+        """Update inference-time state from a training step's parts (most variants have none)."""
 
     @torch.no_grad()
     def set_decoder_unit_norm(self) -> None:
@@ -120,8 +164,17 @@ class Sae(nn.Module):
         self.W_dec.grad -= (self.W_dec.grad * w).sum(dim=1, keepdim=True) * w
 
     def extra_config(self) -> dict[str, Any]:
-        """Variant-specific architecture settings saved in cfg.json."""
+        """Variant-specific values worth reading in cfg.json without loading the weights."""
         return {}
+
+
+def _recon(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (x_hat.float() - x.float()).pow(2).sum(dim=-1).mean()
+
+
+def _dense_parts(z: torch.Tensor) -> dict[str, torch.Tensor]:
+    active = z > 0
+    return {"fires": active.sum(dim=0), "l0": active.sum(dim=-1).float().mean()}
 
 
 class ReluSae(Sae):
@@ -133,11 +186,242 @@ class ReluSae(Sae):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
 
-    def loss(self, x_norm: torch.Tensor, l1_coeff: float = 0.0, **_: float):
+    def loss(self, x_norm: torch.Tensor, l1_coeff: float = 0.0, **_: Any):
         x_hat, z = self(x_norm)
-        recon = (x_hat - x_norm).pow(2).sum(dim=-1).mean()
+        recon = _recon(x_hat, x_norm)
         sparsity = (z * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
-        return recon + l1_coeff * sparsity, {"recon": recon, "l1": sparsity, "z": z, "x_hat": x_hat}
+        return recon + l1_coeff * sparsity, {"recon": recon, "l1": sparsity, **_dense_parts(z)}
+
+
+class _SparseCodes(Sae):
+    """Variants whose codes are a few selected latents: they can decode sparsely (a gather of
+    the selected decoder rows, ``embedding_bag``) instead of a dense [n, d_sae] @ [d_sae, d]
+    product, and they train dead latents with the AuxK loss (Gao et al. 2024): the top
+    ``aux_k`` dead latents reconstruct the residual error."""
+
+    sparse_decode: bool = False
+    """Training-time choice set by the trainer; the result is the same up to rounding."""
+
+    @classmethod
+    def check_config(cls, cfg: SaeConfig) -> None:
+        super().check_config(cfg)
+        if not cfg.k or cfg.k <= 0 or cfg.k > cfg.d_sae:
+            raise ValueError(f"{cfg.variant} needs 0 < k <= d_sae, got k={cfg.k} with d_sae={cfg.d_sae}")
+
+    def decode_selected(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n: int,
+                        bias: bool = True) -> torch.Tensor:
+        """Reconstruction of ``n`` tokens from selected (token row, latent col, value) triples,
+        rows ascending."""
+        if self.sparse_decode:
+            offsets = torch.zeros(n, dtype=torch.long, device=rows.device)
+            offsets[1:] = torch.bincount(rows, minlength=n)[:-1].cumsum(0)
+            out = F.embedding_bag(cols, self.W_dec, offsets, mode="sum",
+                                  per_sample_weights=vals.to(self.W_dec.dtype))
+        else:
+            z = torch.zeros(n, self.cfg.d_sae, dtype=vals.dtype, device=vals.device)
+            out = z.index_put((rows, cols), vals) @ self.W_dec
+        return out + self.b_dec if bias else out
+
+    def aux_loss(self, pre: torch.Tensor, x_norm: torch.Tensor, x_hat: torch.Tensor,
+                 dead_mask: torch.Tensor | None, aux_k: int | None) -> torch.Tensor:
+        """||e - e_hat||^2 (mean over tokens) with e = x - x_hat (no gradient into the main
+        latents) and e_hat decoded, without bias, from the ``aux_k`` largest dead pre-activations;
+        scaled down by n_dead / aux_k when fewer latents are dead than aux_k."""
+        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+        if n_dead == 0:
+            return pre.new_zeros(())
+        aux_k = aux_k or self.cfg.d_in // 2
+        scale = min(n_dead / aux_k, 1.0)
+        k = min(aux_k, n_dead)
+        dead_pre = torch.where(dead_mask[None], pre, torch.full_like(pre, -torch.inf))
+        vals, cols = dead_pre.topk(k, dim=-1, sorted=False)
+        n = len(pre)
+        rows = torch.arange(n, device=pre.device).repeat_interleave(k)
+        e_hat = self.decode_selected(rows, cols.reshape(-1), torch.relu(vals).reshape(-1), n, bias=False)
+        return scale * _recon(e_hat, (x_norm - x_hat).detach())
+
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training-time selection: (rows ascending, cols, values >= 0) of the kept latents."""
+        raise NotImplementedError
+
+    def loss(self, x_norm: torch.Tensor, aux_coeff: float = 0.0, dead_mask: torch.Tensor | None = None,
+             aux_k: int | None = None, **_: Any):
+        pre = self.pre_acts(x_norm)
+        rows, cols, vals = self.select(pre)
+        n = len(x_norm)
+        x_hat = self.decode_selected(rows, cols, vals, n)
+        recon = _recon(x_hat, x_norm)
+        aux = self.aux_loss(pre, x_norm, x_hat, dead_mask, aux_k) if aux_coeff else pre.new_zeros(())
+        return recon + aux_coeff * aux, {"recon": recon, "aux": aux, **self._selection_parts(cols, vals, n)}
+
+    def _selection_parts(self, cols: torch.Tensor, vals: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+        on = vals > 0
+        return {"fires": torch.bincount(cols[on], minlength=self.cfg.d_sae), "l0": on.sum() / n}
+
+
+class TopKSae(_SparseCodes):
+    """Keep the k largest pre-activations of each token (ReLU'd), zero the rest."""
+
+    variant = "topk"
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        vals, idx = pre.topk(self.cfg.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
+
+    def select(self, pre: torch.Tensor):
+        vals, cols = pre.topk(self.cfg.k, dim=-1)
+        rows = torch.arange(len(pre), device=pre.device).repeat_interleave(self.cfg.k)
+        return rows, cols.reshape(-1), torch.relu(vals).reshape(-1)
+
+
+class BatchTopKSae(_SparseCodes):
+    """BatchTopK (Bussmann et al. 2024): training keeps the k * n largest ReLU'd
+    pre-activations of a batch of n tokens, so busy tokens get more latents than quiet ones.
+    Inference cannot depend on the batch, so it keeps latents above ``threshold``: an
+    exponential moving average of the smallest kept activation of each training batch."""
+
+    variant = "batchtopk"
+    threshold_decay: ClassVar[float] = 0.99
+
+    def __init__(self, cfg: SaeConfig):
+        super().__init__(cfg)
+        # Negative until the first training batch sets it.
+        self.register_buffer("threshold", torch.full((), -1.0))
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            rows, cols, vals = self.select(pre.reshape(-1, pre.shape[-1]))
+            z = torch.zeros(pre.numel() // pre.shape[-1], pre.shape[-1], dtype=pre.dtype, device=pre.device)
+            return z.index_put((rows, cols), vals).reshape(pre.shape)
+        return torch.where(pre > self.threshold.clamp_min(0), pre, torch.zeros_like(pre))
+
+    def select(self, pre: torch.Tensor):
+        n, m = pre.shape
+        vals, flat = torch.relu(pre).flatten().topk(min(self.cfg.k * n, n * m), sorted=False)
+        flat, order = flat.sort()  # rows ascending, as the sparse decoder needs
+        return flat // m, flat % m, vals[order]
+
+    def _selection_parts(self, cols, vals, n):
+        parts = super()._selection_parts(cols, vals, n)
+        on = vals[vals > 0]
+        parts["min_act"] = on.min() if len(on) else vals.new_zeros(())
+        return parts
+
+    @torch.no_grad()
+    def update_stats(self, parts: dict[str, torch.Tensor]) -> None:
+        m = parts["min_act"].to(self.threshold.dtype)
+        if self.threshold < 0:
+            self.threshold.copy_(m)
+        else:
+            self.threshold.mul_(self.threshold_decay).add_((1 - self.threshold_decay) * m)
+
+    def extra_config(self) -> dict[str, Any]:
+        return {"threshold": float(self.threshold)}
+
+
+class MatryoshkaSae(BatchTopKSae):
+    """Matryoshka SAE (Bussmann et al. 2025; Nabeshima 2024) on BatchTopK codes: each nested
+    prefix of the latents (``prefixes``, e.g. the first d_sae/16, d_sae/8, ... latents) must
+    reconstruct the input on its own, so early latents learn general concepts and later ones
+    refine them instead of absorbing them. The loss is the mean of the prefix losses."""
+
+    variant = "matryoshka"
+
+    @classmethod
+    def check_config(cls, cfg: SaeConfig) -> None:
+        super().check_config(cfg)
+        p = cfg.prefixes
+        if not p or list(p) != sorted(set(p)) or p[0] <= 0 or p[-1] != cfg.d_sae:
+            raise ValueError(f"matryoshka prefixes must ascend from > 0 to d_sae={cfg.d_sae}, got {p}")
+
+    def loss(self, x_norm: torch.Tensor, aux_coeff: float = 0.0, dead_mask: torch.Tensor | None = None,
+             aux_k: int | None = None, **_: Any):
+        pre = self.pre_acts(x_norm)
+        rows, cols, vals = self.select(pre)
+        n = len(x_norm)
+        z = torch.zeros_like(pre).index_put((rows, cols), vals)
+        x_hat = self.b_dec.expand_as(x_norm)
+        losses = []
+        lo = 0
+        for hi in self.cfg.prefixes:  # each prefix's reconstruction extends the previous one
+            x_hat = x_hat + z[:, lo:hi] @ self.W_dec[lo:hi]
+            losses.append(_recon(x_hat, x_norm))
+            lo = hi
+        prefix_loss = torch.stack(losses).mean()
+        aux = self.aux_loss(pre, x_norm, x_hat, dead_mask, aux_k) if aux_coeff else pre.new_zeros(())
+        return prefix_loss + aux_coeff * aux, {"recon": losses[-1], "prefix_recon": prefix_loss, "aux": aux,
+                                               **self._selection_parts(cols, vals, n)}
+
+    def extra_config(self) -> dict[str, Any]:
+        return {**super().extra_config(), "prefixes": list(self.cfg.prefixes)}
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReluFn(torch.autograd.Function):
+    """z = pre * H(pre - t); d/dt through the rectangle-kernel straight-through estimator."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth: float):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, t = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_t = -(t / eps) * _rectangle((pre - t) / eps) * g
+        return g * (pre > t), grad_t.reshape(-1, t.shape[-1]).sum(0), None
+
+
+class _StepFn(torch.autograd.Function):
+    """H(pre - t); no gradient to pre, d/dt through the rectangle-kernel estimator."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth: float):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, t = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_t = -(1.0 / eps) * _rectangle((pre - t) / eps) * g
+        return None, grad_t.reshape(-1, t.shape[-1]).sum(0), None
+
+
+class JumpReluSae(Sae):
+    """JumpReLU (Rajamanoharan et al. 2024): a latent passes when its pre-activation exceeds
+    its own learned threshold (stored as ``log_threshold``, so it stays positive), trained with
+    an L0 penalty; the step's zero gradient is replaced by a rectangle kernel of width
+    ``bandwidth`` around the threshold."""
+
+    variant = "jumprelu"
+    init_threshold: ClassVar[float] = 0.05
+    """In the normalised space (token norm sqrt(d_in)), where pre-activations are O(1)."""
+
+    def __init__(self, cfg: SaeConfig):
+        super().__init__(cfg)
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(self.init_threshold)))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre * (pre > self.threshold)
+
+    def loss(self, x_norm: torch.Tensor, l0_coeff: float = 0.0, bandwidth: float = 0.05, **_: Any):
+        pre = self.pre_acts(x_norm)
+        t = self.threshold.to(pre.dtype)
+        z = _JumpReluFn.apply(pre, t, bandwidth)
+        recon = _recon(self.decode(z), x_norm)
+        l0 = _StepFn.apply(pre, t, bandwidth).sum(dim=-1).mean()
+        return recon + l0_coeff * l0, {"recon": recon, "l0_loss": l0, **_dense_parts(z)}
 
 
 @dataclass
@@ -151,6 +435,10 @@ class SaeRecord:
     tokens: list[str]
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    """Scalars only (mse, nmse, l0, ...), so that every consumer can tabulate them."""
+    histogram: dict[str, Any] = field(default_factory=dict)
+    """log10 firing-frequency histogram of the evaluation pass: ``log10_edges`` (bin edges),
+    ``counts`` (latents per bin) and ``never`` (latents that never fired, off the log scale)."""
     model: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
@@ -158,7 +446,7 @@ class SaeRecord:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["config"] = asdict(self.config)
+        d["config"] = self.config.to_json()
         return d
 
     @classmethod
@@ -171,16 +459,21 @@ class SaeRecord:
             )
         fields = set(cls.__dataclass_fields__)
         kw = {k: v for k, v in d.items() if k in fields}
-        kw["config"] = SaeConfig(**d["config"])
+        kw["config"] = SaeConfig.from_json(d["config"])
         return cls(**kw)
 
 
-def build_sae(cfg: SaeConfig) -> Sae:
+def sae_class(variant: str) -> type[Sae]:
+    """The class registered for ``variant``."""
     try:
-        cls = Sae.registry[cfg.variant]
+        return Sae.registry[variant]
     except KeyError:
-        raise ValueError(f"unknown SAE variant {cfg.variant!r}; known: {sorted(Sae.registry)}") from None
-    return cls(cfg)
+        raise ValueError(f"unknown SAE variant {variant!r}; known: {sorted(Sae.registry)}") from None
+
+
+def build_sae(cfg: SaeConfig) -> Sae:
+    """The SAE class registered for ``cfg.variant``, freshly initialised."""
+    return sae_class(cfg.variant)(cfg)
 
 
 def sae_prefix(sae_id: str) -> str:

@@ -1,83 +1,57 @@
-"""Train an SAE on one layer of an activation set and publish the checkpoint with its metrics."""
+"""Train SAEs on an activation set and publish each checkpoint with its metrics.
+
+:func:`train_sweep` trains any number of SAEs (families, sparsities, widths, learning rates,
+seeds, layers) from one pass over the data: each batch is read once and given to every SAE of
+its layer. :func:`train` is a sweep of one.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from vitscope.hashing import content_id
 from vitscope.sae import (
-    SCHEMA_VERSION,
-    Sae,
     SaeConfig,
     SaeRecord,
     build_sae,
     fit_normalizer,
     geometric_median,
     load_record,
+    sae_class,
     sae_prefix,
     save_sae,
 )
 from vitscope.shards import ActivationSet
-from vitscope.store import open_store
+from vitscope.store import Store, open_store
 
-from .stream import TokenStream
+from . import checkpoint
+from .config import (
+    SHARED_FIELDS,
+    SPARSE_CODE_VARIANTS,
+    TrainConfig,
+    check_shared,
+    default_prefixes,
+    hyper_parameters,
+    sae_id,
+)
+from .metrics import Accumulator
+from .stream import StreamError, TokenStream
 
 log = logging.getLogger(__name__)
 
-TokenKind = Literal["cls", "registers", "patches", "all"]
+EVAL_EPOCH = 10_000  # the evaluation pass reads in an order no training epoch uses
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (diverged, empty data, mismatched shapes)."""
-
-
-@dataclass
-class TrainConfig:
-    """Train a sparse autoencoder on activations from `vitscope extract`."""
-
-    activations: str
-    """Activation set id (printed by `vitscope extract`)."""
-    store: str = ".vitscope/store"
-    """Store holding the activations; the SAE is published there too."""
-    layer: int | None = None
-    """Layer to train on (absolute or as requested at extraction, e.g. -2); default: the set's deepest."""
-    tokens: tuple[TokenKind, ...] = ("patches",)
-    """Which tokens train the SAE. Patches are what heatmaps and top-k patches show."""
-    variant: Literal["relu"] = "relu"
-    """SAE family: relu = ReLU encoder with an L1 penalty."""
-    expansion: int = 16
-    """d_sae = expansion * d_in (ignored when d_sae is given)."""
-    d_sae: int | None = None
-    l1_coeff: float = 5.0
-    """Weight of the L1 penalty (on inputs scaled to norm sqrt(d_in)); larger = sparser."""
-    l1_warmup_frac: float = 0.05
-    """Ramp the L1 weight up from 0 over this fraction of training (avoids early dead latents)."""
-    lr: float = 4e-4
-    lr_warmup_frac: float = 0.02
-    """Linear learning-rate warmup over this fraction of training."""
-    lr_decay_frac: float = 0.2
-    """Linear learning-rate decay to 0 over the last fraction of training."""
-    batch_size: int = 4096
-    """Tokens per optimiser step."""
-    n_tokens: int | None = None
-    """Training tokens (more than one epoch is fine); default: one epoch."""
-    seed: int = 0
-    """Seeds the initialisation and the data order."""
-    buffer_tokens: int = 1 << 18
-    """Shuffle-buffer size in tokens (bounds memory)."""
-    init_sample: int = 1 << 16
-    """Tokens sampled to fit the normalisation and initialise b_dec (tens of thousands, not tens)."""
-    eval_tokens: int = 1 << 18
-    """Tokens in the final evaluation pass that produces the published metrics."""
-    device: str = "auto"
-    progress: bool = True
+    """Training cannot go on (diverged, empty data, mismatched shapes, unreadable data)."""
 
 
 @dataclass
@@ -97,127 +71,321 @@ def _schedule(step: int, total: int, warmup: float, decay: float) -> float:
     return 1.0
 
 
-def _sae_id(cfg: TrainConfig, set_id: str, layer: int, d_sae: int) -> str:
-    hyper = {k: v for k, v in asdict(cfg).items() if k not in ("store", "device", "progress", "activations", "layer")}
-    return content_id({"schema": SCHEMA_VERSION, "set": set_id, "layer": layer, "d_sae": d_sae, **hyper})
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
-@torch.no_grad()
-def evaluate(sae: Sae, stream: TokenStream, max_tokens: int, device: torch.device) -> dict[str, float]:
-    """Reconstruction and sparsity metrics over up to ``max_tokens`` tokens, accumulated in float64."""
-    d_sae = sae.cfg.d_sae
-    fires = torch.zeros(d_sae, dtype=torch.float64, device=device)
-    sse = sx = sxx = l0 = l1 = 0.0
-    n = 0
-    for batch in stream.epoch(epoch=10_000):  # an order no training epoch uses
-        x = sae.normalize(batch.x.to(device))
-        x_hat, z = sae(x)
-        sse += (x_hat - x).double().pow(2).sum().item()
-        sx_b = x.double().sum(dim=0)
-        sx = sx + sx_b
-        sxx += x.double().pow(2).sum().item()
-        active = z > 0
-        l0 += active.sum().item()
-        l1 += z.double().sum().item()
-        fires += active.sum(dim=0).double()
-        n += len(x)
-        if n >= max_tokens:
-            break
-    if n == 0:
-        raise TrainingError("no tokens to evaluate on")
-    total_var = sxx - (sx.pow(2).sum().item() / n)  # sum of squared deviations from the mean
-    freq = (fires / n).cpu().numpy()
-    return {
-        "mse": sse / (n * sae.cfg.d_in),
-        "nmse": sse / max(total_var, 1e-12),
-        "l0": l0 / n,
-        "l1": l1 / n,
-        "dead": int((freq == 0).sum()),
-        "dense": int((freq > 1e-2).sum()),
-        "eval_tokens": n,
-    }
+@dataclass(frozen=True)
+class _Plan:
+    """One SAE of a sweep, resolved against the activation set."""
+
+    cfg: TrainConfig
+    sae_id: str
+    layer: int
+    sae_config: SaeConfig
+    hyper: dict
+
+
+class _Member:
+    """One SAE in training: its model, optimiser, schedule and dead-latent counters."""
+
+    def __init__(self, plan: _Plan, total_steps: int, device: torch.device):
+        self.plan = plan
+        cfg = self.cfg = plan.cfg
+        self.total_steps = total_steps
+        self.sae = build_sae(plan.sae_config)
+        self.sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
+        if plan.cfg.variant in SPARSE_CODE_VARIANTS:
+            self.sae.sparse_decode = cfg.decode == "sparse" or (cfg.decode == "auto" and device.type == "cpu")
+        self.sae.to(device).train()
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.since_fired = torch.zeros(plan.sae_config.d_sae, dtype=torch.long, device=device)
+        self.sparsity_warmup = max(1, int(total_steps * cfg.sparsity_warmup_frac))
+        self.live: dict[str, torch.Tensor] = {}
+
+    def init_from_sample(self, mean: torch.Tensor, scale: float, b_dec: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.sae.norm_mean.copy_(mean)
+            self.sae.norm_scale.fill_(scale)
+            self.sae.b_dec.copy_(b_dec)
+
+    def loss_kwargs(self, step: int) -> dict:
+        cfg = self.cfg
+        ramp = min(1.0, (step + 1) / self.sparsity_warmup)
+        return dict(l1_coeff=cfg.l1_coeff * ramp, l0_coeff=cfg.l0_coeff * ramp, bandwidth=cfg.jumprelu_bandwidth,
+                    aux_coeff=cfg.aux_coeff, aux_k=cfg.aux_k, dead_mask=self.since_fired >= cfg.dead_window)
+
+    def step(self, x: torch.Tensor, step: int, autocast: contextlib.AbstractContextManager) -> None:
+        """One optimiser step on normalised inputs; raises TrainingError on a non-finite loss."""
+        lr = self.cfg.lr * _schedule(step, self.total_steps, self.cfg.lr_warmup_frac, self.cfg.lr_decay_frac)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with autocast:
+            loss, parts = self.sae.loss(x, **self.loss_kwargs(step))
+        if not torch.isfinite(loss):
+            raise _Diverged(self, loss.item())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sae.remove_parallel_decoder_grad()
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+        self.opt.step()
+        self.sae.set_decoder_unit_norm()
+        self.sae.update_stats(parts)
+        self.since_fired += len(x)
+        self.since_fired[parts["fires"] > 0] = 0
+        self.live = {"loss": loss.detach(), "recon": parts["recon"].detach(), "l0": parts["l0"].detach(),
+                     "lr": torch.tensor(lr)}
+
+    def state(self) -> dict:
+        return {"model": {k: v.detach().cpu() for k, v in self.sae.state_dict().items()},
+                "optim": self.opt.state_dict(), "since_fired": self.since_fired.cpu()}
+
+    def load(self, state: dict) -> None:
+        self.sae.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optim"])
+        self.since_fired.copy_(state["since_fired"])
+
+
+class _Diverged(Exception):
+    def __init__(self, member: _Member, value: float):
+        self.member, self.value = member, value
+
+
+def _plans(cfgs: Sequence[TrainConfig], aset: ActivationSet, n_tokens: int) -> list[_Plan]:
+    m = aset.manifest
+    plans = []
+    for cfg in cfgs:
+        layer = m.layers[-1] if cfg.layer is None else m.layer_position(cfg.layer)
+        d_sae = cfg.d_sae or cfg.expansion * m.d_model
+        prefixes = (cfg.prefixes or default_prefixes(d_sae)) if cfg.variant == "matryoshka" else None
+        k = cfg.k if cfg.variant in SPARSE_CODE_VARIANTS else None
+        sae_config = SaeConfig(cfg.variant, m.d_model, d_sae, k, prefixes)
+        sae_class(cfg.variant).check_config(sae_config)  # refuse bad settings before reading any data
+        hyper = hyper_parameters(cfg, m.set_id, layer, m.d_model, d_sae, n_tokens)
+        plans.append(_Plan(cfg, sae_id(hyper), layer, sae_config, hyper))
+    return plans
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or find, if already published) the SAE that ``cfg`` describes."""
-    store = open_store(cfg.store)
-    aset = ActivationSet.open(store, cfg.activations)
+    return train_sweep([cfg])[0]
+
+
+def train_sweep(cfgs: Sequence[TrainConfig]) -> list[TrainResult]:
+    """Train (or find, if already published) every SAE in ``cfgs`` from one pass over the
+    data; results come back in the order of ``cfgs``."""
+    shared = check_shared(list(cfgs))
+    store = open_store(shared.store)
+    aset = ActivationSet.open(store, shared.activations)
     m = aset.manifest
-    layer = m.layers[-1] if cfg.layer is None else m.layer_position(cfg.layer)
-    positions = m.layout.token_indices(cfg.tokens)
+    positions = m.layout.token_indices(shared.tokens)
     if len(aset) == 0 or len(positions) == 0:
-        raise TrainingError(f"activation set {m.set_id} has no {'/'.join(cfg.tokens)} tokens to train on")
-    d_in = m.d_model
-    d_sae = cfg.d_sae or cfg.expansion * d_in
-    sae_id = _sae_id(cfg, m.set_id, layer, d_sae)
-    if store.exists(f"{sae_prefix(sae_id)}/cfg.json"):
-        log.info("SAE %s already published in %s: reusing it", sae_id, store.uri)
-        return TrainResult(sae_id, load_record(store, sae_id).metrics, reused=True)
+        raise TrainingError(f"activation set {m.set_id} has no {'/'.join(shared.tokens)} tokens to train on")
+    tokens_per_epoch = len(aset) * len(positions)
+    n_tokens = shared.n_tokens or tokens_per_epoch
+    if n_tokens <= 0:
+        raise TrainingError(f"n_tokens must be positive, got {n_tokens}")
+    plans = _plans(cfgs, aset, n_tokens)
+    results: dict[str, TrainResult] = {}
+    todo: dict[str, _Plan] = {}
+    for p in plans:
+        if p.sae_id in results or p.sae_id in todo:
+            continue
+        if store.exists(f"{sae_prefix(p.sae_id)}/cfg.json"):
+            log.info("SAE %s already published in %s: reusing it", p.sae_id, store.uri)
+            record = load_record(store, p.sae_id)
+            results[p.sae_id] = TrainResult(p.sae_id, _scalars(record.metrics), reused=True)
+        else:
+            todo[p.sae_id] = p
+    if todo:
+        for r in _Run(shared, store, aset, positions, list(todo.values()), n_tokens,
+                      run_id=content_id({"sweep": sorted(p.sae_id for p in plans)})).execute():
+            results[r.sae_id] = r
+    return [results[p.sae_id] for p in plans]
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    torch.manual_seed(cfg.seed)
-    stream = TokenStream(aset, layer, positions, cfg.batch_size, seed=cfg.seed, buffer_tokens=cfg.buffer_tokens)
-    n_tokens = cfg.n_tokens or stream.tokens_per_epoch
-    total_steps = max(1, math.ceil(n_tokens / cfg.batch_size))
 
-    sae = build_sae(SaeConfig(cfg.variant, d_in, d_sae))
-    sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
-    sample = stream.sample(cfg.init_sample, seed=cfg.seed)
-    mean, scale = fit_normalizer(sample)
-    with torch.no_grad():
-        sae.norm_mean.copy_(mean)
-        sae.norm_scale.fill_(scale)
-        sae.b_dec.copy_(geometric_median(sae.normalize(sample)))
-    log.info("normalisation and b_dec fitted on %d tokens (scale %.4g)", len(sample), scale)
-    sae.to(device).train()
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _schedule(s, total_steps, cfg.lr_warmup_frac, cfg.lr_decay_frac))
-    l1_warmup = max(1, int(total_steps * cfg.l1_warmup_frac))
+def _scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
-    seen = 0
-    t0 = time.perf_counter()
-    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"train {sae_id[:8]}", disable=not cfg.progress)
-    step = 0
-    for batch in stream:
-        x = sae.normalize(batch.x[: n_tokens - seen].to(device, non_blocking=True))
-        l1_coeff = cfg.l1_coeff * min(1.0, (step + 1) / l1_warmup)
-        loss, parts = sae.loss(x, l1_coeff=l1_coeff)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"loss became {loss.item()} at step {step} ({seen} tokens): lower lr (now {cfg.lr}) "
-                f"or l1_coeff (now {cfg.l1_coeff}); nothing was published")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_parallel_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        sae.set_decoder_unit_norm()
-        seen += len(x)
-        step += 1
-        bar.update(len(x))
-        if step % 20 == 0 or seen >= n_tokens:
-            with torch.no_grad():
-                nmse = (parts["recon"] / x.var(dim=0).sum().clamp_min(1e-12)).item()
-                l0 = (parts["z"] > 0).float().sum(dim=-1).mean().item()
-            bar.set_postfix(loss=f"{loss.item():.3g}", nmse=f"{nmse:.3f}", l0=f"{l0:.1f}", l1w=f"{l1_coeff:.3g}")
-        if seen >= n_tokens:
-            break
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    sae.eval()
-    metrics = evaluate(sae, stream, cfg.eval_tokens, device)
-    metrics.update(tokens=seen, steps=step, tokens_per_s=seen / max(elapsed, 1e-9), train_seconds=elapsed)
-    log.info("SAE %s: nmse %.4f, L0 %.1f, dead %d, dense %d (%.0f tok/s)", sae_id, metrics["nmse"],
-             metrics["l0"], metrics["dead"], metrics["dense"], metrics["tokens_per_s"])
-    record = SaeRecord(
-        sae_id=sae_id, config=sae.cfg, activation_set_id=m.set_id, layer=layer,
-        tokens=list(cfg.tokens), model=m.model.get("spec", ""),
-        training={k: v for k, v in asdict(cfg).items() if k not in ("store", "progress")},
-        metrics={k: float(v) for k, v in metrics.items()},
-    )
-    save_sae(store, sae.cpu(), record)
-    return TrainResult(sae_id, record.metrics, reused=False)
 
+class _Run:
+    """The data pass that trains the unpublished SAEs of a sweep, then evaluates and publishes them."""
+
+    def __init__(self, shared: TrainConfig, store: Store, aset: ActivationSet, positions, plans: list[_Plan],
+                 n_tokens: int, run_id: str):
+        self.shared, self.store, self.aset, self.plans = shared, store, aset, plans
+        self.n_tokens, self.run_id = n_tokens, run_id
+        self.device = _device(shared.device)
+        self.layers = sorted({p.layer for p in plans})
+        self.batch_size = shared.batch_size
+        self.total_steps = max(1, math.ceil(n_tokens / self.batch_size))
+        try:
+            self.stream = TokenStream(aset, self.layers, positions, self.batch_size, seed=shared.resolved_data_seed,
+                                      buffer_tokens=shared.buffer_tokens, chunk_tokens=shared.chunk_tokens,
+                                      pin_memory=self.device.type == "cuda")
+        except StreamError as e:
+            raise TrainingError(str(e)) from e
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if shared.autocast and self.device.type == "cuda" else contextlib.nullcontext())
+
+    # --- set-up ------------------------------------------------------------------------------
+    def _members(self) -> list[_Member]:
+        members = [_Member(p, self.total_steps, self.device) for p in self.plans]
+        sample = self.stream.sample(self.shared.init_sample, seed=self.shared.resolved_data_seed)
+        b_dec_cache: dict[tuple[int, str], torch.Tensor] = {}
+        for layer in self.layers:
+            mean, scale = fit_normalizer(sample[layer])
+            x = (sample[layer] - mean) * scale
+            log.info("layer %d: normalisation fitted on %d tokens (scale %.4g)", layer, len(x), scale)
+            for mb in members:
+                if mb.plan.layer != layer:
+                    continue
+                how = mb.cfg.b_dec_init
+                if (layer, how) not in b_dec_cache:
+                    b_dec_cache[layer, how] = geometric_median(x) if how == "geometric_median" else x.mean(dim=0)
+                mb.init_from_sample(mean, scale, b_dec_cache[layer, how])
+        return members
+
+    def _resume(self, members: list[_Member]) -> checkpoint.Progress | None:
+        progress = checkpoint.load_progress(self.store, self.run_id)
+        if progress is None:
+            return None
+        if set(progress.sae_ids) != {mb.plan.sae_id for mb in members}:
+            log.warning("ignoring run state %s: it trains other SAEs", self.run_id)
+            return None
+        for mb in members:
+            state = checkpoint.load_state(self.store, self.run_id, progress.step, mb.plan.sae_id)
+            d = state["model"]["W_dec"].shape
+            if tuple(d) != (mb.plan.sae_config.d_sae, mb.plan.sae_config.d_in):
+                raise TrainingError(f"run state {self.run_id} holds an SAE of shape {tuple(d)}, but SAE "
+                                    f"{mb.plan.sae_id} is {mb.plan.sae_config.d_sae} x {mb.plan.sae_config.d_in}")
+            mb.load(state)
+        log.info("resuming run %s at step %d (%d tokens)", self.run_id, progress.step, progress.tokens)
+        return progress
+
+    # --- the pass ------------------------------------------------------------------------------
+    def execute(self) -> list[TrainResult]:
+        members = self._members()
+        progress = self._resume(members)
+        step = progress.step if progress else 0
+        seen = progress.tokens if progress else 0
+        train_seconds = progress.train_seconds if progress else 0.0
+        every = self.shared.checkpoint_every
+        next_ckpt = (seen // every + 1) * every if every > 0 else None
+        logger = _wandb(self.shared, members)
+        bar = tqdm(total=self.n_tokens, initial=seen, unit="tok", unit_scale=True, disable=not self.shared.progress,
+                   desc=f"train {len(members)} SAE{'s' if len(members) > 1 else ''}")
+        by_layer = {layer: [mb for mb in members if mb.plan.layer == layer] for layer in self.layers}
+        last_ckpt = progress.step if progress else None
+        t0 = time.perf_counter()
+        try:
+            for batch in self.stream.batches(seen, self.n_tokens):
+                for layer, group in by_layer.items():
+                    x = group[0].sae.normalize(batch.xs[layer].to(self.device, non_blocking=True))
+                    for mb in group:
+                        mb.step(x, step, self.autocast)
+                step += 1
+                seen += len(batch)
+                bar.update(len(batch))
+                if step % 20 == 0 or seen >= self.n_tokens:
+                    self._show(bar, members, batch)
+                    if logger:
+                        logger.log(members, step, seen)
+                if next_ckpt is not None and seen >= next_ckpt and seen < self.n_tokens:
+                    elapsed = train_seconds + time.perf_counter() - t0
+                    checkpoint.save(self.store, self.run_id,
+                                    checkpoint.Progress(step, seen, elapsed, [mb.plan.sae_id for mb in members]),
+                                    {mb.plan.sae_id: mb.state() for mb in members})
+                    last_ckpt = step
+                    next_ckpt += every
+        except _Diverged as e:
+            raise TrainingError(self._diverged_message(e, step, seen, last_ckpt)) from None
+        except StreamError as e:
+            where = (f"; the last checkpoint (step {last_ckpt}) is kept under {self.store.uri}/"
+                     f"{checkpoint.run_prefix(self.run_id)}" if last_ckpt is not None else "")
+            raise TrainingError(f"{e}{where}") from e
+        finally:
+            bar.close()
+        train_seconds += time.perf_counter() - t0
+        results = self._publish(members, step, seen, train_seconds)
+        if logger:
+            logger.finish(members, results)
+        checkpoint.clear(self.store, self.run_id)
+        return results
+
+    def _show(self, bar, members: list[_Member], batch) -> None:
+        """Live figures: per SAE, the batch's normalised MSE and L0 (and dead latents)."""
+        figures = {}
+        for mb in members[:4]:
+            x = batch.xs[mb.plan.layer]
+            var = (x * mb.sae.norm_scale.cpu()).var(dim=0).sum().clamp_min(1e-12)
+            nmse = (mb.live["recon"].cpu() / var).item()
+            dead = int((mb.since_fired >= mb.cfg.dead_window).sum())
+            name = mb.plan.sae_id[:6] if len(members) > 1 else "nmse"
+            figures[name] = f"{nmse:.3f}" + (f"/L0 {mb.live['l0'].item():.1f}/dead {dead}" if len(members) > 1 else "")
+            if len(members) == 1:
+                figures.update(l0=f"{mb.live['l0'].item():.1f}", dead=dead, lr=f"{mb.live['lr'].item():.2g}")
+        if len(members) > 4:
+            figures["+"] = f"{len(members) - 4} more"
+        bar.set_postfix(figures, refresh=False)
+
+    def _diverged_message(self, e: _Diverged, step: int, seen: int, last_ckpt: int | None) -> str:
+        cfg = e.member.cfg
+        knob = {"relu": f"l1_coeff (now {cfg.l1_coeff})", "jumprelu": f"l0_coeff (now {cfg.l0_coeff})"}.get(
+            cfg.variant, f"k (now {cfg.k})")
+        kept = (f"the last good checkpoint (step {last_ckpt}) is kept under {self.store.uri}/"
+                f"{checkpoint.run_prefix(self.run_id)}" if last_ckpt is not None else "no checkpoint was written yet")
+        return (f"SAE {e.member.plan.sae_id} ({cfg.variant}, layer {e.member.plan.layer}): loss became {e.value} at "
+                f"step {step} ({seen} tokens): lower lr (now {cfg.lr}) or {knob}; nothing was published; {kept}")
+
+    # --- evaluation and publishing -----------------------------------------------------------
+    @torch.no_grad()
+    def _publish(self, members: list[_Member], steps: int, seen: int, train_seconds: float) -> list[TrainResult]:
+        for mb in members:
+            mb.sae.eval()
+        accs = [Accumulator(mb.sae, self.device) for mb in members]
+        start = EVAL_EPOCH * self.stream.tokens_per_epoch
+        n_eval = min(self.shared.eval_tokens, self.stream.tokens_per_epoch)
+        try:
+            for batch in self.stream.batches(start, start + n_eval):
+                for layer in self.layers:
+                    x = None
+                    for mb, acc in zip(members, accs, strict=True):
+                        if mb.plan.layer == layer:
+                            x = mb.sae.normalize(batch.xs[layer].to(self.device)) if x is None else x
+                            acc.add(x)
+        except StreamError as e:
+            raise TrainingError(str(e)) from e
+        m = self.aset.manifest
+        results = []
+        for mb, acc in zip(members, accs, strict=True):
+            metrics, hist = acc.result()
+            metrics.update(tokens=seen, steps=steps, tokens_per_s=seen / max(train_seconds, 1e-9),
+                           train_seconds=train_seconds, sweep_size=len(members))
+            p = mb.plan
+            log.info("SAE %s (%s, layer %d): nmse %.4f, L0 %.1f, dead %d, dense %d (%.0f tok/s)", p.sae_id,
+                     p.cfg.variant, p.layer, metrics["nmse"], metrics["l0"], metrics["dead"], metrics["dense"],
+                     metrics["tokens_per_s"])
+            execution = {k: v for k, v in asdict(p.cfg).items()
+                         if k in ("device", "autocast", "decode", "eval_tokens", "checkpoint_every")}
+            record = SaeRecord(
+                sae_id=p.sae_id, config=p.sae_config, activation_set_id=m.set_id, layer=p.layer,
+                tokens=list(p.cfg.tokens), model=m.model.get("spec", ""),
+                training={**p.hyper, **execution}, metrics=_scalars(metrics), histogram=hist,
+            )
+            save_sae(self.store, mb.sae.cpu(), record)
+            results.append(TrainResult(p.sae_id, record.metrics, reused=False))
+        return results
+
+
+def _wandb(shared: TrainConfig, members: list[_Member]):
+    if not shared.wandb_project:
+        return None
+    from .wandb_log import WandbLogger
+
+    return WandbLogger(shared.wandb_project, members)
+
+
+__all__ = ["SHARED_FIELDS", "TrainConfig", "TrainResult", "TrainingError", "train", "train_sweep"]
