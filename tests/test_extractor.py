@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitscope.extractor.datasets import DatasetError, ImageFolderSource
+from vitscope.datasets import DatasetError, ImageFolderSource
 from vitscope.extractor.extract import ExtractConfig, extract
 from vitscope.models import ModelLoadError
 from vitscope.shards import ActivationSet, from_storage, set_prefix

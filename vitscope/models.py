@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torchvision.transforms import v2 as T
 from torchvision.transforms.functional import InterpolationMode
 
@@ -300,13 +299,6 @@ class _ForwardFeatures(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image fully (so truncated files fail here, not later) as RGB."""
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
 
 
 def save_open_clip_dir(model: torch.nn.Module, model_cfg: dict[str, Any], folder: str | os.PathLike,

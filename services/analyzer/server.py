@@ -36,8 +36,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import HealthServicer
 
+from vitscope.datasets import DatasetError, load_image_by_id
 from vitscope.hashing import content_id
-from vitscope.models import TransformInfo, load_image
+from vitscope.models import TransformInfo
 from vitscope.proto import pb, rpc
 from vitscope.sae import Sae, SaeRecord, list_saes, load_record, load_sae_from
 from vitscope.shards import ActivationSet
@@ -312,16 +313,12 @@ class AnalyzerService(rpc.AnalyzerServicer):
         if not 0 <= request.image_index < len(aset):
             raise _invalid(f"image index {request.image_index} out of range: the activation set has {len(aset)} images")
         info = self._image_record(aset, request.image_index)
-        root = aset.manifest.dataset.get("root")
-        if not root:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"activation set {aset.manifest.set_id} records no dataset folder to read images from")
-        path = Path(root) / info["id"]
         try:
-            image = load_image(path)
-        except FileNotFoundError:
+            image = load_image_by_id(aset.manifest.dataset, info["id"])
+        except (FileNotFoundError, DatasetError):
             raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"image {info['id']} is no longer at {path} (moved since extraction?)") from None
+                               f"image {info['id']} can no longer be read from {aset.manifest.dataset} "
+                               "(moved since extraction?)") from None
         image = TransformInfo.from_json(aset.manifest.transform).geometric()(image)
         png = io.BytesIO()
         image.save(png, format="PNG")

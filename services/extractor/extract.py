@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from vitscope.datasets import DecodedImages, ImageSource, collate, open_source
 from vitscope.hashing import content_id
 from vitscope.models import ModelSpec, ViT, load_vit
 from vitscope.shards import (
@@ -37,8 +38,6 @@ from vitscope.shards import (
 )
 from vitscope.store import Store, open_store
 
-from .datasets import DecodedImages, ImageFolderSource, collate
-
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +50,9 @@ class ExtractConfig:
     """Extract ViT activations from an image folder into an activation set."""
 
     data: str
-    """Image folder: class folders (root/<class>/<image>, labels from folder names) or a flat folder."""
+    """Images: a folder (class folders root/<class>/<image> give labels, or flat), webdataset tar
+    shards (x.tar, shard-{000..099}.tar, a .txt list of shards; local or s3://), or a .csv/.jsonl
+    list of paths or URIs with optional labels."""
     store: str = ".vitscope/store"
     """Where to publish: a folder path, file:///path or s3://bucket/prefix."""
     model: str = "ViT-B-16"
@@ -107,7 +108,7 @@ class ExtractPlan:
     """Everything fixed before the first image is read: what will be stored, and where."""
 
     store: Store
-    source: ImageFolderSource
+    source: ImageSource
     vit: ViT
     device: torch.device
     manifest: Manifest  # without shards yet
@@ -148,7 +149,7 @@ def resolve_device(device: str) -> torch.device:
 def plan(cfg: ExtractConfig) -> ExtractPlan:
     """Load the model and the dataset listing, and derive the set's content id and layout."""
     store = open_store(cfg.store)
-    source = ImageFolderSource(cfg.data, max_images=cfg.max_images)
+    source = open_source(cfg.data, max_images=cfg.max_images)
     device = resolve_device(cfg.device)
     options = tuple(sorted(json.loads(cfg.model_options).items())) if cfg.model_options else ()
     vit = load_vit(ModelSpec(cfg.model, cfg.pretrained, options), device=str(device),
@@ -229,7 +230,7 @@ def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> int:
     vit, source, device = p.vit, p.source, p.device
     layers = p.manifest.layers
     loader = DataLoader(
-        DecodedImages(source.entries, vit.transform.tensor()),
+        DecodedImages(source, vit.transform.tensor()),
         batch_size=cfg.batch_size,
         sampler=indices,  # a sampler is an ordered index list: only the unfinished shards
         num_workers=cfg.workers,

@@ -1,0 +1,347 @@
+"""Image datasets in a canonical, deterministic order.
+
+The order is defined here and nowhere else: row i of an activation set is the i-th image of
+this order that decoded. An activation set's manifest records the dataset's description
+(:meth:`ImageSource.describe`), from which :func:`reopen_source` finds any image again, so the
+analyzer can show images without re-listing the dataset.
+
+Sources:
+
+- an image folder: class folders (``root/<class>/<img>``, as ImageNet and iNat21 ship; labels from
+  folder names) or a flat folder (no labels); sorted by relative path
+- webdataset tar shards (as TreeOfLife-10M ships): a ``.tar`` file, a brace pattern
+  (``/data/tol/shard-{000000..000063}.tar``) or a text file listing shards, local or ``s3://``;
+  samples grouped by key in tar order, the image in a jpg/png/webp member, an optional label
+  in a ``cls``/``label``/``txt`` member
+- a list of images: a ``.csv`` (columns ``path`` or ``uri``, optional ``label``) or ``.jsonl``
+  (``{"path"|"uri": ..., "label": ...}``); relative paths are relative to the list's folder,
+  URIs may be ``s3://``, ``file://`` or ``http(s)://``; the list's order is the canonical order
+"""
+
+from __future__ import annotations
+
+import abc
+import csv
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+LABEL_EXTENSIONS = ("cls", "label", "txt")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be read as asked (missing folder, no images, bad list)."""
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    id: str  # stable id within the dataset
+    label: str | None
+    location: Any  # source-specific: a path, a URI, or (tar path, offset, size)
+
+
+def decode_image(data: bytes | str | os.PathLike) -> Image.Image:
+    """Decode fully (so truncated files fail here, not later) as RGB."""
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+class ImageSource(abc.ABC):
+    """An ordered list of images that can be decoded by index, from any process."""
+
+    entries: list[ImageEntry]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @abc.abstractmethod
+    def read(self, entry: ImageEntry) -> bytes | str:
+        """The entry's encoded bytes, or a local path to them."""
+
+    def load(self, i: int) -> Image.Image:
+        return decode_image(self.read(self.entries[i]))
+
+    @abc.abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What determines the images and their order, for content ids."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """What a manifest records so that the images can be found again."""
+
+    @staticmethod
+    def _limit(entries: list[ImageEntry], max_images: int | None, where: object) -> list[ImageEntry]:
+        if not entries:
+            raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {where}")
+        return entries[:max_images] if max_images else entries
+
+
+def _listing_hash(entries: list[ImageEntry], size_of) -> str:
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(f"{e.id}\0{e.label}\0{size_of(e)}\n".encode())
+    return h.hexdigest()
+
+
+class ImageFolderSource(ImageSource):
+    """A folder of images, sorted by relative path; class-folder labels when every image sits
+    exactly one folder deep."""
+
+    def __init__(self, root: str | os.PathLike, max_images: int | None = None):
+        self.root = Path(root).expanduser().resolve()
+        if not self.root.is_dir():
+            raise DatasetError(f"dataset folder {self.root} does not exist")
+        found: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            dirnames.sort()
+            for name in filenames:
+                if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                    found.append(os.path.relpath(os.path.join(dirpath, name), self.root).replace(os.sep, "/"))
+        found.sort()
+        self.layout = "class-folders" if found and all(rel.count("/") == 1 for rel in found) else "flat"
+        entries = [ImageEntry(rel, rel.split("/", 1)[0] if self.layout == "class-folders" else None,
+                              str(self.root / rel)) for rel in found]
+        self.entries = self._limit(entries, max_images, self.root)
+
+    def read(self, entry: ImageEntry) -> str:
+        return entry.location
+
+    def identity(self) -> dict[str, Any]:
+        # Ids and sizes: cheap to compute, unlike hashing every file.
+        return {"kind": "image-folder", "root": str(self.root), "layout": self.layout, "n": len(self.entries),
+                "listing_sha256": _listing_hash(self.entries, lambda e: os.path.getsize(e.location))}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "image-folder", "root": str(self.root), "layout": self.layout, "n_listed": len(self.entries)}
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``shard-{000..002}.tar`` -> the three names (zero padding kept), as webdataset writes them."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo)
+    names = [pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():] for i in range(int(lo), int(hi) + 1)]
+    return [n for name in names for n in expand_braces(name)]
+
+
+def _fetch(uri: str) -> Path:
+    """A local path for ``uri``: itself if local, else a download into the cache folder
+    ($VITSCOPE_CACHE, default a folder in the system's temporary directory)."""
+    if not uri.startswith(("s3://", "http://", "https://")):
+        return Path(uri.removeprefix("file://"))
+    cache = Path(os.environ.get("VITSCOPE_CACHE") or Path(tempfile.gettempdir()) / "vitscope-cache")
+    dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(uri).name
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(dest.suffix + ".part")
+        tmp.write_bytes(read_uri(uri))
+        os.replace(tmp, dest)
+    return dest
+
+
+def read_uri(uri: str) -> bytes:
+    """Bytes of an s3://, http(s)://, file:// URI or a local path."""
+    if uri.startswith("s3://"):
+        from vitscope.store import open_store
+
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        return open_store(f"s3://{bucket}").get_bytes(key)
+    if uri.startswith(("http://", "https://")):
+        with urllib.request.urlopen(uri, timeout=60) as r:
+            return r.read()
+    return Path(uri.removeprefix("file://")).read_bytes()
+
+
+class TarSource(ImageSource):
+    """Webdataset-style tar shards. Each sample is a group of members sharing a key (the name up
+    to the first dot); samples keep the tar order. Remote shards are downloaded once into a cache
+    folder; images are then read by offset, so any sample is one seek away."""
+
+    def __init__(self, spec: str | list[str], max_images: int | None = None):
+        self.shards = self._shard_list(spec)
+        entries: list[ImageEntry] = []
+        self._sizes: dict[str, int] = {}
+        for uri in self.shards:
+            path = _fetch(uri)
+            self._sizes[uri] = path.stat().st_size
+            entries += self._index(uri, path)
+            if max_images and len(entries) >= max_images:
+                break
+        self.entries = self._limit(entries, max_images, spec)
+
+    @staticmethod
+    def _shard_list(spec: str | list[str]) -> list[str]:
+        if isinstance(spec, list):
+            return spec
+        if spec.endswith((".txt", ".shards")):
+            base = Path(spec).parent
+            lines = [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip()]
+            return [ln if "://" in ln or os.path.isabs(ln) else str(base / ln) for ln in lines]
+        return expand_braces(spec)
+
+    @staticmethod
+    def _index(uri: str, path: Path) -> list[ImageEntry]:
+        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        order: list[str] = []
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = member.name.rsplit("/", 1)[-1]
+                    key, _, ext = base.partition(".")
+                    key = member.name[: len(member.name) - len(base)] + key
+                    if key not in samples:
+                        samples[key] = {}
+                        order.append(key)
+                    samples[key][ext.lower()] = member
+                label_data = {k: tar.extractfile(m).read().decode().strip()
+                              for k in order for ext, m in samples[k].items() if ext in LABEL_EXTENSIONS}
+        except (tarfile.TarError, OSError) as e:
+            raise DatasetError(f"cannot read tar shard {uri}: {e}") from e
+        name = Path(uri).name
+        entries = []
+        for key in order:
+            image = next((m for ext, m in samples[key].items() if "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS),
+                         None)
+            if image is None:
+                continue  # a sample without an image (e.g. metadata only)
+            entries.append(ImageEntry(f"{name}/{key}", label_data.get(key), (uri, image.offset_data, image.size)))
+        return entries
+
+    def read(self, entry: ImageEntry) -> bytes:
+        return _read_member(entry.location)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "webdataset", "shards": self.shards, "n": len(self.entries),
+                "listing_sha256": _listing_hash(self.entries, lambda e: e.location[2])}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "webdataset", "shards": self.shards, "n_listed": len(self.entries)}
+
+
+class ListSource(ImageSource):
+    """A CSV or JSONL list of image paths or URIs with optional labels, in list order."""
+
+    def __init__(self, list_file: str | os.PathLike, max_images: int | None = None):
+        self.list_file = Path(list_file).expanduser().resolve()
+        if not self.list_file.is_file():
+            raise DatasetError(f"image list {self.list_file} does not exist")
+        raw = self.list_file.read_bytes()
+        self._sha256 = hashlib.sha256(raw).hexdigest()
+        rows = self._rows(raw.decode())
+        base = self.list_file.parent
+        entries = []
+        for n, row in enumerate(rows, start=1):
+            ref = row.get("path") or row.get("uri") or row.get("image")
+            if not ref:
+                raise DatasetError(f"{self.list_file} row {n} has no path/uri/image field")
+            location = ref if "://" in ref or os.path.isabs(ref) else str(base / ref)
+            label = row.get("label")
+            entries.append(ImageEntry(ref, None if label in (None, "") else str(label), location))
+        self.entries = self._limit(entries, max_images, self.list_file)
+
+    def _rows(self, text: str) -> list[dict[str, Any]]:
+        if self.list_file.suffix == ".jsonl":
+            try:
+                return [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{self.list_file} is not valid JSONL: {e}") from e
+        return list(csv.DictReader(io.StringIO(text)))
+
+    def read(self, entry: ImageEntry) -> bytes | str:
+        loc = entry.location
+        return read_uri(loc) if "://" in loc else loc
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "list", "file": str(self.list_file), "sha256": self._sha256, "n": len(self.entries)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "list", "file": str(self.list_file), "n_listed": len(self.entries)}
+
+
+def open_source(data: str, max_images: int | None = None) -> ImageSource:
+    """The source for ``data``: a folder, tar shard(s), or a .csv/.jsonl list."""
+    if data.endswith((".csv", ".jsonl")):
+        return ListSource(data, max_images)
+    if data.endswith((".tar", ".shards")) or ".tar" in data and "{" in data or data.endswith(".txt"):
+        return TarSource(data, max_images)
+    if data.startswith("s3://"):
+        raise DatasetError(f"{data}: S3 datasets are read as webdataset tars (…/shard-{{000..099}}.tar) or lists")
+    return ImageFolderSource(data, max_images)
+
+
+def load_image_by_id(described: dict[str, Any], image_id: str) -> Image.Image:
+    """Decode one image of a published set from its manifest's ``dataset`` entry and its id,
+    without listing the whole dataset. Raises FileNotFoundError when it is gone."""
+    kind = described.get("kind")
+    if kind == "image-folder":
+        return decode_image(Path(described["root"]) / image_id)
+    if kind == "list":
+        base = Path(described["file"]).parent
+        loc = image_id if "://" in image_id or os.path.isabs(image_id) else str(base / image_id)
+        return decode_image(read_uri(loc) if "://" in loc else loc)
+    if kind == "webdataset":
+        shard_name, _, key = image_id.partition("/")
+        for uri in described["shards"]:
+            if Path(uri).name == shard_name:
+                for entry in _tar_index(uri):
+                    if entry.id == image_id:
+                        return decode_image(_read_member(entry.location))
+        raise FileNotFoundError(f"no image {image_id!r} in the listed tar shards")
+    raise DatasetError(f"unknown dataset kind {kind!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _tar_index(uri: str) -> list[ImageEntry]:
+    return TarSource._index(uri, _fetch(uri))
+
+
+def _read_member(location: tuple[str, int, int]) -> bytes:
+    uri, offset, size = location
+    with open(_fetch(uri), "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+class DecodedImages(Dataset):
+    """Map-style dataset: index -> (index, pixels or None, error). Decoding failures are
+    returned, not raised, so that one bad file never stops a run."""
+
+    def __init__(self, source: ImageSource, transform):
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(self.source.load(i)), ""
+        except Exception as e:  # PIL and I/O raise many types for bad files; all mean "skip this one"
+            return i, None, f"{type(e).__name__}: {e}"
+
+
+def collate(batch):
+    """Keep the batch's order; split decoded images from failures."""
+    ok = [(i, x) for i, x, err in batch if x is not None]
+    failed = [(i, err) for i, x, err in batch if x is None]
+    pixels = torch.stack([x for _, x in ok]) if ok else None
+    return [i for i, _ in ok], pixels, failed
