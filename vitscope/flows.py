@@ -7,12 +7,14 @@ stage whose output is already published is skipped, and the run says so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from vitscope.analyzer.analyze import AnalyzeConfig, AnalyzeResult, analyze
 from vitscope.extractor.extract import ExtractConfig, ExtractResult, extract
@@ -47,6 +49,51 @@ def extract_task(cfg: ExtractConfig) -> ExtractResult:
         log.info("extracted %d images into activation set %s (%d skipped as unreadable)",
                  m.n_images, result.set_id, len(m.skipped))
     return result
+
+
+@task(name="extract-part", **_RETRY)
+def extract_part_task(cfg: ExtractConfig, part: int, parts: int) -> str:
+    """Extract one contiguous block of shards (a part); resumes shards a failed try left."""
+    result = extract(replace(cfg, part=part, parts=parts, finish=False))
+    get_run_logger().info("part %d/%d of activation set %s done", part + 1, parts, result.set_id)
+    return result.set_id
+
+
+@task(name="extract-publish", **_RETRY)
+def extract_publish_task(cfg: ExtractConfig, parts: int) -> ExtractResult:
+    """Write the manifest once every part has finished."""
+    return extract(replace(cfg, parts=parts, finish=True))
+
+
+@flow(name="vitscope-extract")
+def extract_flow(cfg: ExtractConfig, parts: int = 1) -> ExtractResult:
+    """Extraction as ``parts`` tasks mapped over contiguous blocks of shards, then a publish step.
+
+    Run it with a Dask task runner (:func:`task_runner`) to spread the parts over a cluster."""
+    if parts <= 1:
+        return extract_task(cfg)
+    futures = extract_part_task.map(unmapped(cfg), range(parts), unmapped(parts))
+    set_ids = {f.result() for f in futures}
+    if len(set_ids) != 1:
+        raise RuntimeError(f"parts disagree on the activation set id: {sorted(set_ids)}")
+    result = extract_publish_task(cfg, parts)
+    if result.reused:
+        get_run_logger().info("skipping extract: activation set %s is already published", result.set_id)
+    else:
+        get_run_logger().info("published activation set %s from %d parts", result.set_id, parts)
+    return result
+
+
+def task_runner(parts: int, dask_address: str | None = None, dask_cluster_class: str | None = None,
+                dask_cluster_kwargs: dict[str, Any] | None = None) -> TaskRunner:
+    """Threads on this machine by default; a Dask cluster (an existing scheduler, or one that
+    ``dask_cluster_class`` starts, e.g. ``dask_jobqueue.SLURMCluster``) when one is given."""
+    if dask_address or dask_cluster_class:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=dask_address, cluster_class=dask_cluster_class,
+                              cluster_kwargs=dask_cluster_kwargs)
+    return ThreadPoolTaskRunner(max_workers=max(1, parts))
 
 
 @task(name="train", **_RETRY)
@@ -109,6 +156,14 @@ class PipelineConfig:
     """Image-decoding processes (the stored order never depends on this)."""
     images_per_shard: int | None = None
     """Images per shard; default: shards of about 256 MiB per layer."""
+    parts: int = 1
+    """Extract in this many parallel parts (Prefect tasks); the set is identical whatever the number."""
+    dask_address: str | None = None
+    """Run the parts on an existing Dask scheduler (tcp://host:8786) instead of local threads."""
+    dask_cluster_class: str | None = None
+    """Start a Dask cluster for the parts, e.g. dask_jobqueue.SLURMCluster or distributed.LocalCluster."""
+    dask_cluster_kwargs: str | None = None
+    """JSON keyword arguments for --dask-cluster-class, e.g. '{"cores": 8, "memory": "32GB", "processes": 1}'."""
     tokens: tuple[str, ...] = ("patches",)
     """Tokens the SAE trains on: cls, registers, patches or all."""
     expansion: int = 8
@@ -160,12 +215,14 @@ def pipeline_flow(cfg: PipelineConfig) -> PipelineResult:
     """extract -> train -> analyze, each skipped when its output is already published."""
     log = get_run_logger()
     data = prepare_data(cfg)
-    ex = extract_task(ExtractConfig(
+    runner = task_runner(cfg.parts, cfg.dask_address, cfg.dask_cluster_class,
+                         json.loads(cfg.dask_cluster_kwargs) if cfg.dask_cluster_kwargs else None)
+    ex = extract_flow.with_options(task_runner=runner)(ExtractConfig(
         data=data, store=cfg.store, model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers,
         dtype=cfg.dtype, batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device,
         images_per_shard=cfg.images_per_shard,
         allow_random_weights=cfg.data is None if cfg.allow_random_weights is None else cfg.allow_random_weights,
-        progress=cfg.progress))
+        progress=cfg.progress), parts=cfg.parts)
     tr = train_task(TrainConfig(
         activations=ex.set_id, store=cfg.store, tokens=cfg.tokens, expansion=cfg.expansion,
         l1_coeff=cfg.l1_coeff, lr=cfg.lr,

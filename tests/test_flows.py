@@ -1,0 +1,29 @@
+"""Prefect flows: parallel extraction parts on threads and on a real Dask cluster."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_extractor import _cfg, _set_bytes
+
+from vitscope.extractor.extract import extract
+from vitscope.flows import extract_flow, task_runner
+
+
+@pytest.mark.parametrize("engine", ["threads", "dask"])
+def test_parts_as_mapped_tasks_match_a_single_process(prefect_server, planted_data, tiny_model_name, tmp_path,
+                                                      engine):
+    data_root, _ = planted_data
+    single = extract(_cfg(data_root, tmp_path / "single", tiny_model_name))
+    if engine == "dask":
+        runner = task_runner(3, dask_cluster_class="distributed.LocalCluster",
+                             dask_cluster_kwargs=json.loads('{"n_workers": 2, "processes": false, "threads_per_worker": 1}'))
+    else:
+        runner = task_runner(3)
+    store = tmp_path / engine
+    result = extract_flow.with_options(task_runner=runner)(_cfg(data_root, store, tiny_model_name), parts=3)
+    assert result.set_id == single.set_id and not result.reused
+    assert _set_bytes(tmp_path / "single", single.set_id) == _set_bytes(store, result.set_id)
+    again = extract_flow.with_options(task_runner=task_runner(3))(_cfg(data_root, store, tiny_model_name), parts=3)
+    assert again.reused
