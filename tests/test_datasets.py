@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitscope.datasets import DatasetError, ListSource, TarSource, expand_braces, load_image_by_id, open_source
+from vitscope.datasets import (
+    DatasetError,
+    ListSource,
+    TarSource,
+    expand_braces,
+    load_image_by_id,
+    open_source,
+)
 from vitscope.extractor.extract import ExtractConfig, extract
 from vitscope.shards import ActivationSet
 from vitscope.store import open_store

