@@ -38,6 +38,8 @@ class ExploreConfig:
     """host:port of a running analyzer (`vitscope serve`); default: start one for this session."""
     port: int = 8501
     """Port of the explorer web page."""
+    host: str | None = None
+    """Interface the web page listens on, e.g. 127.0.0.1 for this machine only (default: all, as Streamlit does)."""
     token: str | None = None
     """Bearer token for the analyzer, if it requires one (also read from VITSCOPE_TOKEN)."""
 
@@ -89,7 +91,8 @@ def run_explore(cfg: ExploreConfig) -> int:
         target = f"127.0.0.1:{server.port}"
         print(f"analyzer serving {cfg.store} on {target}")
     try:
-        return run_explorer(target, port=cfg.port, token=cfg.token or os.environ.get("VITSCOPE_TOKEN"))
+        return run_explorer(target, port=cfg.port, token=cfg.token or os.environ.get("VITSCOPE_TOKEN"),
+                            address=cfg.host)
     finally:
         if server is not None:
             server.stop(grace=1)
