@@ -94,3 +94,36 @@ def test_kill_9_at_several_points_then_resume_is_byte_identical(planted_data, ti
     assert resumed.verify() == []
     torch.testing.assert_close(resumed.image_tokens(1, len(items) - 1),
                                ActivationSet.open(open_store(tmp_path / "ref"), ref.set_id).image_tokens(1, len(items) - 1))
+
+
+def test_a_full_disk_stops_clearly_and_the_rerun_resumes(planted_data, tiny_model_name, tmp_path, monkeypatch):
+    import errno
+
+    from vitscope import store as store_mod
+    from vitscope.store import OutOfSpace
+
+    data_root, _ = planted_data
+    real_fsync, calls = os.fsync, []
+
+    def fsync_until_full(fd):  # the disk fills up after a few objects
+        calls.append(fd)
+        if len(calls) > 12:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(store_mod.os, "fsync", fsync_until_full)
+    with pytest.raises(OutOfSpace, match="no space left writing .*rerun to resume"):
+        extract(_cfg(data_root, tmp_path / "s", tiny_model_name))
+    assert not list((tmp_path / "s").rglob("*.part"))
+    monkeypatch.setattr(store_mod.os, "fsync", real_fsync)
+    done = extract(_cfg(data_root, tmp_path / "s", tiny_model_name))
+    ref = extract(_cfg(data_root, tmp_path / "ref", tiny_model_name))
+    assert _set_bytes(tmp_path / "s", done.set_id) == _set_bytes(tmp_path / "ref", ref.set_id)
+
+
+def test_a_missing_bucket_stops_before_any_work(planted_data, tiny_model_name, s3_env):
+    from vitscope.store import StoreError
+
+    data_root, _ = planted_data
+    with pytest.raises(StoreError, match="bucket 'vitscope-no-such-bucket' does not exist"):
+        extract(_cfg(data_root, "s3://vitscope-no-such-bucket/x", tiny_model_name))

@@ -18,7 +18,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from vitscope.analyzer.analyze import AnalyzeConfig, AnalyzeResult, analyze
 from vitscope.extractor.extract import ExtractConfig, ExtractResult, extract
-from vitscope.store import StoreError
+from vitscope.store import OutOfSpace, StoreError
 from vitscope.trainer.train import TrainConfig, TrainResult, train
 
 
@@ -27,6 +27,8 @@ def _retry_on_store_errors(task_, task_run, state) -> bool:
     input such as a wrong layer or a missing folder is not."""
     try:
         state.result()
+    except OutOfSpace:
+        return False
     except StoreError:
         return True
     except Exception:

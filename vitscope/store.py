@@ -9,6 +9,7 @@ the manifest last (see :mod:`vitscope.shards`); readers trust only what a manife
 from __future__ import annotations
 
 import abc
+import errno
 import os
 import shutil
 import tempfile
@@ -18,6 +19,10 @@ from urllib.parse import urlparse
 
 class StoreError(RuntimeError):
     """A storage operation failed in a way the caller should report, not retry."""
+
+
+class OutOfSpace(StoreError):
+    """The store has no room left. Retrying will not help until space is freed."""
 
 
 class NotFound(StoreError, KeyError):
@@ -121,8 +126,12 @@ class LocalStore(Store):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, dest)
-        except BaseException:
+        except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = shutil.disk_usage(self.root).free
+                raise OutOfSpace(f"no space left writing {self.uri}/{key} ({free / 2**30:.2f} GiB free): "
+                                 "free some space or pick another store, then rerun to resume") from e
             raise
 
     def put_bytes(self, key: str, data: bytes) -> None:
