@@ -157,3 +157,14 @@ def test_rerun_reuses_the_published_set(planted_data, tiny_model_name, tmp_path)
     assert other.set_id != first.set_id
     ids = np.unique([first.set_id, other.set_id])
     assert len(ids) == 2
+
+
+def test_all_layers_and_negative_indices(planted_data, tiny_model_name, tmp_path):
+    data_root, _ = planted_data
+    every = extract(_cfg(data_root, tmp_path / "s", tiny_model_name, layers=("all",), max_images=3))
+    assert every.manifest.layers == [0, 1] and every.manifest.layers_requested == [0, 1]
+    neg = extract(_cfg(data_root, tmp_path / "n", tiny_model_name, layers=(-2, 1), max_images=3))
+    assert neg.manifest.layers == [0, 1] and neg.manifest.layers_requested == [-2, 1]
+    assert neg.set_id == every.set_id  # the same blocks, however they were named
+    aset = ActivationSet.open(open_store(tmp_path / "n"), neg.set_id)
+    torch.testing.assert_close(aset.image_tokens(-2, 2), aset.image_tokens(0, 2))

@@ -148,7 +148,7 @@ class PipelineConfig:
     allow_random_weights: bool | None = None
     """If pretrained weights cannot be fetched, warn and use random weights. Default: yes for the
     generated demo set, no for your own data."""
-    layers: tuple[int, ...] = (-2,)
+    layers: tuple[int | Literal["all"], ...] = (-2,)
     """Blocks to extract; the SAE trains on the deepest of them."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     """Stored precision of activations."""

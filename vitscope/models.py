@@ -156,7 +156,7 @@ class ViT:
 
     def resolve_layers(self, layers: Sequence[int] | str) -> list[int]:
         """Absolute, sorted, unique block indices; accepts negatives and "all"."""
-        if layers == "all" or layers == ["all"]:
+        if layers == "all":
             return list(range(self.n_layers))
         out = set()
         for layer in layers:

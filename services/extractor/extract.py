@@ -63,8 +63,8 @@ class ExtractConfig:
     hf-hub:/local-dir:. None = random init."""
     model_options: str | None = None
     """JSON keyword arguments for the model factory, e.g. '{"img_size": 224}' for a timm DINOv2."""
-    layers: tuple[int, ...] = (-2,)
-    """Blocks whose output (the residual stream) to store; negative counts from the end (-1 = last)."""
+    layers: tuple[int | Literal["all"], ...] = (-2,)
+    """Blocks whose output (the residual stream) to store; negative counts from the end (-1 = last); 'all' for every block."""
     cls: bool = True
     """Store the CLS token (patch tokens are always stored)."""
     registers: bool = False
@@ -155,8 +155,9 @@ def plan(cfg: ExtractConfig) -> ExtractPlan:
     vit = load_vit(ModelSpec(cfg.model, cfg.pretrained, options), device=str(device),
                    allow_random=cfg.allow_random_weights)
     spec = ModelSpec(cfg.model, cfg.pretrained if vit.pretrained_loaded else None, options)
-    layers = vit.resolve_layers(cfg.layers)
-    requested = [next(r for r in cfg.layers if int(r) % vit.n_layers == layer) for layer in layers]
+    every = "all" in cfg.layers
+    layers = vit.resolve_layers("all" if every else cfg.layers)
+    requested = layers if every else [next(r for r in cfg.layers if int(r) % vit.n_layers == layer) for layer in layers]
     if cfg.registers and vit.layout.n_registers == 0:
         raise ValueError(f"{spec.describe()} has no register tokens; drop --registers")
     full = vit.layout
