@@ -401,8 +401,11 @@ class JumpReluSae(Sae):
     ``bandwidth`` around the threshold."""
 
     variant = "jumprelu"
-    init_threshold: ClassVar[float] = 0.05
-    """In the normalised space (token norm sqrt(d_in)), where pre-activations are O(1)."""
+    init_threshold: ClassVar[float] = 1.0
+    """In the normalised space (token norm sqrt(d_in)) an untrained latent's pre-activation is
+    roughly N(0, 1), so it starts firing on ~16% of tokens; the log-parametrised threshold then
+    moves by about lr per step, so a start far below the useful range (e.g. 0.001) never gets
+    there in a short run."""
 
     def __init__(self, cfg: SaeConfig):
         super().__init__(cfg)
