@@ -36,7 +36,9 @@ class GroundTruth:
 
     def directions(self, layer: int = 0) -> torch.Tensor:
         """The true unit directions of ``layer`` [n_directions, d_model]."""
-        g = torch.Generator().manual_seed(self.seed * 1000 + layer)
+        # Offset so that no small seed shares its stream with an SAE's initialisation
+        # (torch.randn with the same seed would plant the answer in the initial decoder).
+        g = torch.Generator().manual_seed(0x5EED_0000 + self.seed * 1000 + layer)
         w = torch.randn(self.n_directions, self.d_model, generator=g)
         return w / w.norm(dim=1, keepdim=True)
 
@@ -53,7 +55,7 @@ def write_ground_truth_set(store: Store, gt: GroundTruth) -> Manifest:
     )
     writer = ShardWriter(store, manifest, gt.images_per_shard)
     dirs = {layer: gt.directions(layer) for layer in gt.layers}
-    g = torch.Generator().manual_seed(gt.seed + 1)
+    g = torch.Generator().manual_seed(0x5EED_8000 + gt.seed)
     shards = []
     for index, first in enumerate(range(0, gt.n_images, gt.images_per_shard)):
         n = min(gt.images_per_shard, gt.n_images - first)
