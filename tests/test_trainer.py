@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -83,7 +84,7 @@ def test_schedule_warms_up_and_decays():
     lrs = [_schedule(s, total, warmup=0.1, decay=0.2) for s in range(total)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[50] == 1.0 and lrs[-1] == pytest.approx(0.05) and lrs[80] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[80:]))
 
 
 @pytest.mark.parametrize("buffer_tokens", [64, 10_000])
@@ -104,7 +105,7 @@ def test_stream_covers_every_token_once_per_epoch_deterministically(small_set, b
     assert not np.array_equal(ids, other)
     # The tokens travel with their ids: check one batch against the stored rows.
     batch = next(iter(stream.epoch(0)))
-    for tid, x in zip(batch.ids[:5], batch.x[:5]):
+    for tid, x in zip(batch.ids[:5], batch.x[:5], strict=True):
         image, pos = divmod(int(tid), tpi)
         torch.testing.assert_close(x, aset.image_tokens(1, image)[pos])
 
@@ -142,7 +143,7 @@ def test_l1_warmup_really_applies(small_set, monkeypatch):
                       l1_coeff=2.0, sparsity_warmup_frac=0.5, eval_tokens=256, progress=False))
     assert len(seen) == 20
     assert seen[0] == pytest.approx(0.2) and seen[9] == pytest.approx(2.0) and seen[-1] == 2.0
-    assert all(a <= b for a, b in zip(seen, seen[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(seen))
 
 
 def test_training_reduces_error_and_reruns_are_reused(small_set):
