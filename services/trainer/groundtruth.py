@@ -51,7 +51,7 @@ def write_ground_truth_set(store: Store, gt: GroundTruth) -> Manifest:
     manifest = Manifest(
         set_id=content_id({"ground-truth-set": params}), model={"spec": "ground-truth", "n_layers": 1},
         layers=list(gt.layers), layers_requested=list(gt.layers), d_model=gt.d_model, dtype=gt.dtype, layout=layout,
-        transform={}, dataset={"kind": "ground-truth", **params},
+        transform={}, dataset={"kind": "ground-truth", **params}, images_per_shard=gt.images_per_shard,
     )
     writer = ShardWriter(store, manifest, gt.images_per_shard)
     dirs = {layer: gt.directions(layer) for layer in gt.layers}

@@ -14,10 +14,15 @@ So the tokens of a batch come from chunks spread over the whole set, memory is b
 couple of windows whatever the size of the set, and resuming at token ``p`` only re-reads the
 window that holds ``p``. Every chunk is read once per epoch for *all* requested layers, so a
 sweep over several layers reads each byte once.
+
+Reading a chunk means one ranged GET on S3; on a local store it means memory-mapping the rows
+and asking the kernel to read them ahead (``MADV_WILLNEED``), so batches are gathered straight
+from the page cache: one copy of each byte, as for a plain sequential read.
 """
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -38,7 +43,8 @@ class StreamError(RuntimeError):
 
 @dataclass(frozen=True)
 class TokenBatch:
-    xs: dict[int, torch.Tensor]  # layer -> float32 [n, d] raw activations, same tokens in every layer
+    # layer -> [n, d] raw activations (float32, or the stored dtype), the same tokens in every layer
+    xs: dict[int, torch.Tensor]
     # Global token ids (image_index * tokens_per_image + token position), for index accounting.
     ids: np.ndarray
 
@@ -62,7 +68,8 @@ class _Chunk:
 
 @dataclass(frozen=True)
 class _Window:
-    xs: dict[int, np.ndarray]  # layer -> [n, d] stored dtype, in read order
+    parts: list[dict[int, np.ndarray]]  # per chunk: layer -> [images, tokens, d] in the stored dtype
+    starts: np.ndarray  # offset of each chunk's first selected token in the window, then the total
     ids: np.ndarray
     perm: np.ndarray  # emission order
 
@@ -77,14 +84,18 @@ class TokenStream:
     """Batches of the selected tokens of one or more layers of an activation set.
 
     Reading runs ahead in background threads (chunk reads in parallel, then batch assembly
-    and the float32 conversion), so the consumer only takes ready tensors off a queue.
+    and the dtype conversion), so the consumer only takes ready tensors off a queue.
     Memory: about two windows of ``buffer_tokens`` tokens per layer in the stored dtype, plus
-    ``prefetch_batches`` float32 batches.
+    ``prefetch_batches`` batches.
+
+    ``out_dtype`` is the dtype of the batches: float32 by default, or ``None`` for the stored
+    dtype, which halves the bytes moved to a GPU and leaves the conversion to the GPU.
     """
 
     def __init__(self, aset: ActivationSet, layers: int | Sequence[int], token_positions: np.ndarray,
                  batch_size: int, seed: int = 0, buffer_tokens: int = 1 << 18, chunk_tokens: int = 8192,
-                 read_threads: int = 4, prefetch_batches: int = 4, pin_memory: bool = False):
+                 read_threads: int = 4, prefetch_batches: int = 4, pin_memory: bool = False,
+                 out_dtype: torch.dtype | None = torch.float32):
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         m = aset.manifest
@@ -98,6 +109,7 @@ class TokenStream:
         self.read_threads = read_threads
         self.prefetch_batches = prefetch_batches
         self.pin_memory = pin_memory
+        self.out_dtype = out_dtype
         per_image = max(1, len(self.positions))
         self.chunk_images = max(1, chunk_tokens // per_image)
         self._check_sizes()
@@ -131,7 +143,8 @@ class TokenStream:
 
     # --- reading ---------------------------------------------------------------------------
     def _read(self, shard: ShardRecord, layer: int, lo: int, hi: int) -> np.ndarray:
-        """Rows [lo, hi) of one shard's layer file: [hi - lo, tokens, d] in the stored dtype."""
+        """Rows [lo, hi) of one shard's layer file, [hi - lo, tokens, d] in the stored dtype: a
+        memory-mapped view being read ahead on a local store, one ranged GET on S3."""
         m = self.aset.manifest
         np_dtype = DTYPES[m.dtype][0]
         key = f"{self.aset.prefix}/{shard.name}/{layer_file(layer)}"
@@ -139,23 +152,28 @@ class TokenStream:
         try:
             path = self.aset.store.local_path(key)
             if path is not None:
-                full = (shard.n_images, *shape[1:])
-                return np.array(np.memmap(path, dtype=np_dtype, mode="r", shape=full)[lo:hi])
+                with open(path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                if len(mm) != shard.n_images * self._row_bytes:
+                    raise StreamError(f"{path} holds {len(mm)} bytes, expected {shard.n_images * self._row_bytes}: "
+                                      f"the file does not match the manifest")
+                start = lo * self._row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+                mm.madvise(mmap.MADV_WILLNEED, start, hi * self._row_bytes - start)
+                return np.frombuffer(mm, dtype=np_dtype).reshape(shard.n_images, *shape[1:])[lo:hi]
             raw = self.aset.store.get_range(key, lo * self._row_bytes, (hi - lo) * self._row_bytes)
             return np.frombuffer(raw, dtype=np_dtype).reshape(shape)
         except (OSError, ValueError, StoreError) as e:
             raise StreamError(f"cannot read {self.aset.store.uri}/{key} rows {lo}:{hi} ({e}): was the activation "
                               f"set removed or changed while training?") from e
 
-    def _read_chunk(self, c: _Chunk) -> tuple[dict[int, np.ndarray], np.ndarray]:
-        """The selected tokens of one chunk for every layer (each file range read once)."""
+    def _open_chunk(self, c: _Chunk) -> dict[int, np.ndarray]:
+        shard = self.aset.manifest.shards[c.shard]
+        return {layer: self._read(shard, layer, c.lo, c.hi) for layer in self.layers}
+
+    def _chunk_ids(self, c: _Chunk) -> np.ndarray:
         m = self.aset.manifest
-        shard = m.shards[c.shard]
-        xs = {layer: self._read(shard, layer, c.lo, c.hi)[:, self.positions].reshape(-1, m.d_model)
-              for layer in self.layers}
-        images = shard.first_image + np.arange(c.lo, c.hi)
-        ids = (images[:, None] * m.layout.tokens_per_image + self.positions[None, :]).reshape(-1)
-        return xs, ids
+        images = m.shards[c.shard].first_image + np.arange(c.lo, c.hi)
+        return (images[:, None] * m.layout.tokens_per_image + self.positions[None, :]).reshape(-1)
 
     def _plan(self, epoch: int) -> list[list[_Chunk]]:
         """The epoch's windows: consecutive chunks of a seeded permutation, ~buffer_tokens each."""
@@ -172,20 +190,61 @@ class TokenStream:
             tokens += (c.hi - c.lo) * per_image
         return windows
 
-    def _windows(self, epoch: int, window: int, stop: threading.Event) -> Iterator[_Window]:
-        """Windows from (epoch, window) on, forever, each read with parallel chunk reads."""
-        with ThreadPoolExecutor(self.read_threads, thread_name_prefix="chunk-reader") as pool:
+    def _windows(self, epoch: int, window: int, count: int | None, stop: threading.Event) -> Iterator[_Window]:
+        """``count`` windows (None: endless) from (epoch, window) on. The next window's chunks
+        are read in a thread pool while the current one is being emitted."""
+
+        def spans() -> Iterator[tuple[int, int, list[_Chunk]]]:
+            e, first, left = epoch, window, count
             while True:
-                plan = self._plan(epoch)
-                for w in range(window, len(plan)):
-                    if stop.is_set():
-                        return
-                    parts = list(pool.map(self._read_chunk, plan[w]))
-                    xs = {layer: np.concatenate([p[0][layer] for p in parts]) for layer in self.layers}
-                    ids = np.concatenate([p[1] for p in parts])
-                    perm = np.random.default_rng([self.seed, epoch, w + 1]).permutation(len(ids))
-                    yield _Window(xs, ids, perm)
-                epoch, window = epoch + 1, 0
+                plan = self._plan(e)
+                for w in range(first, len(plan)):
+                    if left is not None:
+                        if left == 0:
+                            return
+                        left -= 1
+                    yield e, w, plan[w]
+                e, first = e + 1, 0
+
+        pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="chunk-reader")
+        try:
+            ahead = None
+            for e, w, chunks in spans():
+                if stop.is_set():
+                    return
+                reads = [pool.submit(self._open_chunk, c) for c in chunks]
+                if ahead is not None:
+                    yield self._window(*ahead)
+                ahead = (e, w, chunks, reads)
+            if ahead is not None:
+                yield self._window(*ahead)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _window(self, epoch: int, w: int, chunks: list[_Chunk], reads: list) -> _Window:
+        per_image = len(self.positions)
+        starts = np.cumsum([0] + [(c.hi - c.lo) * per_image for c in chunks])
+        ids = np.concatenate([self._chunk_ids(c) for c in chunks])
+        perm = np.random.default_rng([self.seed, epoch, w + 1]).permutation(len(ids))
+        return _Window([f.result() for f in reads], starts, ids, perm)
+
+    def _gather(self, win: _Window, sel: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Tokens ``sel`` (window offsets) of every layer and their ids. They come out grouped
+        by chunk (the order within a batch means nothing to training), so that each group is
+        one ``take`` into a contiguous slice: a single copy of each byte."""
+        m = self.aset.manifest
+        chunk = np.searchsorted(win.starts, sel, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        sel, chunk = sel[order], chunk[order]
+        row, col = np.divmod(sel - win.starts[chunk], len(self.positions))
+        flat = row * m.layout.tokens_per_image + self.positions[col]
+        bounds = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), len(sel)]
+        out = {layer: np.empty((len(sel), m.d_model), DTYPES[m.dtype][0]) for layer in self.layers}
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            part = win.parts[chunk[a]]
+            for layer in self.layers:
+                np.take(part[layer].reshape(-1, m.d_model), flat[a:b], axis=0, out=out[layer][a:b])
+        return out, win.ids[sel]
 
     def locate(self, position: int) -> tuple[int, int, int]:
         """(epoch, window, offset within the window) of token ``position`` of the endless stream."""
@@ -208,7 +267,6 @@ class TokenStream:
             return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
         halt = threading.Event()
-        dtype = self.aset.manifest.dtype
 
         def put(item) -> bool:
             while not halt.is_set():
@@ -223,10 +281,13 @@ class TokenStream:
             try:
                 epoch, w, offset = self.locate(start)
                 todo = None if stop is None else stop - start
-                pending: list[tuple[dict[int, torch.Tensor], np.ndarray]] = []
+                count = None
+                if stop is not None:
+                    last_epoch, last_w, _ = self.locate(stop - 1)
+                    count = sum(len(self._plan(e)) for e in range(epoch, last_epoch)) - w + last_w + 1
+                pending: list[tuple[dict[int, np.ndarray], np.ndarray]] = []
                 have = 0
-                for win in self._windows(epoch, w, halt):
-                    views = {layer: _torch_view(a, dtype) for layer, a in win.xs.items()}
+                for win in self._windows(epoch, w, count, halt):
                     perm = win.perm[offset:]
                     offset = 0
                     while len(perm):
@@ -234,8 +295,7 @@ class TokenStream:
                         if todo is not None:
                             want = min(want, todo)
                         sel, perm = perm[:want], perm[want:]
-                        idx = torch.from_numpy(sel)
-                        pending.append(({layer: v.index_select(0, idx) for layer, v in views.items()}, win.ids[sel]))
+                        pending.append(self._gather(win, sel))
                         have += len(sel)
                         if todo is not None:
                             todo -= len(sel)
@@ -260,11 +320,12 @@ class TokenStream:
             halt.set()
             t.join()
 
-    def _assemble(self, pieces: list[tuple[dict[int, torch.Tensor], np.ndarray]]) -> TokenBatch:
+    def _assemble(self, pieces: list[tuple[dict[int, np.ndarray], np.ndarray]]) -> TokenBatch:
         xs = {}
         for layer in self.layers:
             parts = [p[0][layer] for p in pieces]
-            x = (parts[0] if len(parts) == 1 else torch.cat(parts)).float()
+            x = _torch_view(parts[0] if len(parts) == 1 else np.concatenate(parts), self.aset.manifest.dtype)
+            x = x if self.out_dtype is None else x.to(self.out_dtype)
             xs[layer] = x.pin_memory() if self.pin_memory else x
         return TokenBatch(xs, np.concatenate([p[1] for p in pieces]))
 
@@ -293,8 +354,7 @@ class TokenStream:
             mine = images[(images >= shard.first_image) & (images < shard.first_image + shard.n_images)]
             for image in mine - shard.first_image:
                 for layer in self.layers:
-                    a = self._read(shard, layer, int(image), int(image) + 1)
-                    rows[layer].append(a[0, self.positions])
+                    rows[layer].append(self._read(shard, layer, int(image), int(image) + 1)[0, self.positions])
         pick = np.sort(rng.choice(n_img * per_image, size=n, replace=False))
         out = {layer: from_storage(np.concatenate(r)[pick], m.dtype) for layer, r in rows.items()}
         return out[self.layer] if self.single else out

@@ -224,7 +224,9 @@ class _Run:
         try:
             self.stream = TokenStream(aset, self.layers, positions, self.batch_size, seed=shared.resolved_data_seed,
                                       buffer_tokens=shared.buffer_tokens, chunk_tokens=shared.chunk_tokens,
-                                      pin_memory=self.device.type == "cuda")
+                                      pin_memory=self.device.type == "cuda",
+                                      # half-size transfers; the GPU converts (normalize casts to float32)
+                                      out_dtype=None if self.device.type == "cuda" else torch.float32)
         except StreamError as e:
             raise TrainingError(str(e)) from e
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -320,7 +322,7 @@ class _Run:
         figures = {}
         for mb in members[:4]:
             x = batch.xs[mb.plan.layer]
-            var = (x * mb.sae.norm_scale.cpu()).var(dim=0).sum().clamp_min(1e-12)
+            var = (x.float() * mb.sae.norm_scale.cpu()).var(dim=0).sum().clamp_min(1e-12)
             nmse = (mb.live["recon"].cpu() / var).item()
             dead = int((mb.since_fired >= mb.cfg.dead_window).sum())
             name = mb.plan.sae_id[:6] if len(members) > 1 else "nmse"
