@@ -37,6 +37,7 @@ class TrainConfig:
     expansion: int = 16
     """d_sae = expansion * d_in (ignored when d_sae is given)."""
     d_sae: int | None = None
+    """Number of latents (overrides expansion)."""
     k: int = 32
     """topk/batchtopk/matryoshka: active latents per token (on average for the batch variants)."""
     l1_coeff: float = 5.0
@@ -56,6 +57,7 @@ class TrainConfig:
     jumprelu_bandwidth: float = 0.05
     """jumprelu: width of the straight-through kernel around each threshold."""
     lr: float = 4e-4
+    """Adam learning rate (peak of the schedule)."""
     lr_warmup_frac: float = 0.02
     """Linear learning-rate warmup over this fraction of training."""
     lr_decay_frac: float = 0.2
