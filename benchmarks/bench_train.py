@@ -12,7 +12,7 @@ patches per image, several shards, read from the page cache), no ViT needed:
     float32 conversion, and the stream's time to its first batch.
 (b) training: ``vitscope.trainer.train.train`` (its optimisation loop, as timed by the trainer:
     real loader, decoder-norm tricks, Adam, schedule) against the trainer's own per-SAE step
-    (``_Member.step``) on batches sliced from an in-memory float32 tensor: same SAE, batch and
+    (``SaeTrainer.step``) on batches sliced from an in-memory float32 tensor: same SAE, batch and
     step count. Target: time ratio <= 1.1.
 (c) the standard configuration (d=768, d_sae=32x768, TopK k=64, batch 4096): trainer tokens/s.
 (d) TopK (k=32, d_sae=16384, d=768) training step with sparse decoding (``embedding_bag``
@@ -58,7 +58,7 @@ from vitscope.store import LocalStore
 from vitscope.trainer.config import TrainConfig
 from vitscope.trainer.groundtruth import GroundTruth, recovery, write_ground_truth_set
 from vitscope.trainer.stream import TokenStream
-from vitscope.trainer.train import _Member, _plans, train, train_sweep
+from vitscope.trainer.train import SaeTrainer, plan_saes, train, train_sweep
 
 D_MODEL = 768
 L1_COEFF = 5.0
@@ -154,12 +154,12 @@ def training(setup: Setup, args: argparse.Namespace) -> None:
     n = args.steps * args.batch_size
     aset = ActivationSet(setup.store, setup.manifest)
     data = TokenStream(aset, SYNTHETIC_LAYER, setup.positions, args.batch_size).sample(n)
-    [plan] = _plans([cfg], aset, n)
+    [plan] = plan_saes([cfg], aset, n)
     mean, scale = fit_normalizer(data[: cfg.init_sample])
 
     def run_in_memory() -> None:
         """The trainer's own optimisation step, on slices of a tensor already in memory."""
-        member = _Member(plan, args.steps, torch.device("cpu"))
+        member = SaeTrainer(plan, args.steps, torch.device("cpu"))
         member.init_from_sample(mean, scale, torch.zeros(D_MODEL))
         for step, lo in enumerate(range(0, n, args.batch_size)):
             member.step(member.sae.normalize(data[lo:lo + args.batch_size]), step, contextlib.nullcontext())

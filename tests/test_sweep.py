@@ -18,7 +18,7 @@ from vitscope.trainer import checkpoint
 from vitscope.trainer.config import SweepConfig, sweep_configs
 from vitscope.trainer.groundtruth import GroundTruth, recovery, write_ground_truth_set
 from vitscope.trainer.stream import TokenStream
-from vitscope.trainer.train import TrainConfig, TrainingError, _Member, _plans, train, train_sweep
+from vitscope.trainer.train import SaeTrainer, TrainConfig, TrainingError, plan_saes, train, train_sweep
 
 TWO_LAYERS = GroundTruth(d_model=16, n_directions=32, active=3, n_images=96, grid=(3, 3), images_per_shard=20,
                          layers=(4, 7))
@@ -100,11 +100,11 @@ def test_the_id_hashes_every_hyper_parameter_of_the_family(gt_set):
         "relu data seed": base(store, set_id, data_seed=1),
         "relu layer": base(store, set_id, layer=4),
     }.items():
-        ids[name] = _plans([cfg], ActivationSet.open(open_store(store), set_id), 640)[0].sae_id
+        ids[name] = plan_saes([cfg], ActivationSet.open(open_store(store), set_id), 640)[0].sae_id
     assert len(set(ids.values())) == len(ids)
     # Settings a family does not use, and execution choices, do not change what is trained.
     same = [base(store, set_id, variant="topk", k=4, l1_coeff=123.0, decode="dense", checkpoint_every=7)]
-    assert _plans(same, ActivationSet.open(open_store(store), set_id), 640)[0].sae_id \
+    assert plan_saes(same, ActivationSet.open(open_store(store), set_id), 640)[0].sae_id \
         == ids["topk"]
 
 
@@ -190,7 +190,7 @@ def test_a_killed_run_resumes_with_the_same_data_order_and_state(gt_set, tmp_pat
     cfgs = [[c, TrainConfig(**{**c.__dict__, "variant": "relu", "layer": 4})] for c in cfgs]
     whole = train_sweep(cfgs[0])
 
-    original = _Member.step
+    original = SaeTrainer.step
     calls = {"n": 0}
 
     def dies(self, x, step, autocast):
@@ -199,10 +199,10 @@ def test_a_killed_run_resumes_with_the_same_data_order_and_state(gt_set, tmp_pat
             raise Killed()
         return original(self, x, step, autocast)
 
-    monkeypatch.setattr(_Member, "step", dies)
+    monkeypatch.setattr(SaeTrainer, "step", dies)
     with pytest.raises(Killed):
         train_sweep(cfgs[1])
-    monkeypatch.setattr(_Member, "step", original)
+    monkeypatch.setattr(SaeTrainer, "step", original)
     killed = LocalStore(stores[1])
     assert not killed.list("saes/")
     [progress_key] = [k for k in killed.list("runs/") if k.endswith("progress.json")]
@@ -216,7 +216,7 @@ def test_a_killed_run_resumes_with_the_same_data_order_and_state(gt_set, tmp_pat
         steps.append(step)
         return original(self, x, step, autocast)
 
-    monkeypatch.setattr(_Member, "step", counting)
+    monkeypatch.setattr(SaeTrainer, "step", counting)
     resumed = train_sweep(cfgs[1])
     assert min(steps) == 10 and max(steps) == 19  # picked up at the checkpoint
     assert not killed.list("runs/")  # scratch removed once published
@@ -228,19 +228,19 @@ def test_a_killed_run_resumes_with_the_same_data_order_and_state(gt_set, tmp_pat
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(gt_set, tmp_path, monkeypatch):
     src, set_id = gt_set
     cfg = base(src, set_id, variant="topk", k=3, n_tokens=1280, checkpoint_every=320)
-    original = _Member.step
+    original = SaeTrainer.step
 
     def poisons(self, x, step, autocast):
         return original(self, x * (float("nan") if step == 12 else 1.0), step, autocast)
 
-    monkeypatch.setattr(_Member, "step", poisons)
+    monkeypatch.setattr(SaeTrainer, "step", poisons)
     with pytest.raises(TrainingError, match=r"loss became nan at step 12 .* lower lr .*nothing was published; "
                                             r"the last good checkpoint \(step 10\) is kept under"):
         train(cfg)
     store = LocalStore(src)
     [progress_key] = [k for k in store.list("runs/") if k.endswith("progress.json")]
     assert json.loads(store.get_bytes(progress_key))["step"] == 10
-    state = checkpoint.load_state(store, progress_key.split("/")[1], 10, _plans(
+    state = checkpoint.load_state(store, progress_key.split("/")[1], 10, plan_saes(
         [cfg], ActivationSet.open(store, set_id), 1280)[0].sae_id)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     store.delete_prefix("runs/")
@@ -265,14 +265,14 @@ def test_mismatched_shards_empty_sets_and_vanishing_stores_fail_clearly(gt_set, 
     # The store disappears while training.
     gone = tmp_path / "gone"
     shutil.copytree(src / "activations", gone / "activations")
-    original = _Member.step
+    original = SaeTrainer.step
 
     def removes(self, x, step, autocast):
         if step == 2:
             shutil.rmtree(gone / "activations")
         return original(self, x, step, autocast)
 
-    monkeypatch.setattr(_Member, "step", removes)
+    monkeypatch.setattr(SaeTrainer, "step", removes)
     with pytest.raises(TrainingError, match="was the activation set removed or changed while training"):
         train(base(gone, set_id, n_tokens=5000))
 

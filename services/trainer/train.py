@@ -78,7 +78,7 @@ def _device(name: str) -> torch.device:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class SaePlan:
     """One SAE of a sweep, resolved against the activation set."""
 
     cfg: TrainConfig
@@ -88,10 +88,11 @@ class _Plan:
     hyper: dict
 
 
-class _Member:
-    """One SAE in training: its model, optimiser, schedule and dead-latent counters."""
+class SaeTrainer:
+    """One SAE in training: its model, optimiser, schedule and dead-latent counters. A sweep
+    runs one per SAE on the same batches."""
 
-    def __init__(self, plan: _Plan, total_steps: int, device: torch.device):
+    def __init__(self, plan: SaePlan, total_steps: int, device: torch.device):
         self.plan = plan
         cfg = self.cfg = plan.cfg
         self.total_steps = total_steps
@@ -149,11 +150,13 @@ class _Member:
 
 
 class _Diverged(Exception):
-    def __init__(self, member: _Member, value: float):
+    def __init__(self, member: SaeTrainer, value: float):
         self.member, self.value = member, value
 
 
-def _plans(cfgs: Sequence[TrainConfig], aset: ActivationSet, n_tokens: int) -> list[_Plan]:
+def plan_saes(cfgs: Sequence[TrainConfig], aset: ActivationSet, n_tokens: int) -> list[SaePlan]:
+    """Resolve each config against the set (layer, width, defaults) into its architecture,
+    hyper-parameters and id; refuses invalid architectures before any data is read."""
     m = aset.manifest
     plans = []
     for cfg in cfgs:
@@ -164,7 +167,7 @@ def _plans(cfgs: Sequence[TrainConfig], aset: ActivationSet, n_tokens: int) -> l
         sae_config = SaeConfig(cfg.variant, m.d_model, d_sae, k, prefixes)
         sae_class(cfg.variant).check_config(sae_config)  # refuse bad settings before reading any data
         hyper = hyper_parameters(cfg, m.set_id, layer, m.d_model, d_sae, n_tokens)
-        plans.append(_Plan(cfg, sae_id(hyper), layer, sae_config, hyper))
+        plans.append(SaePlan(cfg, sae_id(hyper), layer, sae_config, hyper))
     return plans
 
 
@@ -187,9 +190,9 @@ def train_sweep(cfgs: Sequence[TrainConfig]) -> list[TrainResult]:
     n_tokens = shared.n_tokens or tokens_per_epoch
     if n_tokens <= 0:
         raise TrainingError(f"n_tokens must be positive, got {n_tokens}")
-    plans = _plans(cfgs, aset, n_tokens)
+    plans = plan_saes(cfgs, aset, n_tokens)
     results: dict[str, TrainResult] = {}
-    todo: dict[str, _Plan] = {}
+    todo: dict[str, SaePlan] = {}
     for p in plans:
         if p.sae_id in results or p.sae_id in todo:
             continue
@@ -213,7 +216,7 @@ def _scalars(metrics: dict) -> dict[str, float]:
 class _Run:
     """The data pass that trains the unpublished SAEs of a sweep, then evaluates and publishes them."""
 
-    def __init__(self, shared: TrainConfig, store: Store, aset: ActivationSet, positions, plans: list[_Plan],
+    def __init__(self, shared: TrainConfig, store: Store, aset: ActivationSet, positions, plans: list[SaePlan],
                  n_tokens: int, run_id: str):
         self.shared, self.store, self.aset, self.plans = shared, store, aset, plans
         self.n_tokens, self.run_id = n_tokens, run_id
@@ -233,8 +236,8 @@ class _Run:
                          if shared.autocast and self.device.type == "cuda" else contextlib.nullcontext())
 
     # --- set-up ------------------------------------------------------------------------------
-    def _members(self) -> list[_Member]:
-        members = [_Member(p, self.total_steps, self.device) for p in self.plans]
+    def _members(self) -> list[SaeTrainer]:
+        members = [SaeTrainer(p, self.total_steps, self.device) for p in self.plans]
         sample = self.stream.sample(self.shared.init_sample, seed=self.shared.resolved_data_seed)
         b_dec_cache: dict[tuple[int, str], torch.Tensor] = {}
         for layer in self.layers:
@@ -250,7 +253,7 @@ class _Run:
                 mb.init_from_sample(mean, scale, b_dec_cache[layer, how])
         return members
 
-    def _resume(self, members: list[_Member]) -> checkpoint.Progress | None:
+    def _resume(self, members: list[SaeTrainer]) -> checkpoint.Progress | None:
         progress = checkpoint.load_progress(self.store, self.run_id)
         if progress is None:
             return None
@@ -317,7 +320,7 @@ class _Run:
         checkpoint.clear(self.store, self.run_id)
         return results
 
-    def _show(self, bar, members: list[_Member], batch) -> None:
+    def _show(self, bar, members: list[SaeTrainer], batch) -> None:
         """Live figures: per SAE, the batch's normalised MSE and L0 (and dead latents)."""
         figures = {}
         for mb in members[:4]:
@@ -344,7 +347,7 @@ class _Run:
 
     # --- evaluation and publishing -----------------------------------------------------------
     @torch.no_grad()
-    def _publish(self, members: list[_Member], steps: int, seen: int, train_seconds: float) -> list[TrainResult]:
+    def _publish(self, members: list[SaeTrainer], steps: int, seen: int, train_seconds: float) -> list[TrainResult]:
         for mb in members:
             mb.sae.eval()
         accs = [Accumulator(mb.sae, self.device) for mb in members]
@@ -382,7 +385,7 @@ class _Run:
         return results
 
 
-def _wandb(shared: TrainConfig, members: list[_Member]):
+def _wandb(shared: TrainConfig, members: list[SaeTrainer]):
     if not shared.wandb_project:
         return None
     from .wandb_log import WandbLogger
@@ -390,4 +393,5 @@ def _wandb(shared: TrainConfig, members: list[_Member]):
     return WandbLogger(shared.wandb_project, members)
 
 
-__all__ = ["SHARED_FIELDS", "TrainConfig", "TrainResult", "TrainingError", "train", "train_sweep"]
+__all__ = ["SHARED_FIELDS", "SaePlan", "SaeTrainer", "TrainConfig", "TrainResult", "TrainingError", "plan_saes",
+           "train", "train_sweep"]

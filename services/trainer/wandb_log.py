@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .train import TrainResult, _Member
+    from .train import SaeTrainer, TrainResult
 
 
 class WandbLogger:
-    def __init__(self, project: str, members: list[_Member]):
+    def __init__(self, project: str, members: list[SaeTrainer]):
         try:
             import wandb
         except ImportError:
@@ -21,14 +21,14 @@ class WandbLogger:
             for mb in members
         }
 
-    def log(self, members: list[_Member], step: int, tokens: int) -> None:
+    def log(self, members: list[SaeTrainer], step: int, tokens: int) -> None:
         """The live figures of the latest step."""
         for mb in members:
             dead = int((mb.since_fired >= mb.cfg.dead_window).sum())
             live = {f"train/{k}": v.item() for k, v in mb.live.items()}
             self.runs[mb.plan.sae_id].log({**live, "train/dead": dead, "tokens": tokens}, step=step)
 
-    def finish(self, members: list[_Member], results: list[TrainResult]) -> None:
+    def finish(self, members: list[SaeTrainer], results: list[TrainResult]) -> None:
         """Final evaluation metrics as each run's summary, then close the runs."""
         for mb, r in zip(members, results, strict=True):
             run = self.runs[mb.plan.sae_id]
