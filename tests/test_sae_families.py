@@ -53,7 +53,7 @@ def test_registry_knows_every_family():
 @pytest.mark.parametrize("sparse", [False, True])
 def test_topk_loss_with_auxk_matches_a_hand_computation(sparse):
     sae = hand_sae("topk", k=1)
-    sae.sparse_decode = sparse
+    sae.sparse_decode = sae.sparse_encode = sparse
     x = torch.tensor([[1.5, 0.5], [0.5, 1.5]])
     # Row 1: x - b_dec = (1, 1); pre = (1, 0, -0.5) + b_enc = (1, -1, 0.75): keep latent 0 (1)
     #        x_hat = (1, 0) + b_dec = (1.5, -0.5); e = x - x_hat = (0, 1); |e|^2 = 1
@@ -76,21 +76,24 @@ def test_topk_loss_with_auxk_matches_a_hand_computation(sparse):
     assert z.tolist() == [[1.0, 0.0, 0.0], [0.0, 3.0, 0.0]]
 
 
-def test_sparse_and_dense_decoding_agree_in_value_and_gradient():
-    torch.manual_seed(0)
+@pytest.mark.parametrize("cfg", [SaeConfig("topk", 8, 32, k=4), SaeConfig("batchtopk", 8, 32, k=4),
+                                 SaeConfig("matryoshka", 8, 32, k=4, prefixes=(8, 32))], ids=lambda c: c.variant)
+def test_sparse_and_dense_training_paths_agree_in_value_and_gradient(cfg):
+    """Sparse decoding (embedding_bag) and the sparse encoder backward give the dense path's
+    loss and gradients, AuxK included."""
     grads = []
     for sparse in (False, True):
-        sae = build_sae(SaeConfig("topk", 8, 32, k=4))
+        sae = build_sae(cfg)
         sae.reset_parameters(torch.Generator().manual_seed(1))
-        sae.sparse_decode = sparse
+        sae.sparse_decode = sae.sparse_encode = sparse
         x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
         dead = torch.arange(32) % 3 == 0
         loss, _ = sae.loss(x, aux_coeff=0.1, dead_mask=dead)
         loss.backward()
-        grads.append((loss.detach(), [p.grad.clone() for p in sae.parameters()]))
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
     torch.testing.assert_close(grads[0][0], grads[1][0])
-    for a, b in zip(grads[0][1], grads[1][1], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(g, grads[1][1][name], atol=1e-5, rtol=1e-5, msg=name)
 
 
 def batch_inputs() -> torch.Tensor:
@@ -100,7 +103,7 @@ def batch_inputs() -> torch.Tensor:
 
 def test_batchtopk_keeps_k_per_token_on_average_and_learns_its_threshold():
     sae = hand_sae("batchtopk", k=1)
-    sae.sparse_decode = True
+    sae.sparse_decode = sae.sparse_encode = True
     x = batch_inputs()
     # The 2 largest of the batch are both row 1's: 2 (latent 0) and 1.25 (latent 2); row 2 gets none.
     #   row 1: x_hat = 2 (1, 0) + 1.25 (0.6, 0.8) + b_dec = (3.25, 0.5); err (0.75, 0) -> 0.5625

@@ -103,7 +103,7 @@ def test_the_id_hashes_every_hyper_parameter_of_the_family(gt_set):
         ids[name] = plan_saes([cfg], ActivationSet.open(open_store(store), set_id), 640)[0].sae_id
     assert len(set(ids.values())) == len(ids)
     # Settings a family does not use, and execution choices, do not change what is trained.
-    same = [base(store, set_id, variant="topk", k=4, l1_coeff=123.0, decode="dense", checkpoint_every=7)]
+    same = [base(store, set_id, variant="topk", k=4, l1_coeff=123.0, sparse="off", checkpoint_every=7)]
     assert plan_saes(same, ActivationSet.open(open_store(store), set_id), 640)[0].sae_id \
         == ids["topk"]
 

@@ -193,14 +193,52 @@ class ReluSae(Sae):
         return recon + l1_coeff * sparsity, {"recon": recon, "l1": sparsity, **_dense_parts(z)}
 
 
+def _bag(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
+    """out[r] = sum of vals * weight[col] over the (row, col) pairs of row r (rows ascending)."""
+    offsets = torch.zeros(n, dtype=torch.long, device=rows.device)
+    offsets[1:] = torch.bincount(rows, minlength=n)[:-1].cumsum(0)
+    return F.embedding_bag(cols, weight, offsets, mode="sum", per_sample_weights=vals.to(weight.dtype))
+
+
+class _SelectedPreActs(torch.autograd.Function):
+    """Pre-activations at selected (row, col) entries, taken from the dense forward product,
+    whose backward touches only those entries: the encoder's weight gradient is a sparse matmul
+    (nnz x d) and the input's a gather of encoder columns, instead of two dense
+    [n, d] x [d, d_sae] products."""
+
+    @staticmethod
+    def forward(ctx, x_c, w_enc, b_enc, pre, rows, cols):
+        ctx.save_for_backward(x_c, w_enc, rows, cols)
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx, g):
+        x_c, w_enc, rows, cols = ctx.saved_tensors
+        g = g.to(x_c.dtype)
+        n, m = len(x_c), w_enc.shape[1]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _bag(rows, cols, g, w_enc.T.contiguous(), n)
+        if ctx.needs_input_grad[1]:
+            coo = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (m, n), check_invariants=False)
+            grad_w = torch.sparse.mm(coo, x_c).T
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
 class _SparseCodes(Sae):
-    """Variants whose codes are a few selected latents: they can decode sparsely (a gather of
-    the selected decoder rows, ``embedding_bag``) instead of a dense [n, d_sae] @ [d_sae, d]
-    product, and they train dead latents with the AuxK loss (Gao et al. 2024): the top
-    ``aux_k`` dead latents reconstruct the residual error."""
+    """Variants whose codes are a few selected latents. They train dead latents with the AuxK
+    loss (Gao et al. 2024: the top ``aux_k`` dead latents reconstruct the residual error), and
+    can train sparsely: decode with a gather of the selected decoder rows (``embedding_bag``)
+    instead of a dense [n, d_sae] @ [d_sae, d] product, and backpropagate into the encoder
+    through the selected latents only."""
 
     sparse_decode: bool = False
-    """Training-time choice set by the trainer; the result is the same up to rounding."""
+    """Decode with embedding_bag over the selected decoder rows (a training-time choice; values
+    and gradients agree with the dense path up to rounding)."""
+    sparse_encode: bool = False
+    """Backpropagate into the encoder through the selected latents only (ditto)."""
 
     @classmethod
     def check_config(cls, cfg: SaeConfig) -> None:
@@ -208,50 +246,59 @@ class _SparseCodes(Sae):
         if not cfg.k or cfg.k <= 0 or cfg.k > cfg.d_sae:
             raise ValueError(f"{cfg.variant} needs 0 < k <= d_sae, got k={cfg.k} with d_sae={cfg.d_sae}")
 
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training-time selection from pre-activations [n, d_sae]: (rows ascending, cols)."""
+        raise NotImplementedError
+
+    def _encode_for_training(self, x_norm: torch.Tensor):
+        """(pre-activations without gradient, a function giving the differentiable
+        pre-activations at chosen (rows, cols))."""
+        x_c = x_norm - self.b_dec
+        if self.sparse_encode:
+            with torch.no_grad():
+                pre = x_c @ self.W_enc + self.b_enc
+            return pre, lambda r, c: _SelectedPreActs.apply(x_c, self.W_enc, self.b_enc, pre, r, c)
+        pre = x_c @ self.W_enc + self.b_enc
+        return pre.detach(), lambda r, c: pre[r, c]
+
     def decode_selected(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n: int,
                         bias: bool = True) -> torch.Tensor:
         """Reconstruction of ``n`` tokens from selected (token row, latent col, value) triples,
         rows ascending."""
         if self.sparse_decode:
-            offsets = torch.zeros(n, dtype=torch.long, device=rows.device)
-            offsets[1:] = torch.bincount(rows, minlength=n)[:-1].cumsum(0)
-            out = F.embedding_bag(cols, self.W_dec, offsets, mode="sum",
-                                  per_sample_weights=vals.to(self.W_dec.dtype))
+            out = _bag(rows, cols, vals, self.W_dec, n)
         else:
             z = torch.zeros(n, self.cfg.d_sae, dtype=vals.dtype, device=vals.device)
             out = z.index_put((rows, cols), vals) @ self.W_dec
         return out + self.b_dec if bias else out
 
-    def aux_loss(self, pre: torch.Tensor, x_norm: torch.Tensor, x_hat: torch.Tensor,
+    def aux_loss(self, pre: torch.Tensor, pick, x_norm: torch.Tensor, x_hat: torch.Tensor,
                  dead_mask: torch.Tensor | None, aux_k: int | None) -> torch.Tensor:
         """||e - e_hat||^2 (mean over tokens) with e = x - x_hat (no gradient into the main
         latents) and e_hat decoded, without bias, from the ``aux_k`` largest dead pre-activations;
         scaled down by n_dead / aux_k when fewer latents are dead than aux_k."""
         n_dead = 0 if dead_mask is None else int(dead_mask.sum())
         if n_dead == 0:
-            return pre.new_zeros(())
+            return pre.new_zeros((), dtype=torch.float32)
         aux_k = aux_k or self.cfg.d_in // 2
         scale = min(n_dead / aux_k, 1.0)
         k = min(aux_k, n_dead)
-        dead_pre = torch.where(dead_mask[None], pre, torch.full_like(pre, -torch.inf))
-        vals, cols = dead_pre.topk(k, dim=-1, sorted=False)
+        cols = torch.where(dead_mask[None], pre, torch.full_like(pre, -torch.inf)).topk(k, dim=-1, sorted=False)[1]
         n = len(pre)
         rows = torch.arange(n, device=pre.device).repeat_interleave(k)
-        e_hat = self.decode_selected(rows, cols.reshape(-1), torch.relu(vals).reshape(-1), n, bias=False)
+        cols = cols.reshape(-1)
+        e_hat = self.decode_selected(rows, cols, torch.relu(pick(rows, cols)), n, bias=False)
         return scale * _recon(e_hat, (x_norm - x_hat).detach())
-
-    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training-time selection: (rows ascending, cols, values >= 0) of the kept latents."""
-        raise NotImplementedError
 
     def loss(self, x_norm: torch.Tensor, aux_coeff: float = 0.0, dead_mask: torch.Tensor | None = None,
              aux_k: int | None = None, **_: Any):
-        pre = self.pre_acts(x_norm)
-        rows, cols, vals = self.select(pre)
+        pre, pick = self._encode_for_training(x_norm)
+        rows, cols = self.select(pre)
+        vals = torch.relu(pick(rows, cols))
         n = len(x_norm)
         x_hat = self.decode_selected(rows, cols, vals, n)
         recon = _recon(x_hat, x_norm)
-        aux = self.aux_loss(pre, x_norm, x_hat, dead_mask, aux_k) if aux_coeff else pre.new_zeros(())
+        aux = self.aux_loss(pre, pick, x_norm, x_hat, dead_mask, aux_k) if aux_coeff else recon.new_zeros(())
         return recon + aux_coeff * aux, {"recon": recon, "aux": aux, **self._selection_parts(cols, vals, n)}
 
     def _selection_parts(self, cols: torch.Tensor, vals: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
@@ -269,9 +316,9 @@ class TopKSae(_SparseCodes):
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
     def select(self, pre: torch.Tensor):
-        vals, cols = pre.topk(self.cfg.k, dim=-1)
+        cols = pre.topk(self.cfg.k, dim=-1)[1]
         rows = torch.arange(len(pre), device=pre.device).repeat_interleave(self.cfg.k)
-        return rows, cols.reshape(-1), torch.relu(vals).reshape(-1)
+        return rows, cols.reshape(-1)
 
 
 class BatchTopKSae(_SparseCodes):
@@ -290,16 +337,16 @@ class BatchTopKSae(_SparseCodes):
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         if self.training:
-            rows, cols, vals = self.select(pre.reshape(-1, pre.shape[-1]))
-            z = torch.zeros(pre.numel() // pre.shape[-1], pre.shape[-1], dtype=pre.dtype, device=pre.device)
-            return z.index_put((rows, cols), vals).reshape(pre.shape)
+            flat = pre.reshape(-1, pre.shape[-1])
+            rows, cols = self.select(flat)
+            z = torch.zeros_like(flat).index_put((rows, cols), torch.relu(flat[rows, cols]))
+            return z.reshape(pre.shape)
         return torch.where(pre > self.threshold.clamp_min(0), pre, torch.zeros_like(pre))
 
     def select(self, pre: torch.Tensor):
         n, m = pre.shape
-        vals, flat = torch.relu(pre).flatten().topk(min(self.cfg.k * n, n * m), sorted=False)
-        flat, order = flat.sort()  # rows ascending, as the sparse decoder needs
-        return flat // m, flat % m, vals[order]
+        flat = torch.relu(pre).flatten().topk(min(self.cfg.k * n, n * m), sorted=False)[1].sort()[0]
+        return flat // m, flat % m  # rows ascending, as the sparse paths need
 
     def _selection_parts(self, cols, vals, n):
         parts = super()._selection_parts(cols, vals, n)
@@ -336,10 +383,11 @@ class MatryoshkaSae(BatchTopKSae):
 
     def loss(self, x_norm: torch.Tensor, aux_coeff: float = 0.0, dead_mask: torch.Tensor | None = None,
              aux_k: int | None = None, **_: Any):
-        pre = self.pre_acts(x_norm)
-        rows, cols, vals = self.select(pre)
+        pre, pick = self._encode_for_training(x_norm)
+        rows, cols = self.select(pre)
+        vals = torch.relu(pick(rows, cols))
         n = len(x_norm)
-        z = torch.zeros_like(pre).index_put((rows, cols), vals)
+        z = torch.zeros(pre.shape, dtype=vals.dtype, device=vals.device).index_put((rows, cols), vals)
         x_hat = self.b_dec.expand_as(x_norm)
         losses = []
         lo = 0
@@ -348,7 +396,7 @@ class MatryoshkaSae(BatchTopKSae):
             losses.append(_recon(x_hat, x_norm))
             lo = hi
         prefix_loss = torch.stack(losses).mean()
-        aux = self.aux_loss(pre, x_norm, x_hat, dead_mask, aux_k) if aux_coeff else pre.new_zeros(())
+        aux = self.aux_loss(pre, pick, x_norm, x_hat, dead_mask, aux_k) if aux_coeff else prefix_loss.new_zeros(())
         return prefix_loss + aux_coeff * aux, {"recon": losses[-1], "prefix_recon": prefix_loss, "aux": aux,
                                                **self._selection_parts(cols, vals, n)}
 

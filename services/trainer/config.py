@@ -86,9 +86,10 @@ class TrainConfig:
     """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
     autocast: bool = True
     """bf16 autocast on CUDA (ignored on CPU)."""
-    decode: Literal["auto", "sparse", "dense"] = "auto"
-    """topk/batchtopk: decode by gathering the selected decoder rows (sparse) or by a dense
-    matmul; auto = sparse on CPU, dense on CUDA."""
+    sparse: Literal["auto", "off", "decode", "all"] = "auto"
+    """topk/batchtopk/matryoshka: decode by gathering the selected decoder rows instead of a dense
+    matmul (decode; not for matryoshka), and also backpropagate into the encoder through the
+    selected latents only (all); auto = all on CPU, off on CUDA."""
     wandb_project: str | None = None
     """Log live metrics to this Weights & Biases project (one W&B run per SAE; needs `pip install wandb`)."""
     progress: bool = True
@@ -124,7 +125,7 @@ def hyper_parameters(cfg: TrainConfig, set_id: str, layer: int, d_in: int, d_sae
                      n_tokens: int) -> dict[str, Any]:
     """Everything that determines the trained model, defaults resolved: what its id hashes.
 
-    Execution choices (device, autocast, decode path, checkpointing, logging) change rounding,
+    Execution choices (device, autocast, sparse kernels, checkpointing, logging) change rounding,
     not the model asked for, and stay out."""
     d = asdict(cfg)
     hyper = {k: d[k] for k in _COMMON_FIELDS + _VARIANT_FIELDS[cfg.variant]}

@@ -99,7 +99,9 @@ class SaeTrainer:
         self.sae = build_sae(plan.sae_config)
         self.sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
         if plan.cfg.variant in SPARSE_CODE_VARIANTS:
-            self.sae.sparse_decode = cfg.decode == "sparse" or (cfg.decode == "auto" and device.type == "cpu")
+            mode = ("all" if device.type == "cpu" else "off") if cfg.sparse == "auto" else cfg.sparse
+            self.sae.sparse_decode = mode in ("decode", "all")
+            self.sae.sparse_encode = mode == "all"
         self.sae.to(device).train()
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         self.since_fired = torch.zeros(plan.sae_config.d_sae, dtype=torch.long, device=device)
@@ -374,7 +376,7 @@ class _Run:
                      p.cfg.variant, p.layer, metrics["nmse"], metrics["l0"], metrics["dead"], metrics["dense"],
                      metrics["tokens_per_s"])
             execution = {k: v for k, v in asdict(p.cfg).items()
-                         if k in ("device", "autocast", "decode", "eval_tokens", "checkpoint_every")}
+                         if k in ("device", "autocast", "sparse", "eval_tokens", "checkpoint_every")}
             record = SaeRecord(
                 sae_id=p.sae_id, config=p.sae_config, activation_set_id=m.set_id, layer=p.layer,
                 tokens=list(p.cfg.tokens), model=m.model.get("spec", ""),
