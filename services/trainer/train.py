@@ -109,19 +109,22 @@ class SaeTrainer:
         self.live: dict[str, torch.Tensor] = {}
 
     def init_from_sample(self, mean: torch.Tensor, scale: float, b_dec: torch.Tensor) -> None:
+        """Set the normalisation constants and the initial decoder bias (normalised space)."""
         with torch.no_grad():
             self.sae.norm_mean.copy_(mean)
             self.sae.norm_scale.fill_(scale)
             self.sae.b_dec.copy_(b_dec)
 
     def loss_kwargs(self, step: int) -> dict:
+        """Every family's loss settings at ``step`` (each family reads the ones it uses): the
+        sparsity ramp is applied here, where the loss reads it."""
         cfg = self.cfg
         ramp = min(1.0, (step + 1) / self.sparsity_warmup)
         return dict(l1_coeff=cfg.l1_coeff * ramp, l0_coeff=cfg.l0_coeff * ramp, bandwidth=cfg.jumprelu_bandwidth,
                     aux_coeff=cfg.aux_coeff, aux_k=cfg.aux_k, dead_mask=self.since_fired >= cfg.dead_window)
 
     def step(self, x: torch.Tensor, step: int, autocast: contextlib.AbstractContextManager) -> None:
-        """One optimiser step on normalised inputs; raises TrainingError on a non-finite loss."""
+        """One optimiser step on normalised inputs; a non-finite loss raises before the weights change."""
         lr = self.cfg.lr * _schedule(step, self.total_steps, self.cfg.lr_warmup_frac, self.cfg.lr_decay_frac)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -142,10 +145,12 @@ class SaeTrainer:
                      "lr": torch.tensor(lr)}
 
     def state(self) -> dict:
+        """What a resumed run needs besides the step: weights, Adam state, dead-latent counters."""
         return {"model": {k: v.detach().cpu() for k, v in self.sae.state_dict().items()},
                 "optim": self.opt.state_dict(), "since_fired": self.since_fired.cpu()}
 
     def load(self, state: dict) -> None:
+        """Restore :meth:`state`."""
         self.sae.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optim"])
         self.since_fired.copy_(state["since_fired"])
