@@ -3,6 +3,8 @@ latent finds the concept, in the right images and at the right place."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from pipeline_fixtures import TINY_IMAGE, pipeline_config
@@ -82,8 +84,20 @@ def test_rerun_skips_every_finished_stage(pipeline, caplog):
     from vitscope.flows import pipeline_flow
 
     assert pipeline.skipped == []
-    again = pipeline_flow(pipeline_config(pipeline.store_uri, pipeline.data_root, pipeline.model_name))
+    caplog.set_level(logging.INFO, logger="prefect")
+    prefect_log = logging.getLogger("prefect")
+    prefect_log.addHandler(caplog.handler)  # prefect's loggers do not propagate to the root
+    try:
+        again = pipeline_flow(pipeline_config(pipeline.store_uri, pipeline.data_root, pipeline.model_name))
+    finally:
+        prefect_log.removeHandler(caplog.handler)
     assert again.skipped == ["extract", "train", "analyze"]
+    said = caplog.text
+    for line in (f"skipping extract: activation set {pipeline.set_id} is already published",
+                 f"skipping train: SAE {pipeline.sae_id} is already published",
+                 f"skipping analyze: analysis {pipeline.analysis_id} is already published",
+                 "nothing to do: every stage's output is already published"):
+        assert line in said
     assert (again.set_id, again.sae_id, again.analysis_id) == (pipeline.set_id, pipeline.sae_id, pipeline.analysis_id)
     # A changed training setting retrains and re-analyses but reuses the extracted set.
     changed = pipeline_flow(pipeline_config(pipeline.store_uri, pipeline.data_root, pipeline.model_name,

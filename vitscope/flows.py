@@ -39,17 +39,24 @@ def _retry_on_store_errors(task_, task_run, state) -> bool:
 _RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_on_store_errors)
 
 
+def _report(stage: str, what: str, ident: str, reused: bool, detail: str = "") -> None:
+    """One log line per stage: skipped because already published, or what it published."""
+    if reused:
+        get_run_logger().info("skipping %s: %s %s is already published", stage, what, ident)
+    else:
+        get_run_logger().info("%s: published %s %s%s", stage, what, ident, detail)
+
+
+def _extract_detail(result: ExtractResult) -> str:
+    m = result.manifest
+    return f" ({m.n_images} images, {len(m.skipped)} skipped as unreadable)" if m else ""
+
+
 @task(name="extract", **_RETRY)
 def extract_task(cfg: ExtractConfig) -> ExtractResult:
     """Extract activations (skipped when the content-addressed set already exists)."""
     result = extract(cfg)
-    log = get_run_logger()
-    if result.reused:
-        log.info("skipping extract: activation set %s is already published", result.set_id)
-    else:
-        m = result.manifest
-        log.info("extracted %d images into activation set %s (%d skipped as unreadable)",
-                 m.n_images, result.set_id, len(m.skipped))
+    _report("extract", "activation set", result.set_id, result.reused, _extract_detail(result))
     return result
 
 
@@ -79,10 +86,7 @@ def extract_flow(cfg: ExtractConfig, parts: int = 1) -> ExtractResult:
     if len(set_ids) != 1:
         raise RuntimeError(f"parts disagree on the activation set id: {sorted(set_ids)}")
     result = extract_publish_task(cfg, parts)
-    if result.reused:
-        get_run_logger().info("skipping extract: activation set %s is already published", result.set_id)
-    else:
-        get_run_logger().info("published activation set %s from %d parts", result.set_id, parts)
+    _report("extract", "activation set", result.set_id, result.reused, _extract_detail(result))
     return result
 
 
@@ -102,11 +106,7 @@ def task_runner(parts: int, dask_address: str | None = None, dask_cluster_class:
 def train_task(cfg: TrainConfig) -> TrainResult:
     """Train an SAE (skipped when the same SAE is already published)."""
     result = train(cfg)
-    log = get_run_logger()
-    if result.reused:
-        log.info("skipping train: SAE %s is already published", result.sae_id)
-    else:
-        log.info("trained SAE %s", result.sae_id)
+    _report("train", "SAE", result.sae_id, result.reused)
     rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in result.metrics.items())
     create_markdown_artifact(
         key=f"sae-{result.sae_id[:12]}",
@@ -120,11 +120,7 @@ def train_task(cfg: TrainConfig) -> TrainResult:
 def analyze_task(cfg: AnalyzeConfig) -> AnalyzeResult:
     """Per-latent statistics and top-k (skipped when already published)."""
     result = analyze(cfg)
-    log = get_run_logger()
-    if result.reused:
-        log.info("skipping analyze: analysis %s is already published", result.analysis_id)
-    else:
-        log.info("published analysis %s", result.analysis_id)
+    _report("analyze", "analysis", result.analysis_id, result.reused)
     return result
 
 
