@@ -103,9 +103,12 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
                 x = from_storage(arr[lo:hi], m.dtype).to(device)  # [B, T, d]
                 z = sae.encode(x)  # [B, T, d_sae]
                 zs = z[:, stat_positions].reshape(-1, d_sae)
-                fires += (zs > 0).sum(dim=0).double()
+                # Latents are non-negative, so sign() counts firings; on CPU it is ~2x faster
+                # than a boolean comparison followed by a column sum.
+                fires += zs.sign().sum(dim=0).double()
                 act_sum += zs.sum(dim=0).double()
-                act_max = torch.maximum(act_max, zs.max(dim=0).values)
+                # Reducing over tokens within each image first avoids a slow long column max.
+                act_max = torch.maximum(act_max, z[:, stat_positions].amax(dim=1).amax(dim=0))
                 n_tokens += len(zs)
                 # Best patch per image: each image enters a latent's top-k at most once.
                 best, where = z[:, patch_slice].max(dim=1)  # [B, d_sae]

@@ -77,7 +77,7 @@ class ExtractConfig:
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
     shard_mb: int = 256
-    """Target shard size; each layer of a shard is one file of at most this size."""
+    """Target shard size, all layers together (each layer is one file); bounds the memory a shard in flight takes."""
     images_per_shard: int | None = None
     """Dataset images per shard, overriding shard_mb (small values make tests exercise many shards)."""
     max_images: int | None = None
@@ -168,8 +168,8 @@ def plan(cfg: ExtractConfig) -> ExtractPlan:
         np.arange(full.n_cls, full.n_cls + layout.n_registers),
         np.arange(full.patch_start, full.tokens_per_image),
     ])
-    layer_bytes = layout.tokens_per_image * vit.d_model * DTYPES[cfg.dtype][0].itemsize
-    images_per_shard = cfg.images_per_shard or max(1, (cfg.shard_mb << 20) // layer_bytes)
+    image_bytes = len(layers) * layout.tokens_per_image * vit.d_model * DTYPES[cfg.dtype][0].itemsize
+    images_per_shard = cfg.images_per_shard or max(1, (cfg.shard_mb << 20) // image_bytes)
     identity = {
         "format_version": VERSION,
         "model": spec.identity(),
