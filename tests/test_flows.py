@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -27,3 +28,24 @@ def test_parts_as_mapped_tasks_match_a_single_process(prefect_server, planted_da
     assert _set_bytes(tmp_path / "single", single.set_id) == _set_bytes(store, result.set_id)
     again = extract_flow.with_options(task_runner=task_runner(3))(_cfg(data_root, store, tiny_model_name), parts=3)
     assert again.reused
+
+
+def test_sweep_flow_trains_each_sae_once_and_publishes_a_table(pipeline):
+    from prefect.client.orchestration import get_client
+
+    from vitscope.flows import sweep_flow
+    from vitscope.trainer.config import SweepConfig
+
+    cfg = SweepConfig(activations=pipeline.set_id, store=pipeline.store_uri, grid=("k=4,8",),
+                      set=("variant=topk", "expansion=2", "n_tokens=4096", "batch_size=512", "progress=false"))
+    results = sweep_flow(cfg)
+    assert len(results) == 2 and len({r.sae_id for r in results}) == 2 and not any(r.reused for r in results)
+    again = sweep_flow(cfg)
+    assert [r.sae_id for r in again] == [r.sae_id for r in results] and all(r.reused for r in again)
+
+    async def latest_artifacts():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    tables = [a for a in asyncio.run(latest_artifacts()) if a.key == "sweep"]
+    assert tables and all(r.sae_id in str(tables[0].data) for r in results)

@@ -28,7 +28,7 @@ PREFECT_YAML = REPO / "deploy" / "prefect" / "prefect.yaml"
 SLURM = REPO / "deploy" / "slurm"
 APPTAINER_DEF = REPO / "deploy" / "apptainer.def"
 
-SUBCOMMANDS = ("pipeline", "extract", "train", "analyze", "serve", "explore", "verify")
+SUBCOMMANDS = ("pipeline", "extract", "train", "sweep", "analyze", "serve", "explore", "verify")
 STAGES = ("extractor", "trainer", "analyzer", "explorer")
 # The composition layer: the only modules of the shared package that may import the stages.
 COMPOSITION = ("vitscope/flows.py", "vitscope/cli.py")

@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from vitscope.analyzer.analyze import AnalyzeConfig
     from vitscope.analyzer.server import ServeConfig
     from vitscope.extractor.extract import ExtractConfig
+    from vitscope.trainer.config import SweepConfig
     from vitscope.trainer.train import TrainConfig
 
     logging.basicConfig(level=os.environ.get("VITSCOPE_LOG", "INFO"),
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             "pipeline": PipelineConfig,
             "extract": ExtractConfig,
             "train": TrainConfig,
+            "sweep": SweepConfig,
             "analyze": AnalyzeConfig,
             "serve": ServeConfig,
             "explore": ExploreConfig,
@@ -133,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         from vitscope.trainer.train import train
 
         print(train(cfg).sae_id)
+    elif isinstance(cfg, SweepConfig):
+        from vitscope.trainer.config import sweep_configs
+        from vitscope.trainer.train import train_sweep
+
+        for r in train_sweep(sweep_configs(cfg)):
+            print(r.sae_id)
     elif isinstance(cfg, AnalyzeConfig):
         from vitscope.analyzer.analyze import analyze
 

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from vitscope.analyzer.analyze import AnalyzeConfig, AnalyzeResult, analyze
 from vitscope.extractor.extract import ExtractConfig, ExtractResult, extract
 from vitscope.store import OutOfSpace, StoreError
-from vitscope.trainer.train import TrainConfig, TrainResult, train
+from vitscope.trainer.config import SweepConfig, sweep_configs
+from vitscope.trainer.train import TrainConfig, TrainResult, train, train_sweep
 
 
 def _retry_on_store_errors(task_, task_run, state) -> bool:
@@ -116,6 +117,29 @@ def train_task(cfg: TrainConfig) -> TrainResult:
     return result
 
 
+@task(name="train-sweep", **_RETRY)
+def sweep_task(cfgs: list[TrainConfig]) -> list[TrainResult]:
+    """Train many SAEs from one pass over the data (each skipped when already published)."""
+    results = train_sweep(cfgs)
+    for r in results:
+        _report("train", "SAE", r.sae_id, r.reused)
+    create_table_artifact(
+        key="sweep",
+        table=[{"sae_id": r.sae_id, "variant": c.variant, "layer": c.layer, "k": c.k, "lr": c.lr,
+                "expansion": c.expansion, "seed": c.seed, "reused": r.reused,
+                **{m: r.metrics.get(m) for m in ("nmse", "l0", "dead", "dense", "tokens_per_s")}}
+               for c, r in zip(cfgs, results, strict=True)],
+        description="SAE sweep: one row per SAE (NMSE against L0 is the trade-off to read)",
+    )
+    return results
+
+
+@flow(name="vitscope-sweep", log_prints=True)
+def sweep_flow(cfg: SweepConfig) -> list[TrainResult]:
+    """Train the SAEs of a sweep (file and/or --grid) from one pass over their activation set."""
+    return sweep_task(sweep_configs(cfg))
+
+
 @task(name="analyze", **_RETRY)
 def analyze_task(cfg: AnalyzeConfig) -> AnalyzeResult:
     """Per-latent statistics and top-k (skipped when already published)."""
@@ -164,6 +188,10 @@ class PipelineConfig:
     """JSON keyword arguments for --dask-cluster-class, e.g. '{"cores": 8, "memory": "32GB", "processes": 1}'."""
     tokens: tuple[str, ...] = ("patches",)
     """Tokens the SAE trains on: cls, registers, patches or all."""
+    sae_variant: Literal["relu", "topk", "batchtopk", "matryoshka", "jumprelu"] = "relu"
+    """SAE family (see `vitscope train --help`)."""
+    sae_k: int = 32
+    """Active latents per token for topk, batchtopk and matryoshka SAEs."""
     expansion: int = 8
     """SAE width as a multiple of the ViT width."""
     l1_coeff: float = 5.0
@@ -222,8 +250,8 @@ def pipeline_flow(cfg: PipelineConfig) -> PipelineResult:
         allow_random_weights=cfg.data is None if cfg.allow_random_weights is None else cfg.allow_random_weights,
         progress=cfg.progress), parts=cfg.parts)
     tr = train_task(TrainConfig(
-        activations=ex.set_id, store=cfg.store, tokens=cfg.tokens, expansion=cfg.expansion,
-        l1_coeff=cfg.l1_coeff, lr=cfg.lr,
+        activations=ex.set_id, store=cfg.store, tokens=cfg.tokens, variant=cfg.sae_variant, k=cfg.sae_k,
+        expansion=cfg.expansion, l1_coeff=cfg.l1_coeff, lr=cfg.lr,
         batch_size=cfg.train_batch_size or (4096 if cfg.data else 1024),
         n_tokens=cfg.n_tokens or (None if cfg.data else cfg.demo_tokens),
         seed=cfg.seed, device=cfg.device, progress=cfg.progress))

@@ -155,6 +155,10 @@ class SweepConfig:
 
     file: str | None = None
     """Sweep file (.toml, .yaml or .yml)."""
+    activations: str | None = None
+    """Activation set id, if the file does not name it (same as --set activations=<id>)."""
+    store: str | None = None
+    """Store holding the activations, where the SAEs are published (default: the file's, else .vitscope/store)."""
     grid: tuple[str, ...] = ()
     """Axes to cross, e.g. --grid k=32,64 lr=1e-4,4e-4 layer=9,11."""
     set: tuple[str, ...] = ()
@@ -224,7 +228,8 @@ def sweep_configs(cfg: SweepConfig) -> list[TrainConfig]:
     grid = dict(spec.pop("grid", None) or {})
     entries = list(spec.pop("sae", None) or [{}])
     grid.update(_parse_assignments(cfg.grid, many=True))
-    base = {**spec, **_parse_assignments(cfg.set, many=False)}
+    named = {k: v for k, v in (("activations", cfg.activations), ("store", cfg.store)) if v is not None}
+    base = {**spec, **named, **_parse_assignments(cfg.set, many=False)}
     for key in [*grid, *(k for e in entries for k in e)]:
         if key in SHARED_FIELDS:
             raise ValueError(f"{key!r} is shared by the whole sweep (one data pass): set it once, not per SAE")
