@@ -174,8 +174,8 @@ class PipelineConfig:
     """Stored precision of activations."""
     batch_size: int = 32
     """Images per forward pass."""
-    workers: int = 2
-    """Image-decoding processes (the stored order never depends on this)."""
+    workers: int | None = None
+    """Image-decoding processes (default: 1 on a CPU, up to 8 with a GPU); the stored bytes never depend on this."""
     images_per_shard: int | None = None
     """Images per shard; default: shards of about 256 MiB per layer."""
     parts: int = 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,8 +73,9 @@ class ExtractConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     """Stored precision: half precision halves storage and I/O."""
     batch_size: int = 64
-    workers: int = 2
-    """Image-decoding processes. The stored bytes never depend on this."""
+    workers: int | None = None
+    """Image-decoding processes (default: 1 on a CPU, where the forward pass needs the cores and
+    decoding costs a few % of it; up to 8 with a GPU). The stored bytes never depend on this."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
     shard_mb: int = 256
@@ -144,6 +146,13 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding processes: on a CPU one keeps up with the forward pass (more would take cores
+    from it); a GPU needs as many as the cores allow."""
+    cores = os.cpu_count() or 1
+    return min(8, max(1, cores - 1)) if device.type == "cuda" else 1
 
 
 def plan(cfg: ExtractConfig) -> ExtractPlan:
@@ -230,14 +239,15 @@ def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> int:
     check_room(p, len(indices), cfg.force)
     vit, source, device = p.vit, p.source, p.device
     layers = p.manifest.layers
+    workers = default_workers(device) if cfg.workers is None else cfg.workers
     loader = DataLoader(
         DecodedImages(source, vit.transform.tensor()),
         batch_size=cfg.batch_size,
         sampler=indices,  # a sampler is an ordered index list: only the unfinished shards
-        num_workers=cfg.workers,
+        num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
-        prefetch_factor=4 if cfg.workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
     )
     rows: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     records: list[dict] = []
