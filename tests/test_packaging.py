@@ -505,3 +505,10 @@ def test_ruff_passes():
     proc = subprocess.run([ruff, "check", "--no-cache", "--output-format", "concise", "."], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"ruff check . failed:\n{proc.stdout}{proc.stderr}"
+
+
+def test_the_example_sweep_file_parses():
+    from vitscope.trainer.config import SweepConfig, sweep_configs
+
+    cfgs = sweep_configs(SweepConfig(file=str(REPO / "docs" / "example-sweep.toml"), activations="some-set"))
+    assert len(cfgs) == 8 and {c.variant for c in cfgs} == {"topk", "batchtopk"}
