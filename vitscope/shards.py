@@ -414,7 +414,3 @@ class ActivationSet:
             problems.append(f"shards hold {first} images, manifest says {m.n_images}")
         return problems
 
-
-def list_sets(store: Store) -> list[str]:
-    """Ids of every published activation set in the store."""
-    return [k.split("/")[1] for k in store.list(f"{PREFIX}/") if k.endswith("/manifest.json") and k.count("/") == 2]
