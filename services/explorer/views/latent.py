@@ -43,9 +43,9 @@ def seed_latent(d_sae: int) -> int:
 
 def controls(d_sae: int) -> None:
     c1, c2, c3, c4 = st.columns([1, 1, 2, 4], vertical_alignment="bottom")
-    c1.button("", icon=":material/chevron_left:", on_click=step, args=(-1, d_sae), width="stretch",
+    c1.button("Prev", icon=":material/chevron_left:", on_click=step, args=(-1, d_sae), width="stretch",
               help="previous latent")
-    c2.button("", icon=":material/chevron_right:", on_click=step, args=(1, d_sae), width="stretch",
+    c2.button("Next", icon=":material/chevron_right:", on_click=step, args=(1, d_sae), width="stretch",
               help="next latent")
     n = c3.number_input("Latent", min_value=0, max_value=d_sae - 1, step=1, key="latent")
     # The analysis' k is not in the API, so the default defers to the server (16, or all kept).
