@@ -28,6 +28,7 @@ import io
 import json
 import os
 import re
+import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -47,11 +48,11 @@ class DatasetError(ValueError):
     """The dataset cannot be read as asked (missing folder, no images, bad list)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a listing of millions of images stays small
 class ImageEntry:
     id: str  # stable id within the dataset
     label: str | None
-    location: Any  # source-specific: a path, a URI, or (tar path, offset, size)
+    location: Any = None  # source-specific: a URI, (tar path, offset, size), or None (derived from id)
 
 
 def decode_image(data: bytes | str | os.PathLike) -> Image.Image:
@@ -114,17 +115,19 @@ class ImageFolderSource(ImageSource):
                     found.append(os.path.relpath(os.path.join(dirpath, name), self.root).replace(os.sep, "/"))
         found.sort()
         self.layout = "class-folders" if found and all(rel.count("/") == 1 for rel in found) else "flat"
-        entries = [ImageEntry(rel, rel.split("/", 1)[0] if self.layout == "class-folders" else None,
-                              str(self.root / rel)) for rel in found]
+        # The path is root + id, so entries hold no copy of it; labels are interned (one string
+        # per class, not per image).
+        entries = [ImageEntry(rel, sys.intern(rel.split("/", 1)[0]) if self.layout == "class-folders" else None)
+                   for rel in found]
         self.entries = self._limit(entries, max_images, self.root)
 
     def read(self, entry: ImageEntry) -> str:
-        return entry.location
+        return os.path.join(self.root, entry.id)
 
     def identity(self) -> dict[str, Any]:
         # Ids and sizes: cheap to compute, unlike hashing every file.
         return {"kind": "image-folder", "root": str(self.root), "layout": self.layout, "n": len(self.entries),
-                "listing_sha256": _listing_hash(self.entries, lambda e: os.path.getsize(e.location))}
+                "listing_sha256": _listing_hash(self.entries, lambda e: os.path.getsize(self.read(e)))}
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "image-folder", "root": str(self.root), "layout": self.layout, "n_listed": len(self.entries)}
