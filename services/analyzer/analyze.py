@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vitscope.device import resolve_device
 from vitscope.sae import load_sae_from
 from vitscope.shards import ActivationSet, from_storage
 from vitscope.store import open_store
@@ -64,11 +65,6 @@ class TopK:
         self.patch = torch.cat([self.patch, patch], dim=1).gather(1, top)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 @torch.no_grad()
 def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
@@ -76,7 +72,7 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     if cfg.k <= 0:
         raise ValueError("k must be positive")
     store = open_store(cfg.store)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     sae, record = load_sae_from(store, cfg.sae, device)
     aset = ActivationSet.open(store, record.activation_set_id)
     m = aset.manifest

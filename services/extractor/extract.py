@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vitscope.datasets import DecodedImages, ImageSource, collate, open_source
+from vitscope.device import resolve_device
 from vitscope.hashing import content_id
 from vitscope.models import ModelSpec, ViT, load_vit
 from vitscope.shards import (
@@ -141,11 +142,6 @@ class ExtractPlan:
         per = -(-self.n_shards // parts)
         return range(min(part * per, self.n_shards), min((part + 1) * per, self.n_shards))
 
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def default_workers(device: torch.device) -> int:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from vitscope.device import resolve_device
 from vitscope.hashing import content_id
 from vitscope.sae import (
     SaeConfig,
@@ -70,11 +71,6 @@ def _schedule(step: int, total: int, warmup: float, decay: float) -> float:
         return max(0.0, (total - step) / d)
     return 1.0
 
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass(frozen=True)
@@ -227,7 +223,7 @@ class _Run:
                  n_tokens: int, run_id: str):
         self.shared, self.store, self.aset, self.plans = shared, store, aset, plans
         self.n_tokens, self.run_id = n_tokens, run_id
-        self.device = _device(shared.device)
+        self.device = resolve_device(shared.device)
         self.layers = sorted({p.layer for p in plans})
         self.batch_size = shared.batch_size
         self.total_steps = max(1, math.ceil(n_tokens / self.batch_size))
