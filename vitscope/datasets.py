@@ -304,17 +304,17 @@ def load_image_by_id(described: dict[str, Any], image_id: str) -> Image.Image:
     if kind == "webdataset":
         shard_name, _, key = image_id.partition("/")
         for uri in described["shards"]:
-            if Path(uri).name == shard_name:
-                for entry in _tar_index(uri):
-                    if entry.id == image_id:
-                        return decode_image(_read_member(entry.location))
+            entry = _tar_index(uri).get(image_id) if Path(uri).name == shard_name else None
+            if entry is not None:
+                return decode_image(_read_member(entry.location))
         raise FileNotFoundError(f"no image {image_id!r} in the listed tar shards")
     raise DatasetError(f"unknown dataset kind {kind!r}")
 
 
 @functools.lru_cache(maxsize=64)
-def _tar_index(uri: str) -> list[ImageEntry]:
-    return TarSource._index(uri, _fetch(uri))
+def _tar_index(uri: str) -> dict[str, ImageEntry]:
+    """A shard's samples by id, indexed once per process (the analyzer looks images up often)."""
+    return {e.id: e for e in TarSource._index(uri, _fetch(uri))}
 
 
 def _read_member(location: tuple[str, int, int]) -> bytes:
