@@ -220,8 +220,8 @@ def check_room(p: ExtractPlan, n_images: int, force: bool) -> None:
                            "free some space, pick another --store, or pass --force")
 
 
-def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> int:
-    """Extract the given shards, skipping those a previous run finished; returns how many it wrote."""
+def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> None:
+    """Extract the given shards, skipping those a previous run finished."""
     writer = ShardWriter(p.store, p.manifest, p.images_per_shard)
     done = writer.completed_shards()
     todo = [k for k in shards if k not in done]
@@ -231,7 +231,7 @@ def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> int:
         p.store.discard_incomplete(f"{set_prefix(p.set_id)}/{shard_name(k)}/")
     indices = [i for k in todo for i in range(*p.shard_range(k))]
     if not indices:
-        return 0
+        return
     check_room(p, len(indices), cfg.force)
     vit, source, device = p.vit, p.source, p.device
     layers = p.manifest.layers
@@ -249,7 +249,6 @@ def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> int:
     records: list[dict] = []
     skipped: list[dict[str, str]] = []
     pending: Future | None = None
-    written = 0
 
     m = p.manifest
     empty = np.zeros((0, m.layout.tokens_per_image, m.d_model), dtype=DTYPES[m.dtype][0])
@@ -280,7 +279,8 @@ def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> int:
                     skipped.append({"id": entry.id, "error": errors[i]})
                 else:
                     records.append({"id": entry.id, "label": entry.label, "index": i})
-                k, (start, end) = i // p.images_per_shard, p.shard_range(i // p.images_per_shard)
+                k = i // p.images_per_shard
+                start, end = p.shard_range(k)
                 if i == end - 1:
                     acts = take_rows(len(records))
                     if pending is not None:
@@ -288,11 +288,9 @@ def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> int:
                     # The write overlaps the next batches' forward passes.
                     pending = pool.submit(writer.write_shard, k, acts, records, (start, end), skipped)
                     records, skipped = [], []
-                    written += 1
             bar.update(len(batch_indices) + len(failed))
         if pending is not None:
             pending.result()
-    return written
 
 
 def publish(p: ExtractPlan) -> Manifest:
