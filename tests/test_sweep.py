@@ -117,21 +117,21 @@ def test_a_sweep_trains_each_sae_as_if_alone_reading_each_chunk_once(gt_set, tmp
             base(src, set_id, variant="relu", layer=7, seed=2, **one_epoch),
             base(src, set_id, variant="batchtopk", k=3, layer=7, seed=3, expansion=4, **one_epoch)]
     reads: list[tuple] = []
-    original = TokenStream._read
+    original = TokenStream._fill
 
-    def counting(self, shard, layer, lo, hi):
+    def counting(self, shard, layer, lo, hi, out, dest):
         reads.append((shard.index, layer, lo, hi))
-        return original(self, shard, layer, lo, hi)
+        return original(self, shard, layer, lo, hi, out, dest)
 
-    monkeypatch.setattr(TokenStream, "_read", counting)
+    monkeypatch.setattr(TokenStream, "_fill", counting)
     results = train_sweep(cfgs)
     assert [r.reused for r in results] == [False] * 3
     # One training epoch and one evaluation epoch: every chunk (4 images) is read exactly twice
-    # per layer, whatever the number of SAEs; the init sample reads single images.
-    chunk_reads = Counter(r for r in reads if r[3] - r[2] > 1)
+    # per layer, whatever the number of SAEs.
+    chunk_reads = Counter(reads)
     n_chunks = 4 * 5 + 4  # four shards of 20 images, then one of 16
     assert len(chunk_reads) == 2 * n_chunks and set(chunk_reads.values()) == {2}
-    monkeypatch.setattr(TokenStream, "_read", original)
+    monkeypatch.setattr(TokenStream, "_fill", original)
     for cfg, r in zip(cfgs, results, strict=True):
         alone_store = tmp_path / f"alone-{cfg.seed}"
         # The same set in another store: SAE ids do not depend on where the set is kept.

@@ -110,6 +110,35 @@ def test_stream_covers_every_token_once_per_epoch_deterministically(small_set, b
         torch.testing.assert_close(x, aset.image_tokens(1, image)[pos])
 
 
+@pytest.mark.parametrize("kinds", [["patches"], ["cls"], ["all"], "sparse"])
+def test_stream_vectored_reads_put_every_token_where_the_ranged_read_path_does(small_set, kinds, monkeypatch):
+    """The local vectored-read path (one span per chunk, or per image for sparse selections,
+    with unselected tokens sent to a scratch row) must give exactly what the generic ranged
+    read (S3's path) gives, and both must hold the stored rows."""
+    store, set_id = small_set
+    aset = ActivationSet.open(open_store(store), set_id)
+    tpi = aset.layout.tokens_per_image
+    positions = np.array([0, 3, 4, tpi - 1]) if kinds == "sparse" else aset.layout.token_indices(kinds)
+
+    def epoch() -> tuple[np.ndarray, dict[int, torch.Tensor]]:
+        stream = TokenStream(aset, [0, 1], positions, batch_size=50, seed=7, buffer_tokens=300, chunk_tokens=40)
+        batches = list(stream.epoch(0))
+        return (np.concatenate([b.ids for b in batches]),
+                {layer: torch.cat([b.xs[layer] for b in batches]) for layer in (0, 1)})
+
+    ids, xs = epoch()
+    monkeypatch.setattr("vitscope.trainer.stream._PREADV", None)
+    ids_ranged, xs_ranged = epoch()
+    np.testing.assert_array_equal(ids, ids_ranged)
+    expected = (np.arange(len(aset))[:, None] * tpi + positions[None]).ravel()
+    np.testing.assert_array_equal(np.sort(ids), np.sort(expected))
+    image, pos = np.divmod(ids, tpi)
+    for layer in (0, 1):
+        torch.testing.assert_close(xs[layer], xs_ranged[layer], rtol=0, atol=0)
+        stored = torch.stack([aset.image_tokens(layer, i) for i in range(len(aset))])
+        torch.testing.assert_close(xs[layer], stored[torch.from_numpy(image), torch.from_numpy(pos)], rtol=0, atol=0)
+
+
 def test_bdec_and_normalisation_come_from_a_large_sample_and_are_saved(small_set):
     store, set_id = small_set
     res = train(TrainConfig(activations=set_id, store=str(store), expansion=2, n_tokens=2048, batch_size=256,

@@ -73,7 +73,8 @@ class TrainConfig:
     data_seed: int | None = None
     """Seeds the data order; default: seed. SAEs of one sweep share it."""
     buffer_tokens: int = 1 << 18
-    """Shuffle window in tokens (bounds memory: about two windows per layer are held)."""
+    """Shuffle window in tokens (bounds memory: up to three windows per layer are held: one
+    being read, one being emitted, one still referenced by queued batches)."""
     chunk_tokens: int = 8192
     """Tokens per read (whole images): the unit that is shuffled before the token-level shuffle."""
     init_sample: int = 1 << 16

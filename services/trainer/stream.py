@@ -15,17 +15,21 @@ couple of windows whatever the size of the set, and resuming at token ``p`` only
 window that holds ``p``. Every chunk is read once per epoch for *all* requested layers, so a
 sweep over several layers reads each byte once.
 
-Reading a chunk means one ranged GET on S3; on a local store it means memory-mapping the rows
-with their pages populated up front (``MAP_POPULATE``), so batches are gathered straight from
-the page cache: one copy of each byte, as for a plain sequential read.
+Each window is read straight into its shuffled order: every chunk's tokens go to the window
+rows the permutation gives them, so a batch is then a contiguous slice of the window, handed
+out without another copy. On a local store a chunk is one vectored read (``preadv``: the kernel
+copies the file's bytes from the page cache to their scattered rows, without holding the GIL,
+so the read threads copy in parallel); on S3 it is one ranged GET, scattered with numpy.
 """
 
 from __future__ import annotations
 
-import mmap
+import ctypes
+import errno
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +40,22 @@ import torch
 from vitscope.shards import DTYPES, ActivationSet, ShardRecord, from_storage, layer_file
 from vitscope.store import StoreError
 
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only; elsewhere pages fault in on first touch
+
+def _libc_preadv():
+    """libc's ``preadv`` through ctypes (Linux, the BSDs, macOS 11+), or None. Unlike
+    ``os.preadv`` it takes a ready-made ``iovec`` array, so a chunk's thousands of destination
+    rows cost one numpy expression instead of a Python object each."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).preadv  # the C library the interpreter links
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_ssize_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+    return fn
+
+
+_PREADV = _libc_preadv()
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 class StreamError(RuntimeError):
@@ -69,12 +88,38 @@ class _Chunk:
     hi: int
 
 
+class _BufferPool:
+    """Window buffers, reused once every batch cut from them is gone.
+
+    A fresh buffer costs the kernel a zeroing pass over its pages (and on a fragmented
+    machine, compaction for huge pages) before the read's copy can land: as much again as the
+    copy. Batches are views of their window, so a buffer may only be reused when the last of
+    them is garbage; each lease is a fresh exporting object whose finaliser, run when the last
+    view dies, hands the buffer back."""
+
+    def __init__(self, nbytes: int, keep: int):
+        self.nbytes, self.keep = nbytes, keep
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def lease(self) -> np.ndarray:
+        """``nbytes`` of uninitialised memory, as a uint8 array."""
+        with self._lock:
+            buf = self._free.pop() if self._free else np.empty(self.nbytes, np.uint8)
+        exporter = (ctypes.c_char * self.nbytes).from_buffer(buf)
+        weakref.finalize(exporter, self._give_back, buf)
+        return np.frombuffer(exporter, np.uint8)
+
+    def _give_back(self, buf: np.ndarray) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(buf)
+
+
 @dataclass(frozen=True)
 class _Window:
-    parts: list[dict[int, np.ndarray]]  # per chunk: layer -> [images, tokens, d] in the stored dtype
-    starts: np.ndarray  # offset of each chunk's first selected token in the window, then the total
-    ids: np.ndarray
-    perm: np.ndarray  # emission order
+    rows: dict[int, np.ndarray]  # layer -> [tokens, d] in the stored dtype, in emission order
+    ids: np.ndarray  # global token ids, in emission order
 
 
 def _torch_view(a: np.ndarray, dtype: str) -> torch.Tensor:
@@ -119,6 +164,10 @@ class TokenStream:
         self.chunks = [_Chunk(i, lo, min(lo + self.chunk_images, s.n_images))
                        for i, s in enumerate(m.shards) for lo in range(0, s.n_images, self.chunk_images)]
         self._row_bytes = m.layout.tokens_per_image * m.bytes_per_token
+        # A window ends with the chunk that takes it to buffer_tokens, so it holds less than
+        # buffer_tokens plus one chunk. Kept free: the windows in flight (read, emitted, queued).
+        window_tokens = self.buffer_tokens + self.chunk_images * per_image
+        self._buffers = _BufferPool(window_tokens * m.bytes_per_token, keep=3 * len(self.layers))
 
     @property
     def layer(self) -> int:
@@ -145,40 +194,74 @@ class TokenStream:
                         f"in {m.dtype} need {expected}: the shards do not match the manifest's d_model")
 
     # --- reading ---------------------------------------------------------------------------
+    def _key(self, shard: ShardRecord, layer: int) -> str:
+        return f"{self.aset.prefix}/{shard.name}/{layer_file(layer)}"
+
+    def _unreadable(self, shard: ShardRecord, layer: int, lo: int, hi: int, e: Exception) -> StreamError:
+        return StreamError(f"cannot read {self.aset.store.uri}/{self._key(shard, layer)} rows {lo}:{hi} ({e}): was "
+                           f"the activation set removed or changed while training?")
+
     def _read(self, shard: ShardRecord, layer: int, lo: int, hi: int) -> np.ndarray:
-        """Rows [lo, hi) of one shard's layer file, [hi - lo, tokens, d] in the stored dtype: a
-        memory-mapped view on a local store, one ranged GET on S3."""
+        """Rows [lo, hi) of one shard's layer file, [hi - lo, tokens, d] in the stored dtype
+        (one ranged read)."""
         m = self.aset.manifest
-        np_dtype = DTYPES[m.dtype][0]
-        key = f"{self.aset.prefix}/{shard.name}/{layer_file(layer)}"
-        shape = (hi - lo, m.layout.tokens_per_image, m.d_model)
         try:
-            path = self.aset.store.local_path(key)
-            if path is not None:
-                return self._map(path, shard, lo, hi).view(np_dtype).reshape(shape)
-            raw = self.aset.store.get_range(key, lo * self._row_bytes, (hi - lo) * self._row_bytes)
-            return np.frombuffer(raw, dtype=np_dtype).reshape(shape)
+            raw = self.aset.store.get_range(self._key(shard, layer), lo * self._row_bytes, (hi - lo) * self._row_bytes)
         except (OSError, ValueError, StoreError) as e:
-            raise StreamError(f"cannot read {self.aset.store.uri}/{key} rows {lo}:{hi} ({e}): was the activation "
-                              f"set removed or changed while training?") from e
+            raise self._unreadable(shard, layer, lo, hi, e) from e
+        return np.frombuffer(raw, dtype=DTYPES[m.dtype][0]).reshape(hi - lo, m.layout.tokens_per_image, m.d_model)
 
-    def _map(self, path, shard: ShardRecord, lo: int, hi: int) -> np.ndarray:
-        """Bytes of rows [lo, hi) of a local file, memory-mapped with its page tables filled
-        up front (MAP_POPULATE: one bulk read-ahead instead of a page fault per 4 KiB)."""
-        start, end = lo * self._row_bytes, hi * self._row_bytes
-        base = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+    def _fill(self, shard: ShardRecord, layer: int, lo: int, hi: int, out: np.ndarray, dest: np.ndarray) -> None:
+        """Copy the selected tokens of rows [lo, hi) of one shard's layer file to rows ``dest``
+        of ``out`` (image-major, in the order of ``positions``)."""
+        path = self.aset.store.local_path(self._key(shard, layer)) if _PREADV is not None else None
+        if path is None:
+            part = self._read(shard, layer, lo, hi)[:, self.positions]
+            out[dest] = part.reshape(-1, part.shape[-1])
+            return
+        try:
+            self._scatter_read(path, shard, lo, hi, out, dest)
+        except OSError as e:
+            raise self._unreadable(shard, layer, lo, hi, e) from e
+
+    def _scatter_read(self, path, shard: ShardRecord, lo: int, hi: int, out: np.ndarray, dest: np.ndarray) -> None:
+        """One vectored read of rows [lo, hi) of a local file, each selected token landing in its
+        own row of ``out``: a single copy of each byte, made by the kernel.
+
+        The file span read runs from the first selected token of the first image to the last
+        selected token of the last; tokens inside it that are not selected (the CLS token when
+        training on patches) land in a scratch row. When fewer than half the tokens are
+        selected, each image is its own span instead, so that a CLS-only stream does not read
+        every patch."""
+        m = self.aset.manifest
+        tpi, bpt = m.layout.tokens_per_image, m.bytes_per_token
+        scratch = np.empty(bpt, np.uint8)
+        addr = np.full((hi - lo, tpi), scratch.ctypes.data, np.uint64)
+        addr[:, self.positions] = (out.ctypes.data + dest.astype(np.uint64) * np.uint64(bpt)).reshape(hi - lo, -1)
+        first, last = int(self.positions.min()), int(self.positions.max()) + 1
+        if 2 * len(self.positions) >= tpi:
+            spans = [(lo * tpi + first, addr.reshape(-1)[first:(hi - lo - 1) * tpi + last])]
+        else:
+            spans = [((lo + i) * tpi + first, addr[i, first:last]) for i in range(hi - lo)]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
             if size != shard.n_images * self._row_bytes:
-                raise StreamError(f"{path} holds {size} bytes, expected {shard.n_images * self._row_bytes}: "
-                                  f"the file does not match the manifest")
-            mm = mmap.mmap(f.fileno(), end - base, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ,
-                           offset=base)
-        return np.frombuffer(mm, dtype=np.uint8)[start - base:]
-
-    def _open_chunk(self, c: _Chunk) -> dict[int, np.ndarray]:
-        shard = self.aset.manifest.shards[c.shard]
-        return {layer: self._read(shard, layer, c.lo, c.hi) for layer in self.layers}
+                raise OSError(errno.EIO, f"the file holds {size} bytes, the manifest says "
+                                         f"{shard.n_images * self._row_bytes}")
+            for token, rows in spans:
+                iov = np.empty((len(rows), 2), np.uint64)
+                iov[:, 0], iov[:, 1] = rows, bpt
+                for a in range(0, len(iov), _IOV_MAX):
+                    n = min(_IOV_MAX, len(iov) - a)
+                    offset = (token + a) * bpt
+                    while (got := _PREADV(fd, iov[a:a + n].ctypes.data, n, offset)) < 0:
+                        if ctypes.get_errno() != errno.EINTR:
+                            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+                    if got != n * bpt:
+                        raise OSError(errno.EIO, f"short read at byte {offset}: {got} of {n * bpt} bytes")
+        finally:
+            os.close(fd)
 
     def _chunk_ids(self, c: _Chunk) -> np.ndarray:
         m = self.aset.manifest
@@ -222,38 +305,36 @@ class TokenStream:
             for e, w, chunks in spans():
                 if stop.is_set():
                     return
-                reads = [pool.submit(self._open_chunk, c) for c in chunks]
+                window = self._start_window(pool, e, w, chunks)
                 if ahead is not None:
-                    yield self._window(*ahead)
-                ahead = (e, w, chunks, reads)
+                    yield self._finish_window(*ahead)
+                ahead = window
             if ahead is not None:
-                yield self._window(*ahead)
+                yield self._finish_window(*ahead)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _window(self, epoch: int, w: int, chunks: list[_Chunk], reads: list) -> _Window:
+    def _start_window(self, pool: ThreadPoolExecutor, epoch: int, w: int, chunks: list[_Chunk]):
+        """Allocate the window and submit its chunk reads; each chunk's tokens go straight to
+        the rows where the window's permutation emits them."""
+        m = self.aset.manifest
         per_image = len(self.positions)
         starts = np.cumsum([0] + [(c.hi - c.lo) * per_image for c in chunks])
         ids = np.concatenate([self._chunk_ids(c) for c in chunks])
-        perm = np.random.default_rng([self.seed, epoch, w + 1]).permutation(len(ids))
-        return _Window([f.result() for f in reads], starts, ids, perm)
+        perm = np.random.default_rng([self.seed, epoch, w + 1]).permutation(len(ids))  # emission order
+        dest = np.empty_like(perm)
+        dest[perm] = np.arange(len(perm))  # the row of window token t is the step that emits it
+        rows = {layer: self._buffers.lease()[:len(ids) * m.bytes_per_token].view(DTYPES[m.dtype][0])
+                .reshape(len(ids), m.d_model) for layer in self.layers}
+        reads = [pool.submit(self._fill, m.shards[c.shard], layer, c.lo, c.hi, rows[layer], dest[a:b])
+                 for c, a, b in zip(chunks, starts[:-1], starts[1:], strict=True) for layer in self.layers]
+        return _Window(rows, ids[perm]), reads
 
-    def _gather(self, win: _Window, sel: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray]:
-        """Tokens ``sel`` (window offsets) of every layer and their ids. They come out in
-        storage order (the order within a batch means nothing to training), so that each chunk's
-        tokens are one ``take`` into a contiguous slice: a single copy of each byte."""
-        m = self.aset.manifest
-        sel = np.sort(sel)  # chunk by chunk, rows ascending within each: friendlier to caches and TLB
-        chunk = np.searchsorted(win.starts, sel, side="right") - 1
-        row, col = np.divmod(sel - win.starts[chunk], len(self.positions))
-        flat = row * m.layout.tokens_per_image + self.positions[col]
-        bounds = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), len(sel)]
-        out = {layer: np.empty((len(sel), m.d_model), DTYPES[m.dtype][0]) for layer in self.layers}
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            part = win.parts[chunk[a]]
-            for layer in self.layers:
-                np.take(part[layer].reshape(-1, m.d_model), flat[a:b], axis=0, out=out[layer][a:b])
-        return out, win.ids[sel]
+    @staticmethod
+    def _finish_window(window: _Window, reads: list) -> _Window:
+        for f in reads:
+            f.result()  # raises the read's error, if any
+        return window
 
     def locate(self, position: int) -> tuple[int, int, int]:
         """(epoch, window, offset within the window) of token ``position`` of the endless stream."""
@@ -297,17 +378,18 @@ class TokenStream:
                 pending: list[tuple[dict[int, np.ndarray], np.ndarray]] = []
                 have = 0
                 for win in self._windows(epoch, w, count, halt):
-                    perm = win.perm[offset:]
+                    pos, end = offset, len(win.ids)
                     offset = 0
-                    while len(perm):
+                    while pos < end:
                         want = self.batch_size - have
                         if todo is not None:
                             want = min(want, todo)
-                        sel, perm = perm[:want], perm[want:]
-                        pending.append(self._gather(win, sel))
-                        have += len(sel)
+                        sel = slice(pos, min(pos + want, end))
+                        pos = sel.stop
+                        pending.append(({layer: rows[sel] for layer, rows in win.rows.items()}, win.ids[sel]))
+                        have += sel.stop - sel.start
                         if todo is not None:
-                            todo -= len(sel)
+                            todo -= sel.stop - sel.start
                         if have == self.batch_size or todo == 0:
                             if not put(self._assemble(pending)):
                                 return
@@ -330,6 +412,8 @@ class TokenStream:
             t.join()
 
     def _assemble(self, pieces: list[tuple[dict[int, np.ndarray], np.ndarray]]) -> TokenBatch:
+        """A batch from its slices of one or two windows: a batch inside one window shares the
+        window's memory (no copy); one that straddles two is concatenated."""
         xs = {}
         for layer in self.layers:
             parts = [p[0][layer] for p in pieces]
