@@ -225,23 +225,40 @@ def test_a_killed_run_resumes_with_the_same_data_order_and_state(gt_set, tmp_pat
         assert_same_weights(weights(stores[0], a.sae_id), weights(stores[1], b.sae_id))
 
 
-def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(gt_set, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("poisoned", "what", "kept"), [
+    (12, r"loss became nan at step 12 \(768 tokens\)", 10),  # caught before the checkpoint of step 15
+    (19, r"loss became nan at step 19 \(1216 tokens\)", 15),  # the last step: caught before publishing
+    (-19, r"weights became non-finite at step 19 \(1216 tokens\)", 15),  # the last update, which no loss saw
+])
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(gt_set, monkeypatch, poisoned,
+                                                                                  what, kept):
+    """The loss is checked on the host only every few steps (a per-step read would stall a GPU),
+    but always before a checkpoint is saved or an SAE published: the error names the step where
+    the loss first went non-finite (every later step is non-finite too), and the kept checkpoint
+    is the last one before it, with finite weights."""
     src, set_id = gt_set
-    cfg = base(src, set_id, variant="topk", k=3, n_tokens=1280, checkpoint_every=320)
+    cfg = base(src, set_id, variant="topk", k=3, n_tokens=1280, checkpoint_every=320)  # 20 steps of 64
     original = SaeTrainer.step
+    ran: list[int] = []
 
     def poisons(self, x, step, autocast):
-        return original(self, x * (float("nan") if step == 12 else 1.0), step, autocast)
+        ran.append(step)
+        original(self, x * (float("nan") if step == poisoned else 1.0), step, autocast)
+        if step == -poisoned:
+            with torch.no_grad():
+                self.sae.W_enc[0, 0] = float("inf")
 
     monkeypatch.setattr(SaeTrainer, "step", poisons)
-    with pytest.raises(TrainingError, match=r"loss became nan at step 12 .* lower lr .*nothing was published; "
-                                            r"the last good checkpoint \(step 10\) is kept under"):
+    with pytest.raises(TrainingError, match=rf"{what}: lower lr .*nothing was published; "
+                                            rf"the last good checkpoint \(step {kept}\) is kept under"):
         train(cfg)
+    assert max(ran) == (14 if poisoned == 12 else 19)  # ran on (lazily) up to the next check
     store = LocalStore(src)
+    sae_id = plan_saes([cfg], ActivationSet.open(store, set_id), 1280)[0].sae_id
+    assert not store.list(f"saes/{sae_id}/")
     [progress_key] = [k for k in store.list("runs/") if k.endswith("progress.json")]
-    assert json.loads(store.get_bytes(progress_key))["step"] == 10
-    state = checkpoint.load_state(store, progress_key.split("/")[1], 10, plan_saes(
-        [cfg], ActivationSet.open(store, set_id), 1280)[0].sae_id)
+    assert json.loads(store.get_bytes(progress_key))["step"] == kept
+    state = checkpoint.load_state(store, progress_key.split("/")[1], kept, sae_id)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     store.delete_prefix("runs/")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -23,7 +24,7 @@ from vitscope.sae import (
 from vitscope.shards import ActivationSet
 from vitscope.store import LocalStore, open_store
 from vitscope.trainer.stream import TokenStream
-from vitscope.trainer.train import TrainConfig, TrainingError, _schedule, train
+from vitscope.trainer.train import SaePlan, SaeTrainer, TrainConfig, TrainingError, _schedule, train
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +200,24 @@ def test_divergence_and_bad_input_fail_clearly(small_set):
         train(TrainConfig(activations=set_id, store=str(store), layer=7, progress=False))
     with pytest.raises(KeyError, match="no published activation set"):
         train(TrainConfig(activations="0" * 20, store=str(store), progress=False))
+
+
+@pytest.mark.parametrize(("variant", "sparse"), [("relu", "off"), ("jumprelu", "off"), ("topk", "off"),
+                                               ("topk", "decode"), ("batchtopk", "off"), ("matryoshka", "off")])
+def test_a_training_step_never_reads_a_device_value_on_the_host(variant, sparse):
+    """On a GPU, a host read of a device value (.item(), bool(tensor), boolean indexing,
+    bincount, ...) waits for every queued kernel; in a sweep it would stall the queue once per
+    SAE and step. On the meta device (shapes without data) any such read raises, so the real
+    step runs there, AuxK with its dead-latent mask included. (sparse="all" is left out: the
+    meta device has no sparse matmul.)"""
+    k = 4 if variant in ("topk", "batchtopk", "matryoshka") else None
+    cfg = TrainConfig(activations="x", variant=variant, k=k or 32, sparse=sparse, aux_coeff=0.1, dead_window=64)
+    plan = SaePlan(cfg, "id", 0, SaeConfig(variant, 16, 32, k, (8, 32) if variant == "matryoshka" else None), {})
+    member = SaeTrainer(plan, 10, torch.device("meta"))
+    for step in range(3):
+        member.since_fired_bound = cfg.dead_window  # latents may be dead: the AuxK loss runs
+        member.step(torch.empty(8, 16, device="meta"), step, contextlib.nullcontext())
+    assert member.flags(weights=True).shape == (3,)
 
 
 def test_checkpoint_loads_back_as_saved(tmp_path):

@@ -195,9 +195,15 @@ class ReluSae(Sae):
 
 def _bag(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
     """out[r] = sum of vals * weight[col] over the (row, col) pairs of row r (rows ascending)."""
-    offsets = torch.zeros(n, dtype=torch.long, device=rows.device)
-    offsets[1:] = torch.bincount(rows, minlength=n)[:-1].cumsum(0)
+    # Row r's pairs start where the rows < r end (searchsorted, unlike bincount, needs no
+    # host-side read of the largest row on a GPU).
+    offsets = torch.searchsorted(rows, torch.arange(n, device=rows.device, dtype=rows.dtype))
     return F.embedding_bag(cols, weight, offsets, mode="sum", per_sample_weights=vals.to(weight.dtype))
+
+
+def _repeat_rows(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """0, 0, ..., 1, 1, ...: each of n row indices k times."""
+    return torch.arange(n, device=device)[:, None].expand(n, k).reshape(-1)
 
 
 class _SelectedPreActs(torch.autograd.Function):
@@ -276,18 +282,26 @@ class _SparseCodes(Sae):
                  dead_mask: torch.Tensor | None, aux_k: int | None) -> torch.Tensor:
         """||e - e_hat||^2 (mean over tokens) with e = x - x_hat (no gradient into the main
         latents) and e_hat decoded, without bias, from the ``aux_k`` largest dead pre-activations;
-        scaled down by n_dead / aux_k when fewer latents are dead than aux_k."""
-        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
-        if n_dead == 0:
+        scaled down by n_dead / aux_k when fewer latents are dead than aux_k.
+
+        ``dead_mask`` None means no latent is dead (nothing computed). With a mask, the number
+        of dead latents is never read on the host (that would stall a GPU every step): the top
+        ``aux_k`` of the masked pre-activations are always taken, the live latents among them
+        (when fewer than aux_k are dead) decode with value 0, and the scale is a tensor, 0 when
+        none is dead."""
+        if dead_mask is None:
             return pre.new_zeros((), dtype=torch.float32)
         aux_k = aux_k or self.cfg.d_in // 2
-        scale = min(n_dead / aux_k, 1.0)
-        k = min(aux_k, n_dead)
+        k = min(aux_k, self.cfg.d_sae)
+        n_dead = dead_mask.sum()
+        scale = (n_dead.float() / aux_k).clamp(max=1.0)
         cols = torch.where(dead_mask[None], pre, torch.full_like(pre, -torch.inf)).topk(k, dim=-1, sorted=False)[1]
         n = len(pre)
-        rows = torch.arange(n, device=pre.device).repeat_interleave(k)
+        rows = _repeat_rows(n, k, pre.device)
         cols = cols.reshape(-1)
-        e_hat = self.decode_selected(rows, cols, torch.relu(pick(rows, cols)), n, bias=False)
+        vals = torch.relu(pick(rows, cols))
+        vals = torch.where(dead_mask[cols], vals, torch.zeros_like(vals))
+        e_hat = self.decode_selected(rows, cols, vals, n, bias=False)
         return scale * _recon(e_hat, (x_norm - x_hat).detach())
 
     def loss(self, x_norm: torch.Tensor, aux_coeff: float = 0.0, dead_mask: torch.Tensor | None = None,
@@ -302,8 +316,11 @@ class _SparseCodes(Sae):
         return recon + aux_coeff * aux, {"recon": recon, "aux": aux, **self._selection_parts(cols, vals, n)}
 
     def _selection_parts(self, cols: torch.Tensor, vals: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+        # Counted with index_add_: boolean indexing (cols[on]) and bincount read a size on the
+        # host, a GPU sync every step.
         on = vals > 0
-        return {"fires": torch.bincount(cols[on], minlength=self.cfg.d_sae), "l0": on.sum() / n}
+        fires = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=cols.device).index_add_(0, cols, on.long())
+        return {"fires": fires, "l0": on.sum() / n}
 
 
 class TopKSae(_SparseCodes):
@@ -317,8 +334,7 @@ class TopKSae(_SparseCodes):
 
     def select(self, pre: torch.Tensor):
         cols = pre.topk(self.cfg.k, dim=-1)[1]
-        rows = torch.arange(len(pre), device=pre.device).repeat_interleave(self.cfg.k)
-        return rows, cols.reshape(-1)
+        return _repeat_rows(len(pre), self.cfg.k, pre.device), cols.reshape(-1)
 
 
 class BatchTopKSae(_SparseCodes):
@@ -350,17 +366,17 @@ class BatchTopKSae(_SparseCodes):
 
     def _selection_parts(self, cols, vals, n):
         parts = super()._selection_parts(cols, vals, n)
-        on = vals[vals > 0]
-        parts["min_act"] = on.min() if len(on) else vals.new_zeros(())
+        on = vals > 0  # the smallest kept activation (0 if none is positive), without a host read
+        smallest = torch.where(on, vals.detach(), torch.full_like(vals, torch.inf)).amin()
+        parts["min_act"] = torch.where(on.any(), smallest, torch.zeros_like(smallest))
         return parts
 
     @torch.no_grad()
     def update_stats(self, parts: dict[str, torch.Tensor]) -> None:
         m = parts["min_act"].to(self.threshold.dtype)
-        if self.threshold < 0:
-            self.threshold.copy_(m)
-        else:
-            self.threshold.mul_(self.threshold_decay).add_((1 - self.threshold_decay) * m)
+        t = self.threshold
+        # The first batch sets it (it is negative until then); chosen on the device, no host read.
+        t.copy_(torch.where(t < 0, m, t * self.threshold_decay + (1 - self.threshold_decay) * m))
 
     def extra_config(self) -> dict[str, Any]:
         return {"threshold": float(self.threshold)}

@@ -49,6 +49,9 @@ from .stream import StreamError, TokenStream
 log = logging.getLogger(__name__)
 
 EVAL_EPOCH = 10_000  # the evaluation pass reads in an order no training epoch uses
+CHECK_EVERY = 20
+"""Steps between host reads of the SAEs' device-side flags (a non-finite loss, the dead-latent
+bound): each read waits for the GPU to finish the queued steps, so not every step."""
 
 
 class TrainingError(RuntimeError):
@@ -86,7 +89,14 @@ class SaePlan:
 
 class SaeTrainer:
     """One SAE in training: its model, optimiser, schedule and dead-latent counters. A sweep
-    runs one per SAE on the same batches."""
+    runs one per SAE on the same batches.
+
+    :meth:`step` never reads a device value on the host, so a GPU's queue never drains between
+    steps (with a sweep of N SAEs, a per-step read would stall it N times a step). Whatever the
+    host needs is kept on the device and read every few steps through :meth:`flags`: the first
+    step whose loss was not finite (the run then stops, see :meth:`_Run._check`) and the
+    largest dead-latent counter, from which the host bounds when a latent can first be dead
+    (until then the AuxK loss is skipped without looking)."""
 
     def __init__(self, plan: SaePlan, total_steps: int, device: torch.device):
         self.plan = plan
@@ -99,8 +109,16 @@ class SaeTrainer:
             self.sae.sparse_decode = mode in ("decode", "all")
             self.sae.sparse_encode = mode == "all"
         self.sae.to(device).train()
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        # Fused Adam on CUDA: one kernel for every parameter instead of a few per parameter.
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+                                    fused=True if device.type == "cuda" else None)
         self.since_fired = torch.zeros(plan.sae_config.d_sae, dtype=torch.long, device=device)
+        self.since_fired_bound = 0
+        """Host-side upper bound of ``since_fired.max()``: no latent can be dead while it is
+        below ``dead_window``."""
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        """First step whose loss was not finite (-1: none yet), and that loss, on the device."""
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
         self.sparsity_warmup = max(1, int(total_steps * cfg.sparsity_warmup_frac))
         self.live: dict[str, torch.Tensor] = {}
 
@@ -113,21 +131,29 @@ class SaeTrainer:
 
     def loss_kwargs(self, step: int) -> dict:
         """Every family's loss settings at ``step`` (each family reads the ones it uses): the
-        sparsity ramp is applied here, where the loss reads it."""
+        sparsity ramp is applied here, where the loss reads it. ``dead_mask`` is None while no
+        latent can be dead yet (see :attr:`since_fired_bound`)."""
         cfg = self.cfg
         ramp = min(1.0, (step + 1) / self.sparsity_warmup)
+        dead = None if self.since_fired_bound < cfg.dead_window else self.since_fired >= cfg.dead_window
         return dict(l1_coeff=cfg.l1_coeff * ramp, l0_coeff=cfg.l0_coeff * ramp, bandwidth=cfg.jumprelu_bandwidth,
-                    aux_coeff=cfg.aux_coeff, aux_k=cfg.aux_k, dead_mask=self.since_fired >= cfg.dead_window)
+                    aux_coeff=cfg.aux_coeff, aux_k=cfg.aux_k, dead_mask=dead)
 
     def step(self, x: torch.Tensor, step: int, autocast: contextlib.AbstractContextManager) -> None:
-        """One optimiser step on normalised inputs; a non-finite loss raises before the weights change."""
+        """One optimiser step on normalised inputs, without reading anything on the host.
+
+        A non-finite loss does not raise here: its step (the first such) and value are kept on
+        the device, and the steps go on (with non-finite weights) until the run reads them, every
+        few steps and always before saving or publishing anything (:meth:`_Run._check`); it then
+        stops naming the step where the loss first went non-finite."""
         lr = self.cfg.lr * _schedule(step, self.total_steps, self.cfg.lr_warmup_frac, self.cfg.lr_decay_frac)
         for group in self.opt.param_groups:
             group["lr"] = lr
         with autocast:
             loss, parts = self.sae.loss(x, **self.loss_kwargs(step))
-        if not torch.isfinite(loss):
-            raise _Diverged(self, loss.item())
+        first = torch.isfinite(loss.detach()).logical_not_() & (self.bad_step < 0)
+        self.bad_step.masked_fill_(first, step)
+        self.bad_loss.copy_(torch.where(first, loss.detach().float(), self.bad_loss))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_parallel_decoder_grad()
@@ -136,9 +162,23 @@ class SaeTrainer:
         self.sae.set_decoder_unit_norm()
         self.sae.update_stats(parts)
         self.since_fired += len(x)
-        self.since_fired[parts["fires"] > 0] = 0
+        self.since_fired.masked_fill_(parts["fires"] > 0, 0)
+        self.since_fired_bound += len(x)
         self.live = {"loss": loss.detach(), "recon": parts["recon"].detach(), "l0": parts["l0"].detach(),
                      "lr": torch.tensor(lr)}
+
+    def flags(self, weights: bool = False) -> torch.Tensor:
+        """On the device, for the host to read in one go with the other SAEs': [first non-finite
+        step or -1, largest dead-latent counter, and with ``weights`` 1 if every parameter is
+        finite else 0]."""
+        out = [self.bad_step, self.since_fired.max()]
+        if weights:
+            out.append(torch.stack([torch.isfinite(p).all() for p in self.sae.parameters()]).all().long())
+        return torch.stack(out)
+
+    def read_flags(self, values: list[int]) -> None:
+        """Take in what the host read of :meth:`flags`."""
+        self.since_fired_bound = values[1]
 
     def state(self) -> dict:
         """What a resumed run needs besides the step: weights, Adam state, dead-latent counters."""
@@ -150,11 +190,12 @@ class SaeTrainer:
         self.sae.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optim"])
         self.since_fired.copy_(state["since_fired"])
+        self.since_fired_bound = int(self.since_fired.max())
 
 
 class _Diverged(Exception):
-    def __init__(self, member: SaeTrainer, value: float):
-        self.member, self.value = member, value
+    def __init__(self, member: SaeTrainer, what: str, step: int, seen: int):
+        self.member, self.what, self.step, self.seen = member, what, step, seen
 
 
 def plan_saes(cfgs: Sequence[TrainConfig], aset: ActivationSet, n_tokens: int) -> list[SaePlan]:
@@ -287,6 +328,8 @@ class _Run:
                    desc=f"train {len(members)} SAE{'s' if len(members) > 1 else ''}")
         by_layer = {layer: [mb for mb in members if mb.plan.layer == layer] for layer in self.layers}
         last_ckpt = progress.step if progress else None
+        unchecked: dict[int, int] = {}  # step -> tokens before it, for the steps not yet checked
+        _synchronize(self.device)
         t0 = time.perf_counter()
         try:
             for batch in self.stream.batches(seen, self.n_tokens):
@@ -294,34 +337,67 @@ class _Run:
                     x = group[0].sae.normalize(batch.xs[layer].to(self.device, non_blocking=True))
                     for mb in group:
                         mb.step(x, step, self.autocast)
+                unchecked[step] = seen
                 step += 1
                 seen += len(batch)
                 bar.update(len(batch))
-                if step % 20 == 0 or seen >= self.n_tokens:
-                    self._show(bar, members, batch)
+                save = next_ckpt is not None and seen >= next_ckpt and seen < self.n_tokens
+                if step % CHECK_EVERY == 0 or save:
+                    self._check(members, unchecked, weights=save)
+                if step % CHECK_EVERY == 0 or seen >= self.n_tokens:  # they read the device too
+                    if not bar.disable:
+                        self._show(bar, members, batch)
                     if logger:
                         logger.log(members, step, seen)
-                if next_ckpt is not None and seen >= next_ckpt and seen < self.n_tokens:
+                if save:
+                    _synchronize(self.device)
                     elapsed = train_seconds + time.perf_counter() - t0
                     checkpoint.save(self.store, self.run_id,
                                     checkpoint.Progress(step, seen, elapsed, [mb.plan.sae_id for mb in members]),
                                     {mb.plan.sae_id: mb.state() for mb in members})
                     last_ckpt = step
                     next_ckpt += every
+            self._check(members, unchecked, weights=True)  # nothing non-finite is published
         except _Diverged as e:
-            raise TrainingError(self._diverged_message(e, step, seen, last_ckpt)) from None
+            raise TrainingError(self._diverged_message(e, last_ckpt)) from None
         except StreamError as e:
             where = (f"; the last checkpoint (step {last_ckpt}) is kept under {self.store.uri}/"
                      f"{checkpoint.run_prefix(self.run_id)}" if last_ckpt is not None else "")
             raise TrainingError(f"{e}{where}") from e
         finally:
             bar.close()
+        _synchronize(self.device)  # queued GPU work belongs to the loop's time
         train_seconds += time.perf_counter() - t0
         results = self._publish(members, step, seen, train_seconds)
         if logger:
             logger.finish(members, results)
         checkpoint.clear(self.store, self.run_id)
         return results
+
+    def _check(self, members: list[SaeTrainer], unchecked: dict[int, int], weights: bool = False) -> None:
+        """Read every SAE's device-side flags in one transfer (this waits for the queued steps);
+        raise :class:`_Diverged` for the earliest step whose loss was not finite, or, with
+        ``weights`` (before anything is saved or published), for weights that are not finite
+        (after the last step, whose update no loss has seen yet).
+
+        ``unchecked`` maps the steps since the last check to the tokens before each; only the
+        latest step is left in it."""
+        if not unchecked:
+            return  # no step ran
+        values = torch.stack([mb.flags(weights) for mb in members]).tolist()
+        bad = [(v[0], i) for i, v in enumerate(values) if v[0] >= 0]
+        if bad:
+            bad_step, i = min(bad)
+            mb = members[i]
+            raise _Diverged(mb, f"loss became {mb.bad_loss.item()}", bad_step, unchecked[bad_step])
+        last = max(unchecked)
+        for mb, v in zip(members, values, strict=True):
+            if weights and not v[2]:
+                raise _Diverged(mb, "weights became non-finite", last, unchecked[last])
+            mb.read_flags(v)
+        last_seen = unchecked[last]
+        unchecked.clear()
+        unchecked[last] = last_seen
 
     def _show(self, bar, members: list[SaeTrainer], batch) -> None:
         """Live figures: per SAE, the batch's normalised MSE and L0 (and dead latents)."""
@@ -339,14 +415,14 @@ class _Run:
             figures["+"] = f"{len(members) - 4} more"
         bar.set_postfix(figures, refresh=False)
 
-    def _diverged_message(self, e: _Diverged, step: int, seen: int, last_ckpt: int | None) -> str:
+    def _diverged_message(self, e: _Diverged, last_ckpt: int | None) -> str:
         cfg = e.member.cfg
         knob = {"relu": f"l1_coeff (now {cfg.l1_coeff})", "jumprelu": f"l0_coeff (now {cfg.l0_coeff})"}.get(
             cfg.variant, f"k (now {cfg.k})")
         kept = (f"the last good checkpoint (step {last_ckpt}) is kept under {self.store.uri}/"
                 f"{checkpoint.run_prefix(self.run_id)}" if last_ckpt is not None else "no checkpoint was written yet")
-        return (f"SAE {e.member.plan.sae_id} ({cfg.variant}, layer {e.member.plan.layer}): loss became {e.value} at "
-                f"step {step} ({seen} tokens): lower lr (now {cfg.lr}) or {knob}; nothing was published; {kept}")
+        return (f"SAE {e.member.plan.sae_id} ({cfg.variant}, layer {e.member.plan.layer}): {e.what} at "
+                f"step {e.step} ({e.seen} tokens): lower lr (now {cfg.lr}) or {knob}; nothing was published; {kept}")
 
     # --- evaluation and publishing -----------------------------------------------------------
     @torch.no_grad()
@@ -362,7 +438,8 @@ class _Run:
                     x = None
                     for mb, acc in zip(members, accs, strict=True):
                         if mb.plan.layer == layer:
-                            x = mb.sae.normalize(batch.xs[layer].to(self.device)) if x is None else x
+                            x = (mb.sae.normalize(batch.xs[layer].to(self.device, non_blocking=True))
+                                 if x is None else x)
                             acc.add(x)
         except StreamError as e:
             raise TrainingError(str(e)) from e
@@ -386,6 +463,13 @@ class _Run:
             save_sae(self.store, mb.sae.cpu(), record)
             results.append(TrainResult(p.sae_id, record.metrics, reused=False))
         return results
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a GPU runs asynchronously: a clock read while
+    kernels are still queued would flatter the loop's speed)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _wandb(shared: TrainConfig, members: list[SaeTrainer]):
