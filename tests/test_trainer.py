@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import json
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -138,6 +141,31 @@ def test_stream_vectored_reads_put_every_token_where_the_ranged_read_path_does(s
         torch.testing.assert_close(xs[layer], xs_ranged[layer], rtol=0, atol=0)
         stored = torch.stack([aset.image_tokens(layer, i) for i in range(len(aset))])
         torch.testing.assert_close(xs[layer], stored[torch.from_numpy(image), torch.from_numpy(pos)], rtol=0, atol=0)
+
+
+def test_stream_reads_ahead_from_creation_and_stops_when_dropped(small_set):
+    store, set_id = small_set
+    aset = ActivationSet.open(open_store(store), set_id)
+    stream = TokenStream(aset, 1, aset.layout.token_indices(["patches"]), batch_size=16, prefetch_batches=3)
+
+    def readers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith(("token-stream", "chunk-reader"))]
+
+    endless = stream.batches(0)  # never ends by itself
+    deadline = time.monotonic() + 10
+    while endless._queue.qsize() < 3 and time.monotonic() < deadline:  # filled before any next()
+        time.sleep(0.01)
+    assert endless._queue.qsize() == 3
+    assert len(next(endless)) == 16
+    del endless  # an abandoned iterator halts its threads
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while readers() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert readers() == []
+    closed = stream.batches(0)
+    closed.close()
+    assert readers() == [] and list(closed) == []
 
 
 def test_bdec_and_normalisation_come_from_a_large_sample_and_are_saved(small_set):

@@ -30,7 +30,7 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -116,6 +116,61 @@ class _BufferPool:
                 self._free.append(buf)
 
 
+class _Prefetcher:
+    """Iterates over what ``produce(put, halt)`` puts, produced in a background thread (from
+    construction on) into a queue of ``depth`` items. Its errors are raised in the consumer.
+    Closing it (or dropping it) halts the producer, which must return once ``put`` returns
+    False or ``halt`` is set."""
+
+    def __init__(self, produce: Callable[[Callable[[object], bool], threading.Event], None], depth: int):
+        q: queue.Queue = queue.Queue(maxsize=depth)
+        halt = threading.Event()
+
+        def put(item: object) -> bool:
+            while not halt.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def run() -> None:
+            try:
+                produce(put, halt)
+                put(_END)
+            except BaseException as e:  # surface reader failures in the consumer
+                put(e)
+
+        # The thread must not refer to self, or an abandoned iterator would never be collected.
+        self._queue, self._halt = q, halt
+        self._thread = threading.Thread(target=run, daemon=True, name="token-stream")
+        self._thread.start()
+        self._closer = weakref.finalize(self, halt.set)
+
+    def __iter__(self) -> _Prefetcher:
+        return self
+
+    def __next__(self):
+        if self._halt.is_set():
+            raise StopIteration
+        item = self._queue.get()
+        if item is _END or isinstance(item, BaseException):
+            self.close()
+            if item is _END:
+                raise StopIteration
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the producer and wait for it (its reads finish or are cancelled)."""
+        self._closer()
+        self._thread.join()
+
+
+_END = object()
+
+
 @dataclass(frozen=True)
 class _Window:
     rows: dict[int, np.ndarray]  # layer -> [tokens, d] in the stored dtype, in emission order
@@ -132,9 +187,11 @@ class TokenStream:
     """Batches of the selected tokens of one or more layers of an activation set.
 
     Reading runs ahead in background threads (chunk reads in parallel, then batch assembly
-    and the dtype conversion), so the consumer only takes ready tensors off a queue.
-    Memory: about two windows of ``buffer_tokens`` tokens per layer in the stored dtype, plus
-    ``prefetch_batches`` batches.
+    and the dtype conversion), so the consumer only takes ready tensors off a queue; the queue
+    is deep (``prefetch_batches``) because a GPU trainer's Python thread competes with the
+    readers for the GIL, and a shallow queue turned that jitter into waits.
+    Memory: up to three windows of ``buffer_tokens`` tokens per layer in the stored dtype,
+    plus ``prefetch_batches`` batches.
 
     ``out_dtype`` is the dtype of the batches: float32 by default, or ``None`` for the stored
     dtype, which halves the bytes moved to a GPU and leaves the conversion to the GPU.
@@ -142,7 +199,7 @@ class TokenStream:
 
     def __init__(self, aset: ActivationSet, layers: int | Sequence[int], token_positions: np.ndarray,
                  batch_size: int, seed: int = 0, buffer_tokens: int = 1 << 18, chunk_tokens: int = 8192,
-                 read_threads: int = 4, prefetch_batches: int = 4, pin_memory: bool = False,
+                 read_threads: int = 4, prefetch_batches: int = 16, pin_memory: bool = False,
                  out_dtype: torch.dtype | None = torch.float32):
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
@@ -350,66 +407,45 @@ class TokenStream:
     # --- batches ---------------------------------------------------------------------------
     def batches(self, start: int = 0, stop: int | None = None) -> Iterator[TokenBatch]:
         """Batches of tokens [start, stop) of the endless stream (epoch after epoch): full
-        batches, except a shorter last one when stop - start is not a multiple of batch_size."""
+        batches, except a shorter last one when stop - start is not a multiple of batch_size.
+
+        Reading starts at once, not at the first ``next()``: a trainer creates the iterator
+        before its set-up, so that the first window is read meanwhile."""
         if self.tokens_per_epoch == 0:
             raise StreamError(f"activation set {self.aset.manifest.set_id} has no selected tokens")
         if stop is not None and stop <= start:
-            return
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
-        halt = threading.Event()
+            return _Prefetcher(lambda put, halt: None, 1)
 
-        def put(item) -> bool:
-            while not halt.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work() -> None:
-            try:
-                epoch, w, offset = self.locate(start)
-                todo = None if stop is None else stop - start
-                count = None
-                if stop is not None:
-                    last_epoch, last_w, _ = self.locate(stop - 1)
-                    count = sum(len(self._plan(e)) for e in range(epoch, last_epoch)) - w + last_w + 1
-                pending: list[tuple[dict[int, np.ndarray], np.ndarray]] = []
-                have = 0
-                for win in self._windows(epoch, w, count, halt):
-                    pos, end = offset, len(win.ids)
-                    offset = 0
-                    while pos < end:
-                        want = self.batch_size - have
-                        if todo is not None:
-                            want = min(want, todo)
-                        sel = slice(pos, min(pos + want, end))
-                        pos = sel.stop
-                        pending.append(({layer: rows[sel] for layer, rows in win.rows.items()}, win.ids[sel]))
-                        have += sel.stop - sel.start
-                        if todo is not None:
-                            todo -= sel.stop - sel.start
-                        if have == self.batch_size or todo == 0:
-                            if not put(self._assemble(pending)):
-                                return
-                            pending, have = [], 0
-                        if todo == 0:
-                            put(None)
+        def produce(put: Callable[[object], bool], halt: threading.Event) -> None:
+            epoch, w, offset = self.locate(start)
+            todo = None if stop is None else stop - start
+            count = None
+            if stop is not None:
+                last_epoch, last_w, _ = self.locate(stop - 1)
+                count = sum(len(self._plan(e)) for e in range(epoch, last_epoch)) - w + last_w + 1
+            pending: list[tuple[dict[int, np.ndarray], np.ndarray]] = []
+            have = 0
+            for win in self._windows(epoch, w, count, halt):
+                pos, end = offset, len(win.ids)
+                offset = 0
+                while pos < end:
+                    want = self.batch_size - have
+                    if todo is not None:
+                        want = min(want, todo)
+                    sel = slice(pos, min(pos + want, end))
+                    pos = sel.stop
+                    pending.append(({layer: rows[sel] for layer, rows in win.rows.items()}, win.ids[sel]))
+                    have += sel.stop - sel.start
+                    if todo is not None:
+                        todo -= sel.stop - sel.start
+                    if have == self.batch_size or todo == 0:
+                        if not put(self._assemble(pending)):
                             return
-            except BaseException as e:  # surface reader failures in the consumer
-                put(e)
+                        pending, have = [], 0
+                    if todo == 0:
+                        return
 
-        t = threading.Thread(target=work, daemon=True, name="token-stream")
-        t.start()
-        try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            halt.set()
-            t.join()
+        return _Prefetcher(produce, self.prefetch_batches)
 
     def _assemble(self, pieces: list[tuple[dict[int, np.ndarray], np.ndarray]]) -> TokenBatch:
         """A batch from its slices of one or two windows: a batch inside one window shares the

@@ -297,13 +297,17 @@ class _Run:
                 mb.init_from_sample(mean, scale, b_dec_cache[layer, how])
         return members
 
-    def _resume(self, members: list[SaeTrainer]) -> checkpoint.Progress | None:
+    def _progress(self) -> checkpoint.Progress | None:
+        """The saved progress of this run, if it trained these very SAEs."""
         progress = checkpoint.load_progress(self.store, self.run_id)
         if progress is None:
             return None
-        if set(progress.sae_ids) != {mb.plan.sae_id for mb in members}:
+        if set(progress.sae_ids) != {p.sae_id for p in self.plans}:
             log.warning("ignoring run state %s: it trains other SAEs", self.run_id)
             return None
+        return progress
+
+    def _resume(self, members: list[SaeTrainer], progress: checkpoint.Progress) -> None:
         for mb in members:
             state = checkpoint.load_state(self.store, self.run_id, progress.step, mb.plan.sae_id)
             d = state["model"]["W_dec"].shape
@@ -312,14 +316,22 @@ class _Run:
                                     f"{mb.plan.sae_id} is {mb.plan.sae_config.d_sae} x {mb.plan.sae_config.d_in}")
             mb.load(state)
         log.info("resuming run %s at step %d (%d tokens)", self.run_id, progress.step, progress.tokens)
-        return progress
 
     # --- the pass ------------------------------------------------------------------------------
     def execute(self) -> list[TrainResult]:
-        members = self._members()
-        progress = self._resume(members)
+        progress = self._progress()
         step = progress.step if progress else 0
         seen = progress.tokens if progress else 0
+        batches = self.stream.batches(seen, self.n_tokens)  # reads the first window during the set-up
+        try:
+            return self._train(batches, progress, step, seen)
+        finally:
+            batches.close()
+
+    def _train(self, batches, progress: checkpoint.Progress | None, step: int, seen: int) -> list[TrainResult]:
+        members = self._members()
+        if progress:
+            self._resume(members, progress)
         train_seconds = progress.train_seconds if progress else 0.0
         every = self.shared.checkpoint_every
         next_ckpt = (seen // every + 1) * every if every > 0 else None
@@ -332,7 +344,7 @@ class _Run:
         _synchronize(self.device)
         t0 = time.perf_counter()
         try:
-            for batch in self.stream.batches(seen, self.n_tokens):
+            for batch in batches:
                 for layer, group in by_layer.items():
                     x = group[0].sae.normalize(batch.xs[layer].to(self.device, non_blocking=True))
                     for mb in group:
