@@ -117,6 +117,8 @@ class Figure:
 
 
 def _fmt(x: float) -> str:
+    if 0 < abs(x) < 0.001:
+        return f"{x:.2e}"
     return f"{x:,.3f}" if abs(x) < 100 else f"{x:,.0f}"
 
 

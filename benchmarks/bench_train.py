@@ -94,6 +94,9 @@ def parse_args() -> argparse.Namespace:
                    help="where every section trains: cpu (the default), cuda (the default with --gpu), cuda:1, ...")
     p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on CUDA (TrainConfig.autocast; ignored on a CPU)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="capture training steps as CUDA graphs (TrainConfig.cuda_graphs; ignored on a CPU; "
+                        "(c) measures both)")
     p.add_argument("--images", type=int, default=1536, help="images in the activation set (197 tokens each)")
     p.add_argument("--images-per-shard", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per step in (a) to (e)")
@@ -218,7 +221,8 @@ def where(args: argparse.Namespace) -> str:
     """The device (and precision) every figure was measured with, for the section titles."""
     if not on_cuda(args):
         return args.device
-    return f"{args.device} {torch.cuda.get_device_name(args.device)}, {'bf16 autocast' if args.autocast else 'float32'}"
+    return (f"{args.device} {torch.cuda.get_device_name(args.device)}, {'bf16 autocast' if args.autocast else 'float32'}"
+            f"{'' if args.cuda_graphs else ', eager steps'}")
 
 
 def synchronize(args: argparse.Namespace) -> None:
@@ -232,6 +236,7 @@ def train_config(setup: Setup, args: argparse.Namespace, d_sae: int, batch_size:
     cfg = TrainConfig(activations=setup.manifest.set_id, store=str(setup.store.root), d_sae=d_sae,
                       l1_coeff=L1_COEFF, lr=LR, batch_size=batch_size, n_tokens=steps * batch_size,
                       init_sample=1 << 14, eval_tokens=batch_size, device=args.device, autocast=args.autocast,
+                      cuda_graphs=args.cuda_graphs,
                       progress=False)
     return replace(cfg, **kw)
 
@@ -257,7 +262,7 @@ def training(setup: Setup, args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     data = data.to(device)
     in_memory_batches = len(data) // args.batch_size
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda(args) and args.autocast
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if on_cuda(args) and args.autocast
                 else contextlib.nullcontext())  # as the trainer does
 
     def run_in_memory() -> float:
@@ -285,12 +290,33 @@ def training(setup: Setup, args: argparse.Namespace) -> None:
 def standard(setup: Setup, args: argparse.Namespace) -> None:
     d_sae = 32 * D_MODEL
     cfg = train_config(setup, args, d_sae, args.batch_size, args.standard_steps, variant="topk", k=64)
-    seconds, metrics = train_seconds(setup, cfg)
     path = "dense (the CUDA default)" if on_cuda(args) else "sparse decoding and encoder backward (the CPU default)"
-    report(f"(c) standard config [{where(args)}]: TopK k=64, d {D_MODEL}, d_sae {d_sae}, batch {args.batch_size}, "
-           f"{args.standard_steps} steps, {path}", [
-        Figure("train() tokens/s", metrics["tokens_per_s"], "tok/s"),
-        Figure("seconds per step", seconds / metrics["steps"], "s"),
+    title = (f"(c) standard config [{where(args)}]: TopK k=64, d {D_MODEL}, d_sae {d_sae}, batch {args.batch_size}, "
+             f"{args.standard_steps} steps, {path}")
+    if not on_cuda(args):
+        seconds, metrics = train_seconds(setup, cfg)
+        report(title, [Figure("train() tokens/s", metrics["tokens_per_s"], "tok/s"),
+                       Figure("seconds per step", seconds / metrics["steps"], "s")])
+        return
+    # On CUDA: the step captured as a CUDA graph (the default) against eager launches; both
+    # must train the same weights.
+    weights: dict[bool, torch.Tensor] = {}
+
+    def run(graphs: bool) -> float:
+        c = replace(cfg, cuda_graphs=graphs)
+        result = train(c)
+        weights[graphs] = load_sae_from(setup.store, result.sae_id)[0].W_dec.detach().clone()
+        setup.store.delete_prefix("saes/")
+        return result.metrics["train_seconds"]
+
+    t = interleaved({"graphs": lambda: run(True), "eager": lambda: run(False)}, args.repeats)
+    tokens = args.standard_steps * args.batch_size
+    report(title, [
+        Figure("train() tokens/s, step as a CUDA graph (default)", tokens / median(t["graphs"]), "tok/s"),
+        Figure("train() tokens/s, eager step (--no-cuda-graphs)", tokens / median(t["eager"]), "tok/s"),
+        Figure("seconds per step, CUDA graph", median(t["graphs"]) / args.standard_steps, "s"),
+        Figure.ratio("time ratio CUDA graph / eager", paired_ratios(t["graphs"], t["eager"])),
+        Figure("max |W_dec difference| CUDA graph vs eager", float((weights[True] - weights[False]).abs().max()), ""),
     ])
 
 
@@ -353,7 +379,7 @@ def quality(tmp: Path, args: argparse.Namespace) -> None:
     m = write_ground_truth_set(store, gt)
     common = dict(activations=m.set_id, store=str(store.root), tokens=("all",), expansion=4, lr=5e-3, batch_size=512,
                   n_tokens=args.quality_tokens, dead_window=20_000, eval_tokens=8192, device=args.device,
-                  autocast=args.autocast, progress=False)
+                  autocast=args.autocast, cuda_graphs=args.cuda_graphs, progress=False)
     cfgs = [TrainConfig(variant="topk", k=4, **common), TrainConfig(variant="batchtopk", k=4, **common),
             TrainConfig(variant="matryoshka", k=4, **common), TrainConfig(variant="relu", l1_coeff=1.0, **common),
             TrainConfig(variant="jumprelu", l0_coeff=0.5, **common)]

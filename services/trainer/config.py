@@ -91,6 +91,10 @@ class TrainConfig:
     """topk/batchtopk/matryoshka: decode by gathering the selected decoder rows instead of a dense
     matmul (decode; not for matryoshka), and also backpropagate into the encoder through the
     selected latents only (all); auto = all on CPU, off on CUDA."""
+    cuda_graphs: bool = True
+    """On CUDA, capture each SAE's training step as a CUDA graph once its shape is fixed and
+    replay it (a step of a small SAE is bound by kernel launches, not the GPU). Each graph keeps
+    its step's memory to itself: turn off if a large sweep runs out of GPU memory."""
     wandb_project: str | None = None
     """Log live metrics to this Weights & Biases project (one W&B run per SAE; needs `pip install wandb`)."""
     progress: bool = True
@@ -103,7 +107,7 @@ class TrainConfig:
 # Settings of the data pass, which every SAE of a sweep must share; the others are per SAE.
 SHARED_FIELDS = ("activations", "store", "tokens", "batch_size", "n_tokens", "data_seed", "buffer_tokens",
                  "chunk_tokens", "init_sample", "eval_tokens", "checkpoint_every", "device", "autocast",
-                 "wandb_project", "progress")
+                 "cuda_graphs", "wandb_project", "progress")
 
 # Hyper-parameters that shape each family's model (and so its id); the rest are ignored by it.
 _VARIANT_FIELDS: dict[str, tuple[str, ...]] = {

@@ -109,13 +109,22 @@ class SaeTrainer:
             self.sae.sparse_decode = mode in ("decode", "all")
             self.sae.sparse_encode = mode == "all"
         self.sae.to(device).train()
-        # Fused Adam on CUDA: one kernel for every parameter instead of a few per parameter.
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
-                                    fused=True if device.type == "cuda" else None)
+        sparse = getattr(self.sae, "sparse_decode", False) or getattr(self.sae, "sparse_encode", False)
+        self.graph = _GraphedStep(self) if device.type == "cuda" and cfg.cuda_graphs and not sparse else None
+        # Fused Adam on CUDA: one kernel for every parameter instead of a few per parameter. A
+        # captured step reads the learning rate from a tensor, set before each replay.
+        self.lr = torch.tensor(cfg.lr, device=device) if self.graph else None
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr if self.lr is None else self.lr,
+                                    betas=(0.9, 0.999), fused=True if device.type == "cuda" else None,
+                                    capturable=self.graph is not None)
         self.since_fired = torch.zeros(plan.sae_config.d_sae, dtype=torch.long, device=device)
         self.since_fired_bound = 0
         """Host-side upper bound of ``since_fired.max()``: no latent can be dead while it is
         below ``dead_window``."""
+        self.aux_on = False
+        """Whether the AuxK loss is computed: from the first time a latent can be dead on (the
+        loss is the same as skipping it while none is, and staying on keeps a captured step's
+        shape fixed)."""
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
         """First step whose loss was not finite (-1: none yet), and that loss, on the device."""
         self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
@@ -129,13 +138,13 @@ class SaeTrainer:
             self.sae.norm_scale.fill_(scale)
             self.sae.b_dec.copy_(b_dec)
 
-    def loss_kwargs(self, step: int) -> dict:
+    def loss_kwargs(self, step: int | torch.Tensor) -> dict:
         """Every family's loss settings at ``step`` (each family reads the ones it uses): the
-        sparsity ramp is applied here, where the loss reads it. ``dead_mask`` is None while no
-        latent can be dead yet (see :attr:`since_fired_bound`)."""
+        sparsity ramp is applied here, where the loss reads it. ``dead_mask`` is None until a
+        latent can first be dead (see :attr:`aux_on`)."""
         cfg = self.cfg
-        ramp = min(1.0, (step + 1) / self.sparsity_warmup)
-        dead = None if self.since_fired_bound < cfg.dead_window else self.since_fired >= cfg.dead_window
+        ramp = 1.0 if isinstance(step, torch.Tensor) else min(1.0, (step + 1) / self.sparsity_warmup)
+        dead = self.since_fired >= cfg.dead_window if self.aux_on else None
         return dict(l1_coeff=cfg.l1_coeff * ramp, l0_coeff=cfg.l0_coeff * ramp, bandwidth=cfg.jumprelu_bandwidth,
                     aux_coeff=cfg.aux_coeff, aux_k=cfg.aux_k, dead_mask=dead)
 
@@ -145,14 +154,32 @@ class SaeTrainer:
         A non-finite loss does not raise here: its step (the first such) and value are kept on
         the device, and the steps go on (with non-finite weights) until the run reads them, every
         few steps and always before saving or publishing anything (:meth:`_Run._check`); it then
-        stops naming the step where the loss first went non-finite."""
+        stops naming the step where the loss first went non-finite.
+
+        On CUDA the step is captured as a CUDA graph once its shape and settings are fixed
+        (see :class:`_GraphedStep`) and replayed from then on."""
         lr = self.cfg.lr * _schedule(step, self.total_steps, self.cfg.lr_warmup_frac, self.cfg.lr_decay_frac)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            if self.lr is None:
+                group["lr"] = lr
+            else:
+                group["lr"] = self.lr  # a resumed optimiser's state may have brought its own
+                self.lr.fill_(lr)
+        self.aux_on = self.aux_on or self.since_fired_bound >= self.cfg.dead_window
+        if self.graph is None or not self.graph.run(x, step, autocast):
+            self.live = self.update(x, step, autocast)
+        self.since_fired_bound += len(x)
+        self.live["lr"] = torch.tensor(lr)
+
+    def update(self, x: torch.Tensor, step: int | torch.Tensor, autocast: contextlib.AbstractContextManager
+               ) -> dict[str, torch.Tensor]:
+        """The device work of a step (what a CUDA graph captures): loss, non-finite bookkeeping,
+        backward, decoder-gradient projection, clipping, Adam, decoder renormalisation and
+        dead-latent counters. Returns the live figures (loss, recon, l0) as device tensors."""
         with autocast:
             loss, parts = self.sae.loss(x, **self.loss_kwargs(step))
         first = torch.isfinite(loss.detach()).logical_not_() & (self.bad_step < 0)
-        self.bad_step.masked_fill_(first, step)
+        self.bad_step.copy_(torch.where(first, step, self.bad_step))
         self.bad_loss.copy_(torch.where(first, loss.detach().float(), self.bad_loss))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,9 +190,7 @@ class SaeTrainer:
         self.sae.update_stats(parts)
         self.since_fired += len(x)
         self.since_fired.masked_fill_(parts["fires"] > 0, 0)
-        self.since_fired_bound += len(x)
-        self.live = {"loss": loss.detach(), "recon": parts["recon"].detach(), "l0": parts["l0"].detach(),
-                     "lr": torch.tensor(lr)}
+        return {"loss": loss.detach(), "recon": parts["recon"].detach(), "l0": parts["l0"].detach()}
 
     def flags(self, weights: bool = False) -> torch.Tensor:
         """On the device, for the host to read in one go with the other SAEs': [first non-finite
@@ -191,6 +216,68 @@ class SaeTrainer:
         self.opt.load_state_dict(state["optim"])
         self.since_fired.copy_(state["since_fired"])
         self.since_fired_bound = int(self.since_fired.max())
+
+
+class _GraphedStep:
+    """A trainer's step captured as a CUDA graph and replayed: on a GPU a step of a small or
+    mid-sized SAE is bound by the ~130 kernel launches Python issues for it, not by the GPU
+    (and a sweep issues them for every SAE), while a replay launches them all at once.
+
+    A step is captured once it is fixed: full batches, the sparsity ramp done (its coefficients
+    are constants in the graph); it is captured again when the AuxK loss switches on.
+    The step number and the learning rate are device tensors written before each replay.
+    Following PyTorch's recipe, a few eager steps run on a side stream before the capture;
+    until then, and for any other step (a short last batch), the step runs eagerly. Capture
+    runs in thread-local error mode, since the token stream's thread pins memory meanwhile."""
+
+    WARMUP = 2
+
+    def __init__(self, trainer: SaeTrainer):
+        self.trainer = trainer
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None  # what the captured graph was captured for
+        self.eligible = 0  # eager steps run so far under the current key
+        self.x: torch.Tensor | None = None
+        self.step_t: torch.Tensor | None = None
+        self.live: dict[str, torch.Tensor] = {}
+
+    def run(self, x: torch.Tensor, step: int, autocast: contextlib.AbstractContextManager) -> bool:
+        """Run the step through the graph (capturing it first if due); False: run it eagerly."""
+        tr = self.trainer
+        if len(x) != tr.cfg.batch_size or step + 1 < tr.sparsity_warmup:
+            return False
+        key = (tuple(x.shape), x.dtype, tr.aux_on)
+        if key != self.key:
+            self.key, self.graph, self.eligible = key, None, 0
+        if self.graph is None:
+            if self.eligible < self.WARMUP:
+                self.eligible += 1
+                side = torch.cuda.Stream(x.device)
+                side.wait_stream(torch.cuda.current_stream(x.device))
+                with torch.cuda.stream(side):
+                    tr.live = tr.update(x, step, autocast)
+                torch.cuda.current_stream(x.device).wait_stream(side)
+                return True
+            try:
+                self._capture(x, autocast)
+            except RuntimeError as e:  # a kernel or library that cannot be captured: stay eager
+                log.warning("SAE %s: the training step could not be captured as a CUDA graph (%s); it runs "
+                            "eagerly", tr.plan.sae_id, e)
+                tr.graph = None
+                return False
+        self.x.copy_(x)
+        self.step_t.fill_(step)
+        self.graph.replay()
+        tr.live = dict(self.live)
+        return True
+
+    def _capture(self, x: torch.Tensor, autocast: contextlib.AbstractContextManager) -> None:
+        self.x = torch.empty_like(x)
+        self.step_t = torch.zeros((), dtype=torch.long, device=x.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.live = self.trainer.update(self.x, self.step_t, autocast)
+        self.graph = graph
 
 
 class _Diverged(Exception):
@@ -276,7 +363,8 @@ class _Run:
                                       out_dtype=None if self.device.type == "cuda" else torch.float32)
         except StreamError as e:
             raise TrainingError(str(e)) from e
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+        # No cast cache: a CUDA graph must recast the weights it captured on every replay.
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
                          if shared.autocast and self.device.type == "cuda" else contextlib.nullcontext())
 
     # --- set-up ------------------------------------------------------------------------------
@@ -466,7 +554,7 @@ class _Run:
                      p.cfg.variant, p.layer, metrics["nmse"], metrics["l0"], metrics["dead"], metrics["dense"],
                      metrics["tokens_per_s"])
             execution = {k: v for k, v in asdict(p.cfg).items()
-                         if k in ("device", "autocast", "sparse", "eval_tokens", "checkpoint_every")}
+                         if k in ("device", "autocast", "sparse", "cuda_graphs", "eval_tokens", "checkpoint_every")}
             record = SaeRecord(
                 sae_id=p.sae_id, config=p.sae_config, activation_set_id=m.set_id, layer=p.layer,
                 tokens=list(p.cfg.tokens), model=m.model.get("spec", ""),
