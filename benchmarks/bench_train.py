@@ -77,12 +77,13 @@ LR = 4e-4
 
 
 GPU_PRESET = dict(images=4096, batch_size=4096, expansion=16, steps=200, standard_steps=300, decode_steps=100,
-                  sweep_steps=190, sweep_expansion=4, cold=True)
+                  sweep_steps=190, sweep_expansion=1, cold=True)
 """Sizes for an H100/H200 (``--gpu``): enough steps to time a GPU that does the standard step in a
 few ms, and a set large enough (4096 images, 1.2 GiB float16) that the sweep (e) reads real data:
 each of its runs trains on just under one epoch, read from the disk (``cold``: the page cache is
-emptied first, as it is for a set larger than memory), which is where one pass saves most.
-Meant to keep sections (b) to (e) within about 3 minutes there (check the "section took" lines)."""
+emptied first, as it is for a set larger than memory), which is where one pass saves most. Its
+SAEs are as wide as on a CPU (d_sae 768); wider ones (``--sweep-expansion 4``) spend more of each
+step on the GPU, which one pass cannot share. Meant to keep sections (b) to (e) within about 3 minutes there (check the "section took" lines)."""
 
 
 def parse_args() -> argparse.Namespace:
