@@ -81,7 +81,7 @@ class TrainConfig:
     """Tokens sampled to fit the normalisation and initialise b_dec (tens of thousands, not tens)."""
     eval_tokens: int = 1 << 18
     """Tokens in the final evaluation pass that produces the published metrics."""
-    checkpoint_every: int = 20_000_000
+    checkpoint_every: int = 100_000_000
     """Save a resumable state every this many tokens under runs/<run_id>/ (0: never)."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
