@@ -55,7 +55,8 @@ def _libc_preadv():
 
 
 _PREADV = _libc_preadv()
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else -1
+_IOV_MAX = _IOV_MAX if _IOV_MAX > 0 else 1024  # POSIX guarantees at least 16; Linux has 1024
 
 
 class StreamError(RuntimeError):
