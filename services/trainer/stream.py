@@ -235,6 +235,12 @@ class TokenStream:
     def tokens_per_epoch(self) -> int:
         return len(self.aset) * len(self.positions)
 
+    @property
+    def buffer_bytes(self) -> int:
+        """Memory the window buffers take while the consumer keeps up: three windows per layer
+        (one being read, one being emitted, one still held by queued batches)."""
+        return self._buffers.nbytes * self._buffers.keep
+
     def _check_sizes(self) -> None:
         """The manifest's file sizes must match its own shape (d_model, tokens per image):
         otherwise rows would be read at the wrong offsets, silently."""

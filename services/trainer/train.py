@@ -363,6 +363,9 @@ class _Run:
                                       out_dtype=None if self.device.type == "cuda" else torch.float32)
         except StreamError as e:
             raise TrainingError(str(e)) from e
+        log.info("token stream: shuffle windows of %d tokens, %d layer(s): about %.1f GiB of read buffers "
+                 "(lower --buffer-tokens to use less)", self.stream.buffer_tokens, len(self.layers),
+                 self.stream.buffer_bytes / 2**30)
         # No cast cache: a CUDA graph must recast the weights it captured on every replay.
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
                          if shared.autocast and self.device.type == "cuda" else contextlib.nullcontext())
