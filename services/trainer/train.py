@@ -60,6 +60,8 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """A trained (or reused, already published) SAE: its id and published metrics."""
+
     sae_id: str
     metrics: dict[str, float]
     reused: bool
@@ -410,6 +412,7 @@ class _Run:
 
     # --- the pass ------------------------------------------------------------------------------
     def execute(self) -> list[TrainResult]:
+        """Train every SAE of the run (resuming from its saved state, if any), evaluate and publish."""
         progress = self._progress()
         step = progress.step if progress else 0
         seen = progress.tokens if progress else 0
