@@ -156,11 +156,12 @@ class S3Store(Store):
                 if exc.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
                     raise
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes | memoryview) -> None:
         """Write ``data`` at ``key`` with one PUT."""
         k = self._key(key)
         with self._errors(key):
-            self._client.put_object(Bucket=self.bucket, Key=k, Body=data)
+            # botocore takes bytes or a file, not a memoryview: the request body is a copy anyway
+            self._client.put_object(Bucket=self.bucket, Key=k, Body=bytes(data))
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         """Upload a local file; above ``multipart_threshold`` as a multipart upload, which S3

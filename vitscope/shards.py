@@ -215,6 +215,13 @@ def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     return t.numpy().astype(np_dtype, copy=False)
 
 
+def storage_view(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """A tensor of the stored dtype sharing ``a``'s memory (bf16 is kept as raw bits): for
+    reading stored rows without a copy, or for writing into them (``copy_`` converts)."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
 def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     """Stored array -> float32 tensor."""
     if dtype == "bfloat16":  # np.array copies: memory-mapped pages are read-only
@@ -262,10 +269,11 @@ class ShardWriter:
             expected = (n, m.layout.tokens_per_image, m.d_model)
             if a.shape != expected or a.dtype != DTYPES[m.dtype][0]:
                 raise FormatError(f"layer {layer} shard has shape {a.shape} {a.dtype}, expected {expected} {m.dtype}")
-            data = np.ascontiguousarray(a).tobytes()
+            # the rows' own memory as bytes: no copy to hash or to write
+            data = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
             rel = f"{shard_name(index)}/{layer_file(layer)}"
             self.store.put_bytes(f"{self.prefix}/{rel}", data)
-            files[rel] = {"sha256": sha256_bytes(data), "nbytes": len(data)}
+            files[rel] = {"sha256": sha256_bytes(data), "nbytes": data.nbytes}
         ids = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
         rel = f"{shard_name(index)}/images.jsonl"
         self.store.put_bytes(f"{self.prefix}/{rel}", ids)

@@ -42,8 +42,9 @@ class Store(abc.ABC):
     uri: str
 
     @abc.abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None:
-        """Write ``data`` at ``key`` atomically, replacing any previous object."""
+    def put_bytes(self, key: str, data: bytes | memoryview) -> None:
+        """Write ``data`` (bytes, or a byte memoryview) at ``key`` atomically, replacing any
+        previous object."""
 
     @abc.abstractmethod
     def put_file(self, key: str, path: str | os.PathLike) -> None:
@@ -134,7 +135,7 @@ class LocalStore(Store):
                                  "free some space or pick another store, then rerun to resume") from e
             raise
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes | memoryview) -> None:
         self._atomic_write(key, lambda f: f.write(data))
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:

@@ -36,7 +36,7 @@ from vitscope.shards import (
     set_exists,
     set_prefix,
     shard_name,
-    to_storage,
+    storage_view,
 )
 from vitscope.store import Store, open_store
 
@@ -245,20 +245,35 @@ def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> None:
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None,
     )
-    rows: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     records: list[dict] = []
     skipped: list[dict[str, str]] = []
     pending: Future | None = None
-
     m = p.manifest
-    empty = np.zeros((0, m.layout.tokens_per_image, m.d_model), dtype=DTYPES[m.dtype][0])
+    # Each shard's rows are copied straight from the model's output into one array per layer,
+    # sized for the shard's dataset range (torch's copy converts to the stored dtype on the
+    # way); the writer takes the filled prefix as it is. No list of batches, no concatenation.
+    buffers: dict[int, dict[int, np.ndarray]] = {}
+    filled: dict[int, int] = {}
 
-    def take_rows(n: int) -> dict[int, np.ndarray]:
-        taken = {}
-        for layer in layers:
-            cat = np.concatenate(rows[layer]) if rows[layer] else empty
-            taken[layer], rows[layer] = cat[:n], [cat[n:]]
-        return taken
+    def store_rows(out: dict[int, torch.Tensor], decoded: list[int]) -> None:
+        """Copy the batch's rows (images ``decoded``, ascending) into their shards' buffers."""
+        shard_of = [i // p.images_per_shard for i in decoded]
+        a = 0
+        while a < len(decoded):
+            k = shard_of[a]
+            b = a
+            while b < len(decoded) and shard_of[b] == k:
+                b += 1
+            if k not in buffers:
+                start, end = p.shard_range(k)
+                buffers[k] = {layer: np.empty((end - start, m.layout.tokens_per_image, m.d_model),
+                                              DTYPES[m.dtype][0]) for layer in layers}
+                filled[k] = 0
+            pos = filled[k]
+            for layer in layers:
+                storage_view(buffers[k][layer][pos:pos + b - a], m.dtype).copy_(out[layer][a:b, p.keep])
+            filled[k] = pos + b - a
+            a = b
 
     with ThreadPoolExecutor(max_workers=1) as pool, tqdm(
         total=len(indices), unit="img", desc=f"extract {p.set_id[:8]}", disable=not cfg.progress
@@ -267,8 +282,7 @@ def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> None:
             if pixels is not None:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     out = vit.residuals(pixels.to(device, non_blocking=True), layers)
-                for layer in layers:
-                    rows[layer].append(to_storage(out[layer][:, p.keep], m.dtype))
+                store_rows(out, list(batch_indices))
             errors = dict(failed)
             # Walk the batch in dataset order so that each image, decoded or not, is charged to
             # the shard whose range holds it.
@@ -282,7 +296,10 @@ def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> None:
                 k = i // p.images_per_shard
                 start, end = p.shard_range(k)
                 if i == end - 1:
-                    acts = take_rows(len(records))
+                    shard = buffers.pop(k, {layer: np.empty((0, m.layout.tokens_per_image, m.d_model),
+                                                            DTYPES[m.dtype][0]) for layer in layers})
+                    n_rows = filled.pop(k, 0)
+                    acts = {layer: a[:n_rows] for layer, a in shard.items()}
                     if pending is not None:
                         pending.result()  # at most one shard in flight: memory stays bounded
                     # The write overlaps the next batches' forward passes.

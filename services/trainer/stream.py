@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vitscope.shards import DTYPES, ActivationSet, ShardRecord, from_storage, layer_file
+from vitscope.shards import DTYPES, ActivationSet, ShardRecord, from_storage, layer_file, storage_view
 from vitscope.store import StoreError
 
 
@@ -176,12 +176,6 @@ _END = object()
 class _Window:
     rows: dict[int, np.ndarray]  # layer -> [tokens, d] in the stored dtype, in emission order
     ids: np.ndarray  # global token ids, in emission order
-
-
-def _torch_view(a: np.ndarray, dtype: str) -> torch.Tensor:
-    """Stored array -> tensor of the stored dtype, sharing memory (bf16 is kept as raw bits)."""
-    t = torch.from_numpy(a)
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
 class TokenStream:
@@ -460,7 +454,7 @@ class TokenStream:
         xs = {}
         for layer in self.layers:
             parts = [p[0][layer] for p in pieces]
-            x = _torch_view(parts[0] if len(parts) == 1 else np.concatenate(parts), self.aset.manifest.dtype)
+            x = storage_view(parts[0] if len(parts) == 1 else np.concatenate(parts), self.aset.manifest.dtype)
             x = x if self.out_dtype is None else x.to(self.out_dtype)
             xs[layer] = x.pin_memory() if self.pin_memory else x
         return TokenBatch(xs, np.concatenate([p[1] for p in pieces]))
