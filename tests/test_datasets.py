@@ -14,6 +14,7 @@ from vitscope.datasets import (
     DatasetError,
     ListSource,
     TarSource,
+    decode_image,
     expand_braces,
     load_image_by_id,
     open_source,
@@ -97,6 +98,42 @@ def test_image_lists_csv_and_jsonl(folder_set, tiny_model_name, tmp_path):
         assert load_image_by_id(res.manifest.dataset, aset.image_record(0)["id"]).size == (112, 112)
     with pytest.raises(DatasetError, match="no path/uri/image field"):
         ListSource(tmp_path / "bad.jsonl")
+
+
+def test_remote_tars_are_listed_by_streaming_and_the_listing_is_cached(folder_set, tmp_path, s3_store,
+                                                                        monkeypatch):
+    """A remote tar is never copied to disk: its headers are walked in one pass, the listing
+    (a few bytes per image) is cached by URI and size, and images are ranged reads."""
+    data_root, by_id = folder_set
+    ids = sorted(by_id)
+    (tmp_path / "local").mkdir()
+    (tmp_path / "other").mkdir()
+    [local] = _write_tars(data_root, ids[:12], tmp_path / "local", per_tar=12)
+    s3_store.put_file("stream/shard-000000.tar", local)
+    uri = f"s3://{s3_store.bucket}/{s3_store.prefix}/stream/shard-000000.tar"
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VITSCOPE_CACHE", str(cache))
+
+    remote = TarSource(uri)
+    expected = TarSource(str(local))
+    assert [(e.id, e.label, e.location[1:]) for e in remote.entries] == \
+        [(e.id, e.label, e.location[1:]) for e in expected.entries]
+    assert [remote.read(e) for e in remote.entries] == [expected.read(e) for e in expected.entries]
+    files = [f for f in cache.rglob("*") if f.is_file()]
+    assert len(files) == 1 and files[0].suffix == ".json"  # the listing only, no copy of the tar
+    assert files[0].stat().st_size < local.stat().st_size / 50
+
+    # A second listing reads the cache (shown by a label edited there)...
+    listing = json.loads(files[0].read_text())
+    listing["entries"][0][1] = "edited in the cache"
+    files[0].write_text(json.dumps(listing))
+    assert TarSource(uri).entries[0].label == "edited in the cache"
+    # ...until the object changes: a different size walks the new tar.
+    [other] = _write_tars(data_root, ids[:5], tmp_path / "other", per_tar=5)
+    s3_store.put_file("stream/shard-000000.tar", other)
+    fresh = TarSource(uri)
+    assert len(fresh.entries) == 5 and fresh.entries[0].label != "edited in the cache"
+    assert decode_image(fresh.read(fresh.entries[4])).size == decode_image(expected.read(expected.entries[4])).size
 
 
 def test_tars_and_uri_lists_from_and_to_radosgw(folder_set, tiny_model_name, tmp_path, s3_store):

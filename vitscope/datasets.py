@@ -40,6 +40,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vitscope.store import StoreError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 LABEL_EXTENSIONS = ("cls", "label", "txt")
 
@@ -144,47 +146,99 @@ def expand_braces(pattern: str) -> list[str]:
     return [n for name in names for n in expand_braces(name)]
 
 
-def _fetch(uri: str) -> Path:
-    """A local path for ``uri``: itself if local, else a download into the cache folder
-    ($VITSCOPE_CACHE, default a folder in the system's temporary directory)."""
-    if not uri.startswith(("s3://", "http://", "https://")):
-        return Path(uri.removeprefix("file://"))
-    cache = Path(os.environ.get("VITSCOPE_CACHE") or Path(tempfile.gettempdir()) / "vitscope-cache")
-    dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(uri).name
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(dest.suffix + ".part")
-        tmp.write_bytes(read_uri(uri))
-        os.replace(tmp, dest)
-    return dest
+def _cache_dir() -> Path:
+    """$VITSCOPE_CACHE, default a folder in the system's temporary directory."""
+    return Path(os.environ.get("VITSCOPE_CACHE") or Path(tempfile.gettempdir()) / "vitscope-cache")
+
+
+def _is_remote(uri: str) -> bool:
+    return uri.startswith(("s3://", "http://", "https://"))
+
+
+@functools.cache
+def _bucket(bucket: str, pid: int):
+    """One S3 client per bucket and process (boto3 clients must not cross a fork into the
+    loader's worker processes, and making one per image costs more than the GET)."""
+    from vitscope.store import open_store
+
+    return open_store(f"s3://{bucket}")
+
+
+def _s3_object(uri: str):
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return _bucket(bucket, os.getpid()), key
 
 
 def read_uri(uri: str) -> bytes:
     """Bytes of an s3://, http(s)://, file:// URI or a local path."""
     if uri.startswith("s3://"):
-        from vitscope.store import open_store
-
-        bucket, _, key = uri.removeprefix("s3://").partition("/")
-        return open_store(f"s3://{bucket}").get_bytes(key)
+        store, key = _s3_object(uri)
+        return store.get_bytes(key)
     if uri.startswith(("http://", "https://")):
         with urllib.request.urlopen(uri, timeout=60) as r:
             return r.read()
     return Path(uri.removeprefix("file://")).read_bytes()
 
 
+def _read_range(uri: str, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` of a local file or a remote object (one ranged GET)."""
+    if uri.startswith("s3://"):
+        store, key = _s3_object(uri)
+        return store.get_range(key, offset, size)
+    if uri.startswith(("http://", "https://")):
+        if size == 0:
+            return b""
+        req = urllib.request.Request(uri, headers={"Range": f"bytes={offset}-{offset + size - 1}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            data = r.read()
+        if len(data) != size:  # a server that ignores Range sends the whole object
+            raise DatasetError(f"{uri}: asked for {size} bytes at {offset}, got {len(data)}")
+        return data
+    with open(uri.removeprefix("file://"), "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def _remote_size(uri: str) -> int:
+    if uri.startswith("s3://"):
+        store, key = _s3_object(uri)
+        return store.size(key)
+    with urllib.request.urlopen(urllib.request.Request(uri, method="HEAD"), timeout=60) as r:
+        return int(r.headers["Content-Length"])
+
+
+class _SequentialReader(io.RawIOBase):
+    """A forward-only reader over a remote object, in large ranged GETs: what tarfile's stream
+    mode needs to walk a tar's headers without a local copy of the tar."""
+
+    BLOCK = 16 << 20
+
+    def __init__(self, uri: str, size: int):
+        self.uri, self.size, self.pos = uri, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self.size - self.pos)
+        if n <= 0:
+            return 0
+        buf[:n] = _read_range(self.uri, self.pos, n)
+        self.pos += n
+        return n
+
+
 class TarSource(ImageSource):
     """Webdataset-style tar shards. Each sample is a group of members sharing a key (the name up
-    to the first dot); samples keep the tar order. Remote shards are downloaded once into a cache
-    folder; images are then read by offset, so any sample is one seek away."""
+    to the first dot); samples keep the tar order. A tar is listed by walking its headers once
+    (a remote tar is streamed, never copied to disk; its listing is cached in $VITSCOPE_CACHE
+    by URI and size); an image is then one read at its offset (a ranged GET when remote)."""
 
     def __init__(self, spec: str | list[str], max_images: int | None = None):
         self.shards = self._shard_list(spec)
         entries: list[ImageEntry] = []
-        self._sizes: dict[str, int] = {}
         for uri in self.shards:
-            path = _fetch(uri)
-            self._sizes[uri] = path.stat().st_size
-            entries += self._index(uri, path)
+            entries += self._index(uri)
             if max_images and len(entries) >= max_images:
                 break
         self.entries = self._limit(entries, max_images, spec)
@@ -200,37 +254,33 @@ class TarSource(ImageSource):
         return expand_braces(spec)
 
     @staticmethod
-    def _index(uri: str, path: Path) -> list[ImageEntry]:
-        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-        order: list[str] = []
+    def _index(uri: str) -> list[ImageEntry]:
+        """The shard's samples that have an image, in tar order."""
         try:
-            with tarfile.open(path, "r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base = member.name.rsplit("/", 1)[-1]
-                    key, _, ext = base.partition(".")
-                    key = member.name[: len(member.name) - len(base)] + key
-                    if key not in samples:
-                        samples[key] = {}
-                        order.append(key)
-                    samples[key][ext.lower()] = member
-                label_data = {k: tar.extractfile(m).read().decode().strip()
-                              for k in order for ext, m in samples[k].items() if ext in LABEL_EXTENSIONS}
-        except (tarfile.TarError, OSError) as e:
+            if not _is_remote(uri):
+                with open(uri.removeprefix("file://"), "rb") as f:
+                    return _scan_tar(uri, f)
+            size = _remote_size(uri)
+            cache = _cache_dir() / "tar-index" / f"{hashlib.sha256(uri.encode()).hexdigest()[:32]}.json"
+            try:
+                cached = json.loads(cache.read_text())
+                if cached.get("format") == 1 and cached["uri"] == uri and cached["size"] == size:
+                    return [ImageEntry(i, label, (uri, offset, n)) for i, label, offset, n in cached["entries"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # no usable cached listing: walk the tar
+            with io.BufferedReader(_SequentialReader(uri, size), buffer_size=_SequentialReader.BLOCK) as f:
+                entries = _scan_tar(uri, f)
+        except (tarfile.TarError, OSError, StoreError) as e:
             raise DatasetError(f"cannot read tar shard {uri}: {e}") from e
-        name = Path(uri).name
-        entries = []
-        for key in order:
-            image = next((m for ext, m in samples[key].items() if "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS),
-                         None)
-            if image is None:
-                continue  # a sample without an image (e.g. metadata only)
-            entries.append(ImageEntry(f"{name}/{key}", label_data.get(key), (uri, image.offset_data, image.size)))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.part")
+        tmp.write_text(json.dumps({"format": 1, "uri": uri, "size": size,
+                                   "entries": [[e.id, e.label, e.location[1], e.location[2]] for e in entries]}))
+        os.replace(tmp, cache)
         return entries
 
     def read(self, entry: ImageEntry) -> bytes:
-        return _read_member(entry.location)
+        return _read_range(*entry.location)
 
     def identity(self) -> dict[str, Any]:
         return {"kind": "webdataset", "shards": self.shards, "n": len(self.entries),
@@ -238,6 +288,32 @@ class TarSource(ImageSource):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "webdataset", "shards": self.shards, "n_listed": len(self.entries)}
+
+
+def _scan_tar(uri: str, fileobj) -> list[ImageEntry]:
+    """Walk a tar's headers in one forward pass (tarfile's stream mode: no seeking), reading
+    only the small label members."""
+    images: dict[str, list[tuple[int, int]]] = {}  # key -> its image members (offset, size), in tar order
+    labels: dict[str, str] = {}
+    order: list[str] = []
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            key = member.name[: len(member.name) - len(base)] + key
+            if key not in images:
+                images[key] = []
+                order.append(key)
+            ext = ext.lower()
+            if ext in LABEL_EXTENSIONS:
+                labels.setdefault(key, tar.extractfile(member).read().decode().strip())
+            elif "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
+                images[key].append((member.offset_data, member.size))
+    name = Path(uri).name
+    # A sample without an image (e.g. metadata only) is not an image of the dataset.
+    return [ImageEntry(f"{name}/{key}", labels.get(key), (uri, *images[key][0])) for key in order if images[key]]
 
 
 class ListSource(ImageSource):
@@ -306,7 +382,7 @@ def load_image_by_id(described: dict[str, Any], image_id: str) -> Image.Image:
         for uri in described["shards"]:
             entry = _tar_index(uri).get(image_id) if Path(uri).name == shard_name else None
             if entry is not None:
-                return decode_image(_read_member(entry.location))
+                return decode_image(_read_range(*entry.location))
         raise FileNotFoundError(f"no image {image_id!r} in the listed tar shards")
     raise DatasetError(f"unknown dataset kind {kind!r}")
 
@@ -314,14 +390,7 @@ def load_image_by_id(described: dict[str, Any], image_id: str) -> Image.Image:
 @functools.lru_cache(maxsize=64)
 def _tar_index(uri: str) -> dict[str, ImageEntry]:
     """A shard's samples by id, indexed once per process (the analyzer looks images up often)."""
-    return {e.id: e for e in TarSource._index(uri, _fetch(uri))}
-
-
-def _read_member(location: tuple[str, int, int]) -> bytes:
-    uri, offset, size = location
-    with open(_fetch(uri), "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+    return {e.id: e for e in TarSource._index(uri)}
 
 
 class DecodedImages(Dataset):
