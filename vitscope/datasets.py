@@ -180,23 +180,45 @@ def read_uri(uri: str) -> bytes:
     return Path(uri.removeprefix("file://")).read_bytes()
 
 
-def _read_range(uri: str, offset: int, size: int) -> bytes:
-    """``size`` bytes at ``offset`` of a local file or a remote object (one ranged GET)."""
+def _read_range(uri: str, offset: int, size: int, object_size: int) -> bytes:
+    """``size`` bytes at ``offset`` of a local file or of a remote object of ``object_size``
+    bytes. Remote reads go through blocks of :data:`_BLOCK` bytes cached per process (and per
+    object size, so a rewritten object of another size is read afresh): a loader reads a tar's
+    images in order, so a batch of them costs a GET or two instead of one per image."""
+    if not _is_remote(uri):
+        with open(uri.removeprefix("file://"), "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    if size > _BLOCK:
+        return _get(uri, offset, size)
+    first, last = offset // _BLOCK, (offset + size - 1) // _BLOCK if size else offset // _BLOCK
+    data = b"".join(_block(uri, object_size, b, os.getpid()) for b in range(first, last + 1))
+    start = offset - first * _BLOCK
+    return data[start:start + size]
+
+
+_BLOCK = 4 << 20
+
+
+@functools.lru_cache(maxsize=8)
+def _block(uri: str, object_size: int, index: int, pid: int) -> bytes:
+    start = index * _BLOCK
+    return _get(uri, start, min(_BLOCK, object_size - start))
+
+
+def _get(uri: str, offset: int, size: int) -> bytes:
+    """One ranged GET of a remote object."""
     if uri.startswith("s3://"):
         store, key = _s3_object(uri)
         return store.get_range(key, offset, size)
-    if uri.startswith(("http://", "https://")):
-        if size == 0:
-            return b""
-        req = urllib.request.Request(uri, headers={"Range": f"bytes={offset}-{offset + size - 1}"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            data = r.read()
-        if len(data) != size:  # a server that ignores Range sends the whole object
-            raise DatasetError(f"{uri}: asked for {size} bytes at {offset}, got {len(data)}")
-        return data
-    with open(uri.removeprefix("file://"), "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+    if size == 0:
+        return b""
+    req = urllib.request.Request(uri, headers={"Range": f"bytes={offset}-{offset + size - 1}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        data = r.read()
+    if len(data) != size:  # a server that ignores Range sends the whole object
+        raise DatasetError(f"{uri}: asked for {size} bytes at {offset}, got {len(data)}")
+    return data
 
 
 def _remote_size(uri: str) -> int:
@@ -223,7 +245,7 @@ class _SequentialReader(io.RawIOBase):
         n = min(len(buf), self.size - self.pos)
         if n <= 0:
             return 0
-        buf[:n] = _read_range(self.uri, self.pos, n)
+        buf[:n] = _get(self.uri, self.pos, n)
         self.pos += n
         return n
 
@@ -259,17 +281,17 @@ class TarSource(ImageSource):
         try:
             if not _is_remote(uri):
                 with open(uri.removeprefix("file://"), "rb") as f:
-                    return _scan_tar(uri, f)
+                    return _scan_tar(uri, f, os.fstat(f.fileno()).st_size)
             size = _remote_size(uri)
             cache = _cache_dir() / "tar-index" / f"{hashlib.sha256(uri.encode()).hexdigest()[:32]}.json"
             try:
                 cached = json.loads(cache.read_text())
                 if cached.get("format") == 1 and cached["uri"] == uri and cached["size"] == size:
-                    return [ImageEntry(i, label, (uri, offset, n)) for i, label, offset, n in cached["entries"]]
+                    return [ImageEntry(i, label, (uri, offset, n, size)) for i, label, offset, n in cached["entries"]]
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # no usable cached listing: walk the tar
             with io.BufferedReader(_SequentialReader(uri, size), buffer_size=_SequentialReader.BLOCK) as f:
-                entries = _scan_tar(uri, f)
+                entries = _scan_tar(uri, f, size)
         except (tarfile.TarError, OSError, StoreError) as e:
             raise DatasetError(f"cannot read tar shard {uri}: {e}") from e
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -290,9 +312,9 @@ class TarSource(ImageSource):
         return {"kind": "webdataset", "shards": self.shards, "n_listed": len(self.entries)}
 
 
-def _scan_tar(uri: str, fileobj) -> list[ImageEntry]:
+def _scan_tar(uri: str, fileobj, tar_size: int) -> list[ImageEntry]:
     """Walk a tar's headers in one forward pass (tarfile's stream mode: no seeking), reading
-    only the small label members."""
+    only the small label members. Locations are (uri, offset, size, the tar's size)."""
     images: dict[str, list[tuple[int, int]]] = {}  # key -> its image members (offset, size), in tar order
     labels: dict[str, str] = {}
     order: list[str] = []
@@ -313,7 +335,8 @@ def _scan_tar(uri: str, fileobj) -> list[ImageEntry]:
                 images[key].append((member.offset_data, member.size))
     name = Path(uri).name
     # A sample without an image (e.g. metadata only) is not an image of the dataset.
-    return [ImageEntry(f"{name}/{key}", labels.get(key), (uri, *images[key][0])) for key in order if images[key]]
+    return [ImageEntry(f"{name}/{key}", labels.get(key), (uri, *images[key][0], tar_size))
+            for key in order if images[key]]
 
 
 class ListSource(ImageSource):
