@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vitscope.store import StoreError
+from vitscope.store import StoreError, open_store
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 LABEL_EXTENSIONS = ("cls", "label", "txt")
@@ -159,8 +159,6 @@ def _is_remote(uri: str) -> bool:
 def _bucket(bucket: str, pid: int):
     """One S3 client per bucket and process (boto3 clients must not cross a fork into the
     loader's worker processes, and making one per image costs more than the GET)."""
-    from vitscope.store import open_store
-
     return open_store(f"s3://{bucket}")
 
 
@@ -180,6 +178,9 @@ def read_uri(uri: str) -> bytes:
     return Path(uri.removeprefix("file://")).read_bytes()
 
 
+_BLOCK = 4 << 20  # a batch of a loader worker's images, give or take
+
+
 def _read_range(uri: str, offset: int, size: int, object_size: int) -> bytes:
     """``size`` bytes at ``offset`` of a local file or of a remote object of ``object_size``
     bytes. Remote reads go through blocks of :data:`_BLOCK` bytes cached per process (and per
@@ -191,13 +192,10 @@ def _read_range(uri: str, offset: int, size: int, object_size: int) -> bytes:
             return f.read(size)
     if size > _BLOCK:
         return _get(uri, offset, size)
-    first, last = offset // _BLOCK, (offset + size - 1) // _BLOCK if size else offset // _BLOCK
+    first, last = offset // _BLOCK, (offset + max(size, 1) - 1) // _BLOCK
     data = b"".join(_block(uri, object_size, b, os.getpid()) for b in range(first, last + 1))
     start = offset - first * _BLOCK
     return data[start:start + size]
-
-
-_BLOCK = 4 << 20
 
 
 @functools.lru_cache(maxsize=8)
