@@ -9,6 +9,7 @@ result is byte-identical however the work was split. A final step writes the man
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -255,25 +256,22 @@ def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> None:
     buffers: dict[int, dict[int, np.ndarray]] = {}
     filled: dict[int, int] = {}
 
+    def shard_buffers(n_images: int) -> dict[int, np.ndarray]:
+        return {layer: np.empty((n_images, m.layout.tokens_per_image, m.d_model), DTYPES[m.dtype][0])
+                for layer in layers}
+
     def store_rows(out: dict[int, torch.Tensor], decoded: list[int]) -> None:
         """Copy the batch's rows (images ``decoded``, ascending) into their shards' buffers."""
-        shard_of = [i // p.images_per_shard for i in decoded]
-        a = 0
-        while a < len(decoded):
-            k = shard_of[a]
-            b = a
-            while b < len(decoded) and shard_of[b] == k:
-                b += 1
+        for k, run in itertools.groupby(range(len(decoded)), key=lambda j: decoded[j] // p.images_per_shard):
+            rows = list(run)
+            a, b = rows[0], rows[-1] + 1
             if k not in buffers:
                 start, end = p.shard_range(k)
-                buffers[k] = {layer: np.empty((end - start, m.layout.tokens_per_image, m.d_model),
-                                              DTYPES[m.dtype][0]) for layer in layers}
-                filled[k] = 0
+                buffers[k], filled[k] = shard_buffers(end - start), 0
             pos = filled[k]
             for layer in layers:
                 storage_view(buffers[k][layer][pos:pos + b - a], m.dtype).copy_(out[layer][a:b, p.keep])
             filled[k] = pos + b - a
-            a = b
 
     with ThreadPoolExecutor(max_workers=1) as pool, tqdm(
         total=len(indices), unit="img", desc=f"extract {p.set_id[:8]}", disable=not cfg.progress
@@ -296,8 +294,7 @@ def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> None:
                 k = i // p.images_per_shard
                 start, end = p.shard_range(k)
                 if i == end - 1:
-                    shard = buffers.pop(k, {layer: np.empty((0, m.layout.tokens_per_image, m.d_model),
-                                                            DTYPES[m.dtype][0]) for layer in layers})
+                    shard = buffers.pop(k, None) or shard_buffers(0)  # none: every image failed
                     n_rows = filled.pop(k, 0)
                     acts = {layer: a[:n_rows] for layer, a in shard.items()}
                     if pending is not None:
