@@ -161,12 +161,11 @@ class SaeTrainer:
         On CUDA the step is captured as a CUDA graph once its shape and settings are fixed
         (see :class:`_GraphedStep`) and replayed from then on."""
         lr = self.cfg.lr * _schedule(step, self.total_steps, self.cfg.lr_warmup_frac, self.cfg.lr_decay_frac)
-        for group in self.opt.param_groups:
-            if self.lr is None:
+        if self.lr is None:
+            for group in self.opt.param_groups:
                 group["lr"] = lr
-            else:
-                group["lr"] = self.lr  # a resumed optimiser's state may have brought its own
-                self.lr.fill_(lr)
+        else:
+            self.lr.fill_(lr)
         self.aux_on = self.aux_on or self.since_fired_bound >= self.cfg.dead_window
         if self.graph is None or not self.graph.run(x, step, autocast):
             self.live = self.update(x, step, autocast)
@@ -216,6 +215,9 @@ class SaeTrainer:
         """Restore :meth:`state`."""
         self.sae.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optim"])
+        if self.lr is not None:  # the saved state brought its own learning rate: read ours again
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr
         self.since_fired.copy_(state["since_fired"])
         self.since_fired_bound = int(self.since_fired.max())
 
@@ -455,8 +457,7 @@ class _Run:
                         self._show(bar, members, batch)
                     if logger:
                         logger.log(members, step, seen)
-                if save:
-                    _synchronize(self.device)
+                if save:  # _check has waited for the queued steps
                     elapsed = train_seconds + time.perf_counter() - t0
                     checkpoint.save(self.store, self.run_id,
                                     checkpoint.Progress(step, seen, elapsed, [mb.plan.sae_id for mb in members]),
