@@ -3,7 +3,7 @@
 On a synthetic activation set in the real shard format (float16, d=768, 1 CLS + 14x14 patches
 per image) and a ReLU SAE published with ``vitscope.sae.save_sae``:
 
-- ``vitscope.analyzer.analyze.analyze`` end to end (SAE load, memory-mapped shard reads,
+- ``vitscope.analyzer.analysis.analyze`` end to end (SAE load, memory-mapped shard reads,
   float16 -> float32, encoding, per-latent frequency/mean/max, best-patch top-k merge, results
   written), against
 - a bare loop that only encodes the same tokens, batch by batch, from a float32 tensor already
@@ -34,7 +34,7 @@ from _common import (
     write_activation_set,
 )
 
-from vitscope.analyzer.analyze import AnalyzeConfig, analyze
+from vitscope.analyzer import AnalyzeConfig, analyze
 from vitscope.sae import Sae, SaeConfig, SaeRecord, build_sae, fit_normalizer, save_sae
 from vitscope.shards import ActivationSet, Manifest, from_storage
 from vitscope.store import LocalStore

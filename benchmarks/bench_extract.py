@@ -3,7 +3,7 @@
 Measured, on a ViT-S/16-sized open_clip model with random weights (width 384, 12 blocks, 6 heads
 of 64, patch 16, 224 px) loaded through ``local-dir:``, and real JPEGs (scikit-image photos):
 
-1. throughput: ``vitscope.extractor.extract.extract`` end to end (listing, model load, JPEG
+1. throughput: ``vitscope.extractor.extraction.extract`` end to end (listing, model load, JPEG
    decoding and transforms in loader workers, the hooked forward, fp16 conversion, shard
    writes, manifest) against a forward-only loop (``ViT.residuals`` up to the same block) over
    the same images already decoded and transformed into one tensor: same model, batch size
@@ -39,7 +39,7 @@ from _common import (
 )
 
 from vitscope.datasets import open_source
-from vitscope.extractor.extract import ExtractConfig, extract
+from vitscope.extractor import ExtractConfig, extract
 from vitscope.models import ModelSpec, load_vit, save_open_clip_dir
 from vitscope.synthetic import make_planted_dataset
 
@@ -53,7 +53,7 @@ VIT_S16 = {
 
 _EXTRACT_CHILD = """
 import json, sys
-from vitscope.extractor.extract import ExtractConfig, extract
+from vitscope.extractor import ExtractConfig, extract
 extract(ExtractConfig(**json.loads(sys.argv[1])))
 """
 

@@ -12,7 +12,7 @@ patches per image, several shards, read from the page cache), no ViT needed:
     read into one reused buffer (``readinto``, a bare memcpy from the page cache), float32
     batches (the CPU path) against a raw read plus the float32 conversion, and the stream's
     time to its first batch.
-(b) training: ``vitscope.trainer.train.train`` (its optimisation loop, as timed by the trainer:
+(b) training: ``vitscope.trainer.training.train`` (its optimisation loop, as timed by the trainer:
     real loader, decoder-norm tricks, Adam, schedule) against the trainer's own per-SAE step
     (``SaeTrainer.step``) on batches sliced from an in-memory float32 tensor (on the training
     device): same SAE, batch and step count. Target: time ratio <= 1.1.
@@ -69,7 +69,7 @@ from vitscope.store import LocalStore
 from vitscope.trainer.config import TrainConfig
 from vitscope.trainer.groundtruth import GroundTruth, recovery, write_ground_truth_set
 from vitscope.trainer.stream import TokenStream
-from vitscope.trainer.train import SaeTrainer, plan_saes, train, train_sweep
+from vitscope.trainer.training import SaeTrainer, plan_saes, train, train_sweep
 
 D_MODEL = 768
 L1_COEFF = 5.0

@@ -69,7 +69,7 @@ def planted_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[P
 
 
 def pipeline_config(store: str, data: Path, model: str, **overrides):
-    from vitscope.flows import PipelineConfig
+    from vitscope.composition.flows import PipelineConfig
 
     cfg = dict(
         data=str(data), store=store, model=model, pretrained=None, layers=(-1,), workers=0,
@@ -82,7 +82,7 @@ def pipeline_config(store: str, data: Path, model: str, **overrides):
 @pytest.fixture(scope="session")
 def pipeline(prefect_server, tiny_model_name, planted_data, tmp_path_factory) -> PipelineRun:
     """The whole pipeline, run once through the Prefect flow into a local store."""
-    from vitscope.flows import pipeline_flow
+    from vitscope.composition.flows import pipeline_flow
 
     data_root, items = planted_data
     store = str(tmp_path_factory.mktemp("store"))
@@ -95,7 +95,7 @@ def pipeline(prefect_server, tiny_model_name, planted_data, tmp_path_factory) ->
 def analyzer_server(pipeline):
     """A real analyzer gRPC server on a free loopback port over the pipeline's store;
     yields its target ("127.0.0.1:PORT")."""
-    from vitscope.analyzer.server import ServeConfig, serve
+    from vitscope.analyzer import ServeConfig, serve
 
     server = serve(ServeConfig(store=pipeline.store_uri, port=0))
     try:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vitscope.analyzer.analyze import AnalyzeConfig, TopK, analyze
+from vitscope.analyzer import AnalyzeConfig, analyze
+from vitscope.analyzer.analysis import TopK
 from vitscope.analyzer.results import load_analysis, log_frequency_histogram
 from vitscope.sae import load_sae_from
 from vitscope.shards import ActivationSet

@@ -16,10 +16,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from vitscope.analyzer.analyze import AnalyzeConfig, analyze
+from vitscope.analyzer import AnalyzeConfig, ServeConfig, analyze, serve
 from vitscope.analyzer.results import LatentTable, load_analysis
-from vitscope.analyzer.server import AnalyzerService, ServeConfig, serve
-from vitscope.extractor.extract import ExtractConfig, extract
+from vitscope.analyzer.server import AnalyzerService
+from vitscope.extractor import ExtractConfig, extract
 from vitscope.proto import pb, rpc
 from vitscope.sae import SaeConfig, SaeRecord, build_sae, fit_normalizer, save_sae
 from vitscope.shards import ActivationSet, from_storage

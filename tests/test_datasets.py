@@ -19,7 +19,7 @@ from vitscope.datasets import (
     load_image_by_id,
     open_source,
 )
-from vitscope.extractor.extract import ExtractConfig, extract
+from vitscope.extractor import ExtractConfig, extract
 from vitscope.s3 import S3Store
 from vitscope.shards import ActivationSet
 from vitscope.store import open_store

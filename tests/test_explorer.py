@@ -19,7 +19,7 @@ from PIL import Image
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
-from vitscope.analyzer.server import ServeConfig, serve
+from vitscope.analyzer import ServeConfig, serve
 from vitscope.explorer.client import AnalyzerClient, AnalyzerError, SaeInfo
 from vitscope.explorer.heatmap import overlay, to_png
 from vitscope.explorer.launch import APP, explorer_command, explorer_env
@@ -40,7 +40,7 @@ def _free_port() -> int:
 def sweep_store(pipeline, tmp_path_factory) -> tuple[str, str]:
     """A copy of the pipeline's store plus a second SAE that is trained but not analysed, so
     the sweep has two points and the 'not analysed' path is real. Returns (store, second id)."""
-    from vitscope.trainer.train import TrainConfig, train
+    from vitscope.trainer.training import TrainConfig, train
 
     store = tmp_path_factory.mktemp("explorer") / "store"
     shutil.copytree(pipeline.store_uri, store)

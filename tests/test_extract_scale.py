@@ -15,7 +15,7 @@ import torch
 from test_extractor import _cfg, _set_bytes
 
 from vitscope.extractor import extract as extract_mod
-from vitscope.extractor.extract import ExtractError, extract
+from vitscope.extractor.extraction import ExtractError, extract
 from vitscope.shards import ActivationSet, set_prefix
 from vitscope.store import open_store
 
@@ -68,7 +68,7 @@ def test_kill_9_at_several_points_then_resume_is_byte_identical(planted_data, ti
     data_root, items = planted_data
     ref = extract(_cfg(data_root, tmp_path / "ref", tiny_model_name, images_per_shard=4))
     store = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "vitscope.cli", "extract", "--data", str(data_root), "--store", str(store),
+    cmd = [sys.executable, "-m", "vitscope.composition.cli", "extract", "--data", str(data_root), "--store", str(store),
            "--model", tiny_model_name, "--pretrained", "None", "--layers", "0", "-1", "--images-per-shard", "4",
            "--batch-size", "2", "--workers", "0", "--no-progress"]
     env = {**os.environ, "VITSCOPE_LOG": "WARNING"}

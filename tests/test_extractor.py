@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from vitscope.datasets import DatasetError, ImageFolderSource
-from vitscope.extractor.extract import ExtractConfig, extract
+from vitscope.extractor import ExtractConfig, extract
 from vitscope.models import ModelLoadError
 from vitscope.shards import ActivationSet, from_storage, set_prefix
 from vitscope.store import open_store

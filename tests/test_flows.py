@@ -8,8 +8,8 @@ import json
 import pytest
 from test_extractor import _cfg, _set_bytes
 
-from vitscope.extractor.extract import extract
-from vitscope.flows import extract_flow, task_runner
+from vitscope.composition.flows import extract_flow, task_runner
+from vitscope.extractor.extraction import extract
 
 
 @pytest.mark.parametrize("engine", ["threads", "dask"])
@@ -33,7 +33,7 @@ def test_parts_as_mapped_tasks_match_a_single_process(prefect_server, planted_da
 def test_sweep_flow_trains_each_sae_once_and_publishes_a_table(pipeline):
     from prefect.client.orchestration import get_client
 
-    from vitscope.flows import sweep_flow
+    from vitscope.composition.flows import sweep_flow
     from vitscope.trainer.config import SweepConfig
 
     cfg = SweepConfig(activations=pipeline.set_id, store=pipeline.store_uri, grid=("k=4,8",),

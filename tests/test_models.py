@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from vitscope.extractor.extract import ExtractConfig, extract
+from vitscope.extractor import ExtractConfig, extract
 from vitscope.models import ModelLoadError, ModelSpec, load_vit
 from vitscope.shards import ActivationSet
 from vitscope.store import open_store

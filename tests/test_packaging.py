@@ -30,8 +30,8 @@ APPTAINER_DEF = REPO / "deploy" / "apptainer.def"
 
 SUBCOMMANDS = ("pipeline", "extract", "train", "sweep", "analyze", "serve", "explore", "verify")
 STAGES = ("extractor", "trainer", "analyzer", "explorer")
-# The composition layer: the only modules of the shared package that may import the stages.
-COMPOSITION = ("vitscope/flows.py", "vitscope/cli.py")
+# The composition layer (the CLI and the Prefect flows): the only package that imports the stages.
+COMPOSITION = "composition"
 
 # Wide, plain help text: no wrapped option names, no colour codes.
 PLAIN_ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
@@ -197,7 +197,7 @@ def test_dockerfile_runs_the_cli_as_a_non_root_user(cli_help):
 # instead of seven times); each answer comes back with its exit status.
 _HELP_SCRIPT = r"""
 import contextlib, io, json, sys
-from vitscope.cli import main
+from vitscope.composition.cli import main
 answers = {}
 for sub in sys.argv[1:]:
     buf = io.StringIO()
@@ -224,7 +224,7 @@ def cli_help() -> dict[str, dict]:
 
 def test_console_script_lists_every_subcommand():
     script = Path(sys.executable).parent / "vitscope"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "vitscope.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "vitscope.composition.cli"]
     proc = subprocess.run([*cmd, "--help"], cwd=REPO, env=PLAIN_ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     usage = re.search(r"\{([a-z,]+)\}", proc.stdout)
@@ -309,19 +309,55 @@ def test_stage_imports_no_other_stage(stage):
     assert not problems, "\n".join(problems)
 
 
-def test_shared_package_imports_stages_only_in_the_composition_layer():
+def test_shared_package_imports_no_stage_and_no_composition():
     files = sorted((REPO / "vitscope").rglob("*.py"))
     assert files
     problems = []
     for path in files:
         rel = path.relative_to(REPO).as_posix()
-        if rel in COMPOSITION:
-            continue
         package = ("vitscope", *path.relative_to(REPO / "vitscope").parent.parts)
         for line, module in _imports(path, package):
-            if any(_is_within(module, f"vitscope.{s}") for s in STAGES) or _is_within(module, "services"):
-                problems.append(f"{rel}:{line}: imports {module}; only {', '.join(COMPOSITION)} may import the stages")
+            if (any(_is_within(module, f"vitscope.{s}") for s in (*STAGES, COMPOSITION))
+                    or _is_within(module, "services")):
+                problems.append(f"{rel}:{line}: imports {module}; the shared package holds contracts only")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stages_never_import_the_composition_layer(stage):
+    problems = []
+    for path in sorted((REPO / "services" / stage).rglob("*.py")):
+        package = ("vitscope", stage, *path.relative_to(REPO / "services" / stage).parent.parts)
+        problems += [f"{path.relative_to(REPO)}:{line}: imports {module}" for line, module in _imports(path, package)
+                     if _is_within(module, f"vitscope.{COMPOSITION}")]
+    assert not problems, "\n".join(problems)
+
+
+def test_composition_layer_imports_only_each_stage_public_init():
+    files = sorted((REPO / COMPOSITION).rglob("*.py"))
+    assert files
+    problems = []
+    for path in files:
+        package = ("vitscope", COMPOSITION, *path.relative_to(REPO / COMPOSITION).parent.parts)
+        for line, module in _imports(path, package):
+            parts = module.split(".")
+            if parts[0] != "vitscope" or len(parts) < 3 or parts[1] not in STAGES:
+                continue
+            # `from vitscope.trainer import train` is seen as vitscope.trainer and vitscope.trainer.train
+            if len(parts) > 3 or not _exported(parts[1], parts[2]):
+                problems.append(f"{path.relative_to(REPO)}:{line}: imports {module}, below "
+                                f"vitscope.{parts[1]}'s public __init__")
+    assert not problems, "\n".join(problems)
+
+
+def _exported(stage: str, name: str) -> bool:
+    """Whether ``name`` is one of the public names of ``services/<stage>/__init__.py`` (the keys
+    of its ``_EXPORTS`` table)."""
+    tree = ast.parse((REPO / "services" / stage / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_EXPORTS" for t in node.targets):
+            return name in ast.literal_eval(node.value)
+    return False
 
 
 # --- (d) deploy/ files reference commands that exist ------------------------------------------------
@@ -397,11 +433,11 @@ def test_compose_file_is_valid_and_runs_existing_commands(cli_help):
 
 
 def _pipeline_config_fields() -> set[str]:
-    tree = ast.parse((REPO / "vitscope" / "flows.py").read_text())
+    tree = ast.parse((REPO / "composition" / "flows.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "PipelineConfig":
             return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
-    raise AssertionError("vitscope/flows.py has no PipelineConfig")
+    raise AssertionError("composition/flows.py has no PipelineConfig")
 
 
 def _entrypoint_file(entrypoint: str) -> tuple[Path, str]:

@@ -81,7 +81,7 @@ def test_sae_metrics_are_published_and_sane(pipeline):
 
 
 def test_rerun_skips_every_finished_stage(pipeline, caplog):
-    from vitscope.flows import pipeline_flow
+    from vitscope.composition.flows import pipeline_flow
 
     assert pipeline.skipped == []
     caplog.set_level(logging.INFO, logger="prefect")
@@ -109,7 +109,7 @@ def test_rerun_skips_every_finished_stage(pipeline, caplog):
 def test_the_pipeline_runs_on_s3(pipeline, s3_store):
     """The same flow against radosgw: shards, checkpoint and analysis go to S3, reads are ranged
     GETs, and the stored tokens equal the local run's."""
-    from vitscope.flows import pipeline_flow
+    from vitscope.composition.flows import pipeline_flow
 
     uri = s3_store.uri
     result = pipeline_flow(pipeline_config(uri, pipeline.data_root, pipeline.model_name, n_tokens=20_000))

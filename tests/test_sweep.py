@@ -18,7 +18,7 @@ from vitscope.trainer import checkpoint
 from vitscope.trainer.config import SweepConfig, sweep_configs
 from vitscope.trainer.groundtruth import GroundTruth, recovery, write_ground_truth_set
 from vitscope.trainer.stream import TokenStream
-from vitscope.trainer.train import SaeTrainer, TrainConfig, TrainingError, plan_saes, train, train_sweep
+from vitscope.trainer.training import SaeTrainer, TrainConfig, TrainingError, plan_saes, train, train_sweep
 
 TWO_LAYERS = GroundTruth(d_model=16, n_directions=32, active=3, n_images=96, grid=(3, 3), images_per_shard=20,
                          layers=(4, 7))

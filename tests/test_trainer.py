@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitscope.extractor.extract import ExtractConfig, extract
+from vitscope.extractor import ExtractConfig, extract
 from vitscope.sae import (
     SaeConfig,
     SaeRecord,
@@ -27,7 +27,7 @@ from vitscope.sae import (
 from vitscope.shards import ActivationSet
 from vitscope.store import LocalStore, open_store
 from vitscope.trainer.stream import TokenStream
-from vitscope.trainer.train import SaePlan, SaeTrainer, TrainConfig, TrainingError, _schedule, train
+from vitscope.trainer.training import SaePlan, SaeTrainer, TrainConfig, TrainingError, _schedule, train
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,7 @@ from vitscope.sae import Sae, SaeRecord, list_saes, load_record, load_sae_from
 from vitscope.shards import ActivationSet
 from vitscope.store import NotFound, Store, open_store
 
+from .config import ServeConfig
 from .results import AnalysisManifest, LatentTable, list_analyses, load_analysis, log_frequency_histogram
 
 log = logging.getLogger(__name__)
@@ -55,26 +56,6 @@ DEFAULT_K = 16
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 T = TypeVar("T")
-
-
-@dataclass
-class ServeConfig:
-    """Serve a store's SAEs, analyses and images over gRPC (the explorer's back end)."""
-
-    store: str = ".vitscope/store"
-    """Store holding the SAEs and analyses: a folder path, file:///path or s3://bucket/prefix."""
-    host: str = "127.0.0.1"
-    """Interface to listen on (0.0.0.0 or [::] for every interface)."""
-    port: int = 50051
-    """Port to listen on; 0 picks a free one."""
-    token: str | None = None
-    """Require 'authorization: Bearer <token>' on every call (health checks exempt). Default: $VITSCOPE_TOKEN if set."""
-    tls_cert: str | None = None
-    """PEM certificate chain file: serve TLS (needs tls_key too)."""
-    tls_key: str | None = None
-    """PEM private key file for tls_cert."""
-    workers: int = 8
-    """Threads answering calls concurrently."""
 
 
 class RequestError(Exception):
@@ -462,7 +443,7 @@ def serve(cfg: ServeConfig) -> RunningServer:
     return RunningServer(server, health, cfg.host, port)
 
 
-def main(cfg: ServeConfig) -> None:
+def serve_forever(cfg: ServeConfig) -> None:
     """Serve until SIGINT or SIGTERM, then let in-flight calls finish (5 s at most)."""
     running = serve(cfg)
     log.info("analyzer listening on %s (store %s%s%s)", running.address, cfg.store,

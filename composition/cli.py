@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import tyro
 
-from vitscope.flows import PipelineConfig
+from vitscope.composition.flows import PipelineConfig
 
 log = logging.getLogger("vitscope")
 
@@ -57,7 +57,7 @@ def run_pipeline(cfg: PipelineConfig) -> None:
         # Without this, each weight lookup waits ~45 s on an unreachable hub before failing.
         os.environ["HF_HUB_OFFLINE"] = "1"
         log.warning("no network: pretrained weights can only come from the local cache")
-    from vitscope.flows import pipeline_flow
+    from vitscope.composition.flows import pipeline_flow
 
     result = pipeline_flow(cfg)
     print(f"\nactivation set  {result.set_id}\nSAE             {result.sae_id}\n"
@@ -80,12 +80,12 @@ def run_verify(cfg: VerifyConfig) -> int:
 
 
 def run_explore(cfg: ExploreConfig) -> int:
-    from vitscope.explorer.launch import run_explorer
+    from vitscope.explorer import run_explorer
 
     server = None
     target = cfg.analyzer
     if target is None:
-        from vitscope.analyzer.server import ServeConfig, serve
+        from vitscope.analyzer import ServeConfig, serve
 
         server = serve(ServeConfig(store=cfg.store, port=0, token=cfg.token))
         target = f"127.0.0.1:{server.port}"
@@ -100,11 +100,9 @@ def run_explore(cfg: ExploreConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vitscope`` command."""
-    from vitscope.analyzer.analyze import AnalyzeConfig
-    from vitscope.analyzer.server import ServeConfig
-    from vitscope.extractor.extract import ExtractConfig
-    from vitscope.trainer.config import SweepConfig
-    from vitscope.trainer.train import TrainConfig
+    from vitscope.analyzer import AnalyzeConfig, ServeConfig
+    from vitscope.extractor import ExtractConfig
+    from vitscope.trainer import SweepConfig, TrainConfig
 
     logging.basicConfig(level=os.environ.get("VITSCOPE_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -127,28 +125,27 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(cfg, PipelineConfig):
         run_pipeline(cfg)
     elif isinstance(cfg, ExtractConfig):
-        from vitscope.extractor.extract import extract
+        from vitscope.extractor import extract
 
         res = extract(cfg)
         print(res.set_id)
     elif isinstance(cfg, TrainConfig):
-        from vitscope.trainer.train import train
+        from vitscope.trainer import train
 
         print(train(cfg).sae_id)
     elif isinstance(cfg, SweepConfig):
-        from vitscope.trainer.config import sweep_configs
-        from vitscope.trainer.train import train_sweep
+        from vitscope.trainer import sweep_configs, train_sweep
 
         for r in train_sweep(sweep_configs(cfg)):
             print(r.sae_id)
     elif isinstance(cfg, AnalyzeConfig):
-        from vitscope.analyzer.analyze import analyze
+        from vitscope.analyzer import analyze
 
         print(analyze(cfg).analysis_id)
     elif isinstance(cfg, ServeConfig):
-        from vitscope.analyzer.server import main as serve_main
+        from vitscope.analyzer import serve_forever
 
-        serve_main(cfg)
+        serve_forever(cfg)
     elif isinstance(cfg, ExploreConfig):
         return run_explore(cfg)
     elif isinstance(cfg, VerifyConfig):

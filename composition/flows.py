@@ -16,11 +16,10 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from vitscope.analyzer.analyze import AnalyzeConfig, AnalyzeResult, analyze
-from vitscope.extractor.extract import ExtractConfig, ExtractResult, extract
+from vitscope.analyzer import AnalyzeConfig, AnalyzeResult, analyze
+from vitscope.extractor import ExtractConfig, ExtractResult, extract
 from vitscope.store import OutOfSpace, StoreError
-from vitscope.trainer.config import SweepConfig, sweep_configs
-from vitscope.trainer.train import TrainConfig, TrainResult, train, train_sweep
+from vitscope.trainer import SweepConfig, TrainConfig, TrainResult, sweep_configs, train, train_sweep
 
 
 def _retry_on_store_errors(task_, task_run, state) -> bool:

@@ -15,25 +15,10 @@ from vitscope.sae import load_sae_from
 from vitscope.shards import ActivationSet, from_storage
 from vitscope.store import open_store
 
+from .config import AnalyzeConfig
 from .results import AnalysisManifest, LatentTable, analysis_exists, analysis_id, save_analysis
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AnalyzeConfig:
-    """Compute per-latent statistics and top-k images of a trained SAE."""
-
-    sae: str
-    """SAE id (printed by `vitscope train`)."""
-    store: str = ".vitscope/store"
-    """Store holding the SAE and its activation set; results are published there too."""
-    k: int = 32
-    """Top images kept per latent (unique images, each with its best patch)."""
-    batch_images: int = 256
-    """Images encoded at once (bounds memory: batch_images x patches x d_sae floats)."""
-    device: str = "auto"
-    progress: bool = True
 
 
 @dataclass

@@ -1,0 +1,42 @@
+"""What ``vitscope analyze`` and ``vitscope serve`` are asked to do (no gRPC or model code is
+imported to read the options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class AnalyzeConfig:
+    """Compute per-latent statistics and top-k images of a trained SAE."""
+
+    sae: str
+    """SAE id (printed by `vitscope train`)."""
+    store: str = ".vitscope/store"
+    """Store holding the SAE and its activation set; results are published there too."""
+    k: int = 32
+    """Top images kept per latent (unique images, each with its best patch)."""
+    batch_images: int = 256
+    """Images encoded at once (bounds memory: batch_images x patches x d_sae floats)."""
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class ServeConfig:
+    """Serve a store's SAEs, analyses and images over gRPC (the explorer's back end)."""
+
+    store: str = ".vitscope/store"
+    """Store holding the SAEs and analyses: a folder path, file:///path or s3://bucket/prefix."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 or [::] for every interface)."""
+    port: int = 50051
+    """Port to listen on; 0 picks a free one."""
+    token: str | None = None
+    """Require 'authorization: Bearer <token>' on every call (health checks exempt). Default: $VITSCOPE_TOKEN if set."""
+    tls_cert: str | None = None
+    """PEM certificate chain file: serve TLS (needs tls_key too)."""
+    tls_key: str | None = None
+    """PEM private key file for tls_cert."""
+    workers: int = 8
+    """Threads answering calls concurrently."""
