@@ -63,10 +63,19 @@ from _common import (
     write_activation_set,
 )
 
-from vitscope.sae import fit_normalizer, load_sae_from
+from vitscope.sae import (
+    BatchTopKHyper,
+    JumpReluHyper,
+    MatryoshkaHyper,
+    ReluHyper,
+    TopKHyper,
+    fit_normalizer,
+    load_sae_from,
+)
 from vitscope.shards import ActivationSet, Manifest
 from vitscope.store import LocalStore
 from vitscope.trainer.config import TrainConfig
+from vitscope.trainer.config import train_config as flat_config
 from vitscope.trainer.groundtruth import GroundTruth, recovery, write_ground_truth_set
 from vitscope.trainer.stream import TokenStream
 from vitscope.trainer.training import SaeTrainer, plan_saes, train, train_sweep
@@ -232,13 +241,14 @@ def synchronize(args: argparse.Namespace) -> None:
 
 
 def train_config(setup: Setup, args: argparse.Namespace, d_sae: int, batch_size: int, steps: int,
-                 **kw: object) -> TrainConfig:
-    cfg = TrainConfig(activations=setup.manifest.set_id, store=str(setup.store.root), d_sae=d_sae,
-                      l1_coeff=L1_COEFF, lr=LR, batch_size=batch_size, n_tokens=steps * batch_size,
-                      init_sample=1 << 14, eval_tokens=batch_size, device=args.device, autocast=args.autocast,
-                      cuda_graphs=args.cuda_graphs,
-                      progress=False)
-    return replace(cfg, **kw)
+                 variant: str = "relu", **kw: object) -> TrainConfig:
+    """The benchmark's settings in the flat form of `vitscope train` (the family's own settings
+    among them: the L1 weight for relu)."""
+    family = {"l1_coeff": L1_COEFF} if variant == "relu" else {}
+    return flat_config(dict(activations=setup.manifest.set_id, store=str(setup.store.root), d_sae=d_sae,
+                            variant=variant, **family, lr=LR, batch_size=batch_size, n_tokens=steps * batch_size,
+                            init_sample=1 << 14, eval_tokens=batch_size, device=args.device,
+                            autocast=args.autocast, cuda_graphs=args.cuda_graphs, progress=False) | kw)
 
 
 def train_seconds(setup: Setup, cfg: TrainConfig) -> tuple[float, dict[str, float]]:
@@ -380,9 +390,9 @@ def quality(tmp: Path, args: argparse.Namespace) -> None:
     common = dict(activations=m.set_id, store=str(store.root), tokens=("all",), expansion=4, lr=5e-3, batch_size=512,
                   n_tokens=args.quality_tokens, dead_window=20_000, eval_tokens=8192, device=args.device,
                   autocast=args.autocast, cuda_graphs=args.cuda_graphs, progress=False)
-    cfgs = [TrainConfig(variant="topk", k=4, **common), TrainConfig(variant="batchtopk", k=4, **common),
-            TrainConfig(variant="matryoshka", k=4, **common), TrainConfig(variant="relu", l1_coeff=1.0, **common),
-            TrainConfig(variant="jumprelu", l0_coeff=0.5, **common)]
+    cfgs = [TrainConfig(sae=TopKHyper(k=4), **common), TrainConfig(sae=BatchTopKHyper(k=4), **common),
+            TrainConfig(sae=MatryoshkaHyper(k=4), **common), TrainConfig(sae=ReluHyper(l1_coeff=1.0), **common),
+            TrainConfig(sae=JumpReluHyper(l0_coeff=0.5), **common)]
     figures = []
     for cfg, res in zip(cfgs, train_sweep(cfgs), strict=True):
         sae, _ = load_sae_from(store, res.sae_id)

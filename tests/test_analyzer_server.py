@@ -48,7 +48,7 @@ class Served:
 def _random_sae(tokens: torch.Tensor, seed: int):
     """A ReLU SAE normalised for ``tokens``, with encoder biases spread from 'never fires' to
     'fires often', so the analysis has dead latents and latents with fewer than k images."""
-    sae = build_sae(SaeConfig("relu", d_in=tokens.shape[1], d_sae=D_SAE))
+    sae = build_sae(SaeConfig.of("relu", d_in=tokens.shape[1], d_sae=D_SAE))
     sae.reset_parameters(torch.Generator().manual_seed(seed))
     mean, scale = fit_normalizer(tokens)
     with torch.no_grad():
@@ -73,7 +73,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_name: str) -> Se
     patches = torch.cat([from_storage(a[:, aset.layout.patch_start:], aset.manifest.dtype).flatten(0, 1)
                          for _, a in aset.iter_shards(layer)])
     for sae_id, seed in ((SAE_ID, 0), (UNANALYSED_ID, 1)):
-        record = SaeRecord(sae_id=sae_id, config=SaeConfig("relu", patches.shape[1], D_SAE),
+        record = SaeRecord(sae_id=sae_id, config=SaeConfig.of("relu", patches.shape[1], D_SAE),
                            activation_set_id=res.set_id, layer=layer, tokens=["patches"],
                            training={"lr": 1e-3, "l1_coeff": 3.0, "schedule": "cosine"},
                            metrics={"nmse": 0.25, "l0": 12.5, "dead": 3, "freq_hist": [1, 2, 3]})

@@ -11,6 +11,7 @@ import torch
 from vitscope.sae import (
     BatchTopKSae,
     JumpReluSae,
+    LossContext,
     MatryoshkaSae,
     Sae,
     SaeConfig,
@@ -31,7 +32,7 @@ B_DEC = [0.5, -0.5]
 
 def hand_sae(variant: str, **cfg) -> Sae:
     """d_in=2, d_sae=3 with the weights above."""
-    sae = build_sae(SaeConfig(variant, 2, 3, **cfg))
+    sae = build_sae(SaeConfig.of(variant, 2, 3, **cfg))
     with torch.no_grad():
         sae.W_enc.copy_(torch.tensor(W_ENC))
         sae.b_enc.copy_(torch.tensor(B_ENC))
@@ -43,16 +44,16 @@ def hand_sae(variant: str, **cfg) -> Sae:
 def test_registry_knows_every_family():
     assert {"relu", "topk", "batchtopk", "matryoshka", "jumprelu"} <= set(Sae.registry)
     with pytest.raises(ValueError, match="unknown SAE variant 'nope'"):
-        build_sae(SaeConfig("nope", 2, 3))
+        build_sae(SaeConfig.of("nope", 2, 3))
     with pytest.raises(ValueError, match="needs 0 < k <= d_sae"):
-        build_sae(SaeConfig("topk", 2, 3, k=4))
+        build_sae(SaeConfig.of("topk", 2, 3, k=4))
     with pytest.raises(ValueError, match="prefixes must ascend"):
-        build_sae(SaeConfig("matryoshka", 2, 4, k=1, prefixes=(2, 1, 4)))
+        build_sae(SaeConfig.of("matryoshka", 2, 4, k=1, prefixes=(2, 1, 4)))
 
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_topk_loss_with_auxk_matches_a_hand_computation(sparse):
-    sae = hand_sae("topk", k=1)
+    sae = hand_sae("topk", k=1, aux_coeff=0.5)
     sae.sparse_decode = sae.sparse_encode = sparse
     x = torch.tensor([[1.5, 0.5], [0.5, 1.5]])
     # Row 1: x - b_dec = (1, 1); pre = (1, 0, -0.5) + b_enc = (1, -1, 0.75): keep latent 0 (1)
@@ -63,21 +64,23 @@ def test_topk_loss_with_auxk_matches_a_hand_computation(sparse):
     #   row 1: relu(0.75) * (0.6, 0.8) = (0.45, 0.6); |e - e_hat|^2 = 0.45^2 + 0.4^2 = 0.3625
     #   row 2: relu(-0.75) = 0, e_hat = 0; |e|^2 = 1
     dead = torch.tensor([False, False, True])
-    loss, parts = sae.loss(x, aux_coeff=0.5, dead_mask=dead)
-    assert parts["recon"].item() == pytest.approx(1.0)
-    assert parts["aux"].item() == pytest.approx((0.3625 + 1) / 2)
-    assert loss.item() == pytest.approx(1.0 + 0.5 * (0.3625 + 1) / 2)
-    assert parts["fires"].tolist() == [1, 1, 0] and parts["l0"].item() == 1.0
+    parts = sae.loss(x, LossContext(dead_mask=dead))
+    assert parts.recon.item() == pytest.approx(1.0)
+    assert parts.terms["aux"].item() == pytest.approx((0.3625 + 1) / 2)
+    assert parts.loss.item() == pytest.approx(1.0 + 0.5 * (0.3625 + 1) / 2)
+    assert parts.fires.tolist() == [1, 1, 0] and parts.l0.item() == 1.0
     # No dead latent: no auxiliary loss.
-    _, parts = sae.loss(x, aux_coeff=0.5, dead_mask=torch.zeros(3, dtype=torch.bool))
-    assert parts["aux"].item() == 0.0
+    parts = sae.loss(x, LossContext(dead_mask=torch.zeros(3, dtype=torch.bool)))
+    assert parts.terms["aux"].item() == 0.0
     # Inference: the same selection, per token.
     z = sae.encode_normalized(x)
     assert z.tolist() == [[1.0, 0.0, 0.0], [0.0, 3.0, 0.0]]
 
 
-@pytest.mark.parametrize("cfg", [SaeConfig("topk", 8, 32, k=4), SaeConfig("batchtopk", 8, 32, k=4),
-                                 SaeConfig("matryoshka", 8, 32, k=4, prefixes=(8, 32))], ids=lambda c: c.variant)
+@pytest.mark.parametrize("cfg", [SaeConfig.of("topk", 8, 32, k=4, aux_coeff=0.1),
+                                 SaeConfig.of("batchtopk", 8, 32, k=4, aux_coeff=0.1),
+                                 SaeConfig.of("matryoshka", 8, 32, k=4, aux_coeff=0.1, prefixes=(8, 32))],
+                         ids=lambda c: c.variant)
 def test_sparse_and_dense_training_paths_agree_in_value_and_gradient(cfg):
     """Sparse decoding (embedding_bag) and the sparse encoder backward give the dense path's
     loss and gradients, AuxK included."""
@@ -88,7 +91,7 @@ def test_sparse_and_dense_training_paths_agree_in_value_and_gradient(cfg):
         sae.sparse_decode = sae.sparse_encode = sparse
         x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
         dead = torch.arange(32) % 3 == 0
-        loss, _ = sae.loss(x, aux_coeff=0.1, dead_mask=dead)
+        loss = sae.loss(x, LossContext(dead_mask=dead)).loss
         loss.backward()
         grads.append((loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
     torch.testing.assert_close(grads[0][0], grads[1][0])
@@ -108,14 +111,14 @@ def test_batchtopk_keeps_k_per_token_on_average_and_learns_its_threshold():
     # The 2 largest of the batch are both row 1's: 2 (latent 0) and 1.25 (latent 2); row 2 gets none.
     #   row 1: x_hat = 2 (1, 0) + 1.25 (0.6, 0.8) + b_dec = (3.25, 0.5); err (0.75, 0) -> 0.5625
     #   row 2: x_hat = b_dec = (0.5, -0.5); err (0, -0.5) -> 0.25
-    loss, parts = sae.loss(x)
-    assert parts["recon"].item() == pytest.approx((0.5625 + 0.25) / 2)
-    assert loss.item() == pytest.approx((0.5625 + 0.25) / 2)
-    assert parts["fires"].tolist() == [1, 0, 1] and parts["l0"].item() == 1.0
-    assert parts["min_act"].item() == 1.25
+    parts = sae.loss(x)
+    assert parts.recon.item() == pytest.approx((0.5625 + 0.25) / 2)
+    assert parts.loss.item() == pytest.approx((0.5625 + 0.25) / 2)
+    assert parts.fires.tolist() == [1, 0, 1] and parts.l0.item() == 1.0
+    assert parts.min_active.item() == 1.25
     sae.update_stats(parts)
     assert float(sae.threshold) == 1.25  # the first batch sets it
-    sae.update_stats({"min_act": torch.tensor(0.5)})
+    sae.update_stats(parts._replace(min_active=torch.tensor(0.5)))
     assert float(sae.threshold) == pytest.approx(0.99 * 1.25 + 0.01 * 0.5)
     # Inference keeps what exceeds the threshold, whatever else is in the batch.
     sae.eval()
@@ -132,25 +135,25 @@ def test_matryoshka_loss_is_the_mean_of_its_prefix_losses():
     # Codes as BatchTopK: row 1 (2, 0, 1.25), row 2 none.
     # Prefix {0}: row 1 x_hat = 2 (1, 0) + b_dec = (2.5, -0.5); err (0, -1) -> 1; row 2 -> 0.25
     # Prefix {0, 1, 2}: 0.5625 and 0.25, as for BatchTopK.
-    loss, parts = sae.loss(x)
+    parts = sae.loss(x)
     full, first = (0.5625 + 0.25) / 2, (1 + 0.25) / 2
-    assert parts["recon"].item() == pytest.approx(full)
-    assert loss.item() == pytest.approx((first + full) / 2)
+    assert parts.recon.item() == pytest.approx(full)
+    assert parts.loss.item() == pytest.approx((first + full) / 2)
 
 
 def test_jumprelu_loss_and_its_straight_through_threshold_gradient():
-    sae = hand_sae("jumprelu")
+    sae = hand_sae("jumprelu", l0_coeff=0.1, bandwidth=1.0)
     with torch.no_grad():
         sae.log_threshold.copy_(torch.tensor([0.5, 0.5, 1.0]).log())
     x = batch_inputs()
     # pre row 1 (2, -1, 1.25) vs thresholds (0.5, 0.5, 1): z = (2, 0, 1.25); row 2 (0, 0, 0.75): z = 0
     # recon as BatchTopK above; L0 = (2 + 0) / 2 = 1
-    loss, parts = sae.loss(x, l0_coeff=0.1, bandwidth=1.0)
+    parts = sae.loss(x)
     recon = (0.5625 + 0.25) / 2
-    assert parts["recon"].item() == pytest.approx(recon)
-    assert parts["l0_loss"].item() == pytest.approx(1.0)
-    assert loss.item() == pytest.approx(recon + 0.1)
-    loss.backward()
+    assert parts.recon.item() == pytest.approx(recon)
+    assert parts.terms["l0"].item() == pytest.approx(1.0)
+    assert parts.loss.item() == pytest.approx(recon + 0.1)
+    parts.loss.backward()
     # Only latent 2 has pre-activations within bandwidth / 2 of its threshold (1.25 and 0.75).
     # L0 term: 0.1 * mean over rows of -(1 / eps) * 1 = -0.1.
     # Recon term: mean over rows of dL/dz_2 * -(t / eps), dL/dz_2 = 2 (x_hat - x) . W_dec[2]:
@@ -162,11 +165,11 @@ def test_jumprelu_loss_and_its_straight_through_threshold_gradient():
 
 
 @pytest.mark.parametrize("cfg", [
-    SaeConfig("relu", 4, 8),
-    SaeConfig("topk", 4, 8, k=2),
-    SaeConfig("batchtopk", 4, 8, k=2),
-    SaeConfig("matryoshka", 4, 8, k=2, prefixes=(2, 4, 8)),
-    SaeConfig("jumprelu", 4, 8),
+    SaeConfig.of("relu", 4, 8),
+    SaeConfig.of("topk", 4, 8, k=2),
+    SaeConfig.of("batchtopk", 4, 8, k=2),
+    SaeConfig.of("matryoshka", 4, 8, k=2, prefixes=(2, 4, 8)),
+    SaeConfig.of("jumprelu", 4, 8),
 ], ids=lambda c: c.variant)
 def test_every_family_loads_back_as_saved(tmp_path, cfg):
     store = LocalStore(tmp_path)
@@ -186,7 +189,7 @@ def test_every_family_loads_back_as_saved(tmp_path, cfg):
     if isinstance(sae, BatchTopKSae):
         assert record.extra["threshold"] == 0.375
     if isinstance(sae, MatryoshkaSae):
-        assert record.extra["prefixes"] == [2, 4, 8]
+        assert record.config.hyper.prefixes == (2, 4, 8)
     # One line from a URI, raw activations in, normalisation applied.
     x = torch.randn(5, 4)
     one_line = load_sae(f"{tmp_path}/saes/abc")
@@ -195,6 +198,6 @@ def test_every_family_loads_back_as_saved(tmp_path, cfg):
 
 
 def test_topk_inference_keeps_exactly_k():
-    sae = build_sae(SaeConfig("topk", 16, 64, k=5)).eval()
+    sae = build_sae(SaeConfig.of("topk", 16, 64, k=5)).eval()
     z = sae.encode(torch.randn(10, 16) * 10)
     assert ((z > 0).sum(dim=1) <= 5).all() and isinstance(sae, TopKSae)

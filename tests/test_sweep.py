@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from vitscope.sae import load_record, load_sae_from
+from vitscope.sae import ReluHyper, TopKHyper, load_record, load_sae_from
 from vitscope.shards import ActivationSet
 from vitscope.store import LocalStore, open_store
 from vitscope.trainer import checkpoint
-from vitscope.trainer.config import SweepConfig, sweep_configs
+from vitscope.trainer.config import ConfigError, SweepConfig, sweep_configs, train_config
 from vitscope.trainer.groundtruth import GroundTruth, recovery, write_ground_truth_set
 from vitscope.trainer.stream import TokenStream
 from vitscope.trainer.training import SaeTrainer, TrainConfig, TrainingError, plan_saes, train, train_sweep
@@ -44,7 +44,7 @@ def gt_set(tmp_path_factory):
 def base(store, set_id, **kw) -> TrainConfig:
     cfg = dict(activations=set_id, store=str(store), tokens=("all",), expansion=2, batch_size=64, n_tokens=640,
                buffer_tokens=256, chunk_tokens=40, init_sample=2000, eval_tokens=512, progress=False)
-    return TrainConfig(**(cfg | kw))
+    return train_config(cfg | kw)
 
 
 def weights(store, sae_id):
@@ -66,9 +66,11 @@ def test_sweep_file_toml_and_yaml_cross_entries_with_grid(tmp_path):
                     '[grid]\nk = [8, 16]\nlayer = [4, 7]\n'
                     '[[sae]]\nlr = 1e-3\n[[sae]]\nvariant = "relu"\nl1_coeff = 2.0\n')
     cfgs = sweep_configs(SweepConfig(file=str(toml), set=("store=/tmp/s",)))
-    assert len(cfgs) == 8
-    assert {(c.variant, c.k, c.layer) for c in cfgs} == {(v, k, layer) for v in ("topk", "relu")
-                                                          for k in (8, 16) for layer in (4, 7)}
+    # The k axis crosses the family that has k; relu has none, so it is crossed with layer only.
+    assert len(cfgs) == 6
+    assert {(c.variant, getattr(c.sae, "k", None), c.layer) for c in cfgs} == (
+        {("topk", k, layer) for k in (8, 16) for layer in (4, 7)} | {("relu", None, layer) for layer in (4, 7)})
+    assert {c.sae.l1_coeff for c in cfgs if c.variant == "relu"} == {2.0}
     assert all(c.n_tokens == 1_000_000 and isinstance(c.n_tokens, int) and c.store == "/tmp/s" for c in cfgs)
     assert all(c.resolved_data_seed == 3 for c in cfgs)
     yaml = tmp_path / "sweep.yaml"
@@ -84,6 +86,13 @@ def test_sweep_file_toml_and_yaml_cross_entries_with_grid(tmp_path):
         sweep_configs(SweepConfig(set=("activations=abc",), grid=("kk=1,2",)))
     with pytest.raises(ValueError, match="names no activation set"):
         sweep_configs(SweepConfig(grid=("k=1,2",)))
+    # A family's setting: refused for an SAE of another family, or a sweep with none of its family.
+    foreign = tmp_path / "foreign.yaml"
+    foreign.write_text("activations: abc\nsae:\n  - {variant: topk, l1_coeff: 1.0}\n")
+    with pytest.raises(ConfigError, match="l1_coeff is not a setting of topk SAEs"):
+        sweep_configs(SweepConfig(file=str(foreign)))
+    with pytest.raises(ConfigError, match="no SAE of this sweep is of a family with k"):
+        sweep_configs(SweepConfig(set=("activations=abc",), grid=("k=1,2",)))
 
 
 def test_the_id_hashes_every_hyper_parameter_of_the_family(gt_set):
@@ -102,8 +111,10 @@ def test_the_id_hashes_every_hyper_parameter_of_the_family(gt_set):
     }.items():
         ids[name] = plan_saes([cfg], ActivationSet.open(open_store(store), set_id), 640)[0].sae_id
     assert len(set(ids.values())) == len(ids)
-    # Settings a family does not use, and execution choices, do not change what is trained.
-    same = [base(store, set_id, variant="topk", k=4, l1_coeff=123.0, sparse="off", checkpoint_every=7)]
+    # Execution choices do not change what is trained; a setting the family does not have is refused.
+    with pytest.raises(ConfigError, match="l1_coeff is not a setting of topk SAEs"):
+        base(store, set_id, variant="topk", k=4, l1_coeff=123.0)
+    same = [base(store, set_id, variant="topk", k=4, sparse="off", checkpoint_every=7)]
     assert plan_saes(same, ActivationSet.open(open_store(store), set_id), 640)[0].sae_id \
         == ids["topk"]
 
@@ -142,7 +153,7 @@ def test_a_sweep_trains_each_sae_as_if_alone_reading_each_chunk_once(gt_set, tmp
     again = train_sweep(cfgs)
     assert all(r.reused for r in again) and [r.sae_id for r in again] == [r.sae_id for r in results]
     rec = load_record(open_store(src), results[2].sae_id)
-    assert rec.config.variant == "batchtopk" and rec.config.k == 3 and rec.layer == 7
+    assert rec.config.variant == "batchtopk" and rec.config.hyper.k == 3 and rec.layer == 7
     assert rec.training["k"] == 3 and rec.training["data_seed"] == 0 and rec.extra["threshold"] > 0
     assert {"mse", "nmse", "l0", "l1", "dead", "dense", "tokens_per_s", "sweep_size"} <= set(rec.metrics)
     assert rec.metrics["sweep_size"] == 3
@@ -187,7 +198,7 @@ def test_a_killed_run_resumes_with_the_same_data_order_and_state(gt_set, tmp_pat
         shutil.copytree(src / "activations", s / "activations")
     cfgs = [base(s, set_id, variant="topk", k=3, n_tokens=1280, checkpoint_every=320, dead_window=100)
             for s in stores]
-    cfgs = [[c, TrainConfig(**{**c.__dict__, "variant": "relu", "layer": 4})] for c in cfgs]
+    cfgs = [[c, TrainConfig(**{**c.__dict__, "sae": ReluHyper(), "layer": 4})] for c in cfgs]
     whole = train_sweep(cfgs[0])
 
     original = SaeTrainer.step
@@ -312,7 +323,7 @@ def test_topk_recovers_the_ground_truth_directions(tmp_path):
     k = 4 trained through the real loader finds at least 95% of them at cosine > 0.9."""
     gt = GroundTruth(n_images=1024, grid=(4, 4))
     m = write_ground_truth_set(LocalStore(tmp_path), gt)
-    res = train(TrainConfig(activations=m.set_id, store=str(tmp_path), variant="topk", k=4, tokens=("all",),
+    res = train(TrainConfig(activations=m.set_id, store=str(tmp_path), sae=TopKHyper(k=4), tokens=("all",),
                             expansion=4, lr=5e-3, batch_size=512, n_tokens=100_000, dead_window=20_000,
                             eval_tokens=4096, progress=False))
     sae, _ = load_sae_from(LocalStore(tmp_path), res.sae_id)
@@ -320,7 +331,6 @@ def test_topk_recovers_the_ground_truth_directions(tmp_path):
     assert res.metrics["nmse"] < 0.2
 
 
-@pytest.mark.s3
 def test_training_reads_activations_from_s3(s3_store, gt_set):
     src, set_id = gt_set
     local = LocalStore(src)

@@ -16,6 +16,8 @@ import torch
 
 from vitscope.extractor import ExtractConfig, extract
 from vitscope.sae import (
+    SCHEMA_VERSION,
+    ReluHyper,
     SaeConfig,
     SaeRecord,
     build_sae,
@@ -26,6 +28,7 @@ from vitscope.sae import (
 )
 from vitscope.shards import ActivationSet
 from vitscope.store import LocalStore, open_store
+from vitscope.trainer.config import train_config
 from vitscope.trainer.stream import TokenStream
 from vitscope.trainer.training import SaePlan, SaeTrainer, TrainConfig, TrainingError, _schedule, train
 
@@ -41,7 +44,7 @@ def small_set(planted_data, tiny_model_name, tmp_path_factory):
 
 
 def test_relu_loss_matches_a_hand_computation():
-    sae = build_sae(SaeConfig("relu", d_in=2, d_sae=3))
+    sae = build_sae(SaeConfig.of("relu", d_in=2, d_sae=3, l1_coeff=0.1))
     with torch.no_grad():
         sae.W_enc.copy_(torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, -1.0]]))
         sae.b_enc.copy_(torch.tensor([0.0, -1.0, 0.25]))
@@ -53,19 +56,18 @@ def test_relu_loss_matches_a_hand_computation():
     #        L1 weighted by decoder norms (1, 2, 5): 1*1 = 1
     # Row 2: x - b_dec = (0, 2); pre = (0, 4, -2) + b_enc = (0, 3, -1.75) -> z = (0, 3, 0)
     #        x_hat = 3*(0, 2) + b_dec = (0.5, 5.5); err^2 = 0 + 16 = 16; L1 = 3*2 = 6
-    loss, parts = sae.loss(x, l1_coeff=0.1)
-    assert parts["recon"].item() == pytest.approx((1 + 16) / 2)
-    assert parts["l1"].item() == pytest.approx((1 + 6) / 2)
-    assert loss.item() == pytest.approx((1 + 16) / 2 + 0.1 * (1 + 6) / 2)
+    parts = sae.loss(x)
+    assert parts.recon.item() == pytest.approx((1 + 16) / 2)
+    assert parts.terms["l1"].item() == pytest.approx((1 + 6) / 2)
+    assert parts.loss.item() == pytest.approx((1 + 16) / 2 + 0.1 * (1 + 6) / 2)
 
 
 def test_decoder_stays_unit_norm_and_parallel_gradient_is_removed():
-    sae = build_sae(SaeConfig("relu", d_in=8, d_sae=16))
+    sae = build_sae(SaeConfig.of("relu", d_in=8, d_sae=16, l1_coeff=1.0))
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(16))
     torch.testing.assert_close(sae.W_enc, sae.W_dec.T)  # encoder starts as decoder transpose
     x = torch.randn(32, 8)
-    loss, _ = sae.loss(x, l1_coeff=1.0)
-    loss.backward()
+    sae.loss(x).loss.backward()
     sae.remove_parallel_decoder_grad()
     parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
     torch.testing.assert_close(parallel, torch.zeros(16), atol=1e-5, rtol=0)
@@ -180,7 +182,7 @@ def test_bdec_and_normalisation_come_from_a_large_sample_and_are_saved(small_set
     assert float(sae.norm_scale) == pytest.approx(scale, rel=1e-5)
     assert record.extra["norm_scale"] == pytest.approx(scale, rel=1e-5)
     cfg = json.loads((store / "saes" / res.sae_id / "cfg.json").read_text())
-    assert cfg["schema_version"] == 1 and cfg["config"]["variant"] == "relu"
+    assert cfg["schema_version"] == SCHEMA_VERSION and cfg["config"]["variant"] == "relu"
     assert cfg["layer"] == 1 and cfg["activation_set_id"] == set_id
     assert {"mse", "nmse", "l0", "dead", "dense"} <= set(cfg["metrics"])
 
@@ -192,13 +194,13 @@ def test_l1_warmup_really_applies(small_set, monkeypatch):
 
     original = ReluSae.loss
 
-    def spy(self, x, l1_coeff=0.0, **kw):
-        seen.append(l1_coeff)
-        return original(self, x, l1_coeff=l1_coeff, **kw)
+    def spy(self, x, ctx):
+        seen.append(self.hyper.l1_coeff * ctx.sparsity_scale)  # the weight the loss applies
+        return original(self, x, ctx)
 
     monkeypatch.setattr(ReluSae, "loss", spy)
     train(TrainConfig(activations=set_id, store=str(store), expansion=2, n_tokens=256 * 20, batch_size=256,
-                      l1_coeff=2.0, sparsity_warmup_frac=0.5, eval_tokens=256, progress=False))
+                      sae=ReluHyper(l1_coeff=2.0, sparsity_warmup_frac=0.5), eval_tokens=256, progress=False))
     assert len(seen) == 20
     assert seen[0] == pytest.approx(0.2) and seen[9] == pytest.approx(2.0) and seen[-1] == 2.0
     assert all(a <= b for a, b in itertools.pairwise(seen))
@@ -207,7 +209,7 @@ def test_l1_warmup_really_applies(small_set, monkeypatch):
 def test_training_reduces_error_and_reruns_are_reused(small_set):
     store, set_id = small_set
     cfg = TrainConfig(activations=set_id, store=str(store), expansion=4, n_tokens=60_000, batch_size=256,
-                      l1_coeff=1.0, lr=1e-3, progress=False)
+                      sae=ReluHyper(l1_coeff=1.0), lr=1e-3, progress=False)
     res = train(cfg)
     assert not res.reused
     assert res.metrics["nmse"] < 0.5 and res.metrics["l0"] > 0
@@ -217,11 +219,11 @@ def test_training_reduces_error_and_reruns_are_reused(small_set):
 
 def test_divergence_and_bad_input_fail_clearly(small_set):
     store, set_id = small_set
+    published = LocalStore(store).list("saes/")
     with pytest.raises(TrainingError, match="loss became"):
         train(TrainConfig(activations=set_id, store=str(store), expansion=2, n_tokens=4096, batch_size=256,
                           lr=1e30, progress=False))
-    assert not LocalStore(store).list("saes/") or all(
-        k.endswith(("cfg.json", "sae.safetensors")) for k in LocalStore(store).list("saes/"))
+    assert LocalStore(store).list("saes/") == published  # a diverged SAE publishes nothing
     with pytest.raises(ValueError, match="register tokens were requested"):
         train(TrainConfig(activations=set_id, store=str(store), tokens=("registers",), progress=False))
     with pytest.raises(ValueError, match="layer 7 is not in this activation set"):
@@ -238,9 +240,11 @@ def test_a_training_step_never_reads_a_device_value_on_the_host(variant, sparse)
     SAE and step. On the meta device (shapes without data) any such read raises, so the real
     step runs there, AuxK with its dead-latent mask included. (sparse="all" is left out: the
     meta device has no sparse matmul.)"""
-    k = 4 if variant in ("topk", "batchtopk", "matryoshka") else None
-    cfg = TrainConfig(activations="x", variant=variant, k=k or 32, sparse=sparse, aux_coeff=0.1, dead_window=64)
-    plan = SaePlan(cfg, "id", 0, SaeConfig(variant, 16, 32, k, (8, 32) if variant == "matryoshka" else None), {})
+    settings = {"k": 4, "aux_coeff": 0.1} if variant in ("topk", "batchtopk", "matryoshka") else {}
+    if variant == "matryoshka":
+        settings["prefixes"] = (8, 32)
+    cfg = train_config({"activations": "x", "variant": variant, "sparse": sparse, "dead_window": 64, **settings})
+    plan = SaePlan(cfg, "id", 0, SaeConfig(16, 32, cfg.sae), {})
     member = SaeTrainer(plan, 10, torch.device("meta"))
     for step in range(3):
         member.since_fired_bound = cfg.dead_window  # latents may be dead: the AuxK loss runs
@@ -250,7 +254,7 @@ def test_a_training_step_never_reads_a_device_value_on_the_host(variant, sparse)
 
 def test_checkpoint_loads_back_as_saved(tmp_path):
     store = LocalStore(tmp_path)
-    sae = build_sae(SaeConfig("relu", 4, 8))
+    sae = build_sae(SaeConfig.of("relu", 4, 8))
     with torch.no_grad():
         sae.norm_mean.copy_(torch.arange(4.0))
         sae.norm_scale.fill_(math.pi)

@@ -10,7 +10,8 @@ The normalisation (centre by the training mean, scale so the average norm is sqr
 part of the model: :meth:`Sae.encode` applies it to raw ViT activations, so whoever loads a
 checkpoint encodes exactly as training did.
 
-Families, one registry (:data:`Sae.registry`), each loading back as what it was saved as:
+Families, one registry (:data:`Sae.registry`), each loading back as what it was saved as, each
+with its own frozen hyper-parameter dataclass (``<Family>Sae.Hyper``):
 
 - ``relu``: ReLU encoder, L1 penalty weighted by decoder norms.
 - ``topk``: keep the k largest pre-activations per token; AuxK loss revives dead latents.
@@ -24,6 +25,7 @@ Load one in a line::
 
     sae = vitscope.load_sae("s3://bucket/prefix/saes/0123abcd")
     latents = sae.encode(activations)        # raw activations in, sparse codes out
+    sae.record.layer, sae.record.metrics     # what it was trained on, how well it does
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,54 +43,135 @@ from torch import nn
 from vitscope.store import NotFound, Store, open_store
 
 FORMAT = "vitscope.sae"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: a family's settings are one ``hyper`` object in cfg.json's ``config`` (1 had ``k`` and
+``prefixes`` beside ``d_sae``; still read)."""
 PREFIX = "saes"
 
 
 @dataclass(frozen=True)
-class SaeConfig:
-    """Architecture of an SAE (what is needed to rebuild it, nothing about training)."""
+class SaeHyper:
+    """Base of every family's hyper-parameters: what that family's loss and architecture need,
+    typed, and nothing of any other family's. Each family declares its own subclass as ``Hyper``
+    and registration ties the two (``Hyper.variant``)."""
 
-    variant: str
-    d_in: int
-    d_sae: int
-    k: int | None = None
-    """Latents kept per token (topk), or on average per token (batchtopk, matryoshka)."""
-    prefixes: tuple[int, ...] | None = None
-    """Matryoshka: sizes of the nested latent prefixes, ascending, the last equal to d_sae."""
+    variant: ClassVar[str] = ""
+    knob: ClassVar[str] = ""
+    """The setting that trades reconstruction for sparsity (named when training diverges)."""
+
+    def resolved(self, d_in: int, d_sae: int) -> SaeHyper:
+        """This with its size-dependent defaults filled in (what a checkpoint records)."""
+        return self
+
+    def warmup_fraction(self) -> float:
+        """Fraction of training over which the trainer ramps the sparsity penalty up from 0."""
+        return 0.0
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if v is not None}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> SaeConfig:
-        prefixes = d.get("prefixes")
-        return cls(d["variant"], int(d["d_in"]), int(d["d_sae"]), d.get("k"),
-                   None if prefixes is None else tuple(int(p) for p in prefixes))
+    def from_json(cls, d: dict[str, Any]) -> SaeHyper:
+        """The settings in ``d`` that this family has (others are ignored: older checkpoints
+        recorded every family's training settings side by side)."""
+        names = {f.name: f for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
+class LossContext(NamedTuple):
+    """What a loss needs from the trainer besides the batch: the state of the schedule."""
+
+    sparsity_scale: float | torch.Tensor = 1.0
+    """Multiplier of the sparsity penalty, ramping from 0 to 1 over the family's warmup."""
+    dead_mask: torch.Tensor | None = None
+    """[d_sae] latents dead over the training window (AuxK trains them); None: none can be yet."""
+
+
+class LossResult(NamedTuple):
+    """One training batch's loss and the figures the trainer tracks, whatever the family."""
+
+    loss: torch.Tensor
+    """What the optimiser minimises."""
+    recon: torch.Tensor
+    """Mean over tokens of the squared error summed over dimensions (normalised space)."""
+    fires: torch.Tensor
+    """[d_sae] number of tokens each latent fired on."""
+    l0: torch.Tensor
+    """Mean number of active latents per token."""
+    terms: dict[str, torch.Tensor]
+    """The family's other loss terms by name, before their coefficients (for logs only)."""
+    min_active: torch.Tensor | None = None
+    """Smallest positive code value of the batch, for families that select codes (0 if none)."""
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    """Architecture of an SAE: its size and its family's settings (``hyper``; the family is
+    ``hyper.variant``)."""
+
+    d_in: int
+    d_sae: int
+    hyper: SaeHyper
+
+    @property
+    def variant(self) -> str:
+        return self.hyper.variant
+
+    @classmethod
+    def of(cls, variant: str, d_in: int, d_sae: int, **settings: Any) -> SaeConfig:
+        """The config of a ``variant`` SAE with that family's ``settings``, e.g.
+        ``SaeConfig.of("topk", 768, 16384, k=64)``."""
+        return cls(d_in, d_sae, sae_class(variant).Hyper(**settings))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"variant": self.variant, "d_in": self.d_in, "d_sae": self.d_sae, "hyper": self.hyper.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], training: dict[str, Any] | None = None) -> SaeConfig:
+        """Read a config of any schema; for schema 1 (``k``/``prefixes`` beside the sizes) the
+        family's settings come from those and the record's ``training`` settings."""
+        hyper = d.get("hyper")
+        if hyper is None:
+            hyper = {**(training or {}), **{k: v for k, v in d.items() if k in ("k", "prefixes")}}
+        return cls(int(d["d_in"]), int(d["d_sae"]), sae_class(d["variant"]).Hyper.from_json(hyper))
 
 
 class Sae(nn.Module):
-    """Base class: a linear encoder with a variant-specific activation, a linear decoder, and
-    input normalisation stored as buffers. Subclasses register themselves by ``variant``.
+    """Base class of the SAE families: a linear encoder with a family-specific activation, a
+    linear decoder, and the input normalisation stored as buffers.
 
-    Every ``loss`` returns ``(loss, parts)`` where ``parts`` always holds ``recon`` (mean over
-    tokens of the squared error summed over dimensions), ``fires`` (per-latent count of
-    tokens it fired on, [d_sae]) and ``l0`` (mean active latents per token): what the trainer
-    needs for live figures and dead-latent tracking, whatever the variant.
+    A family is one subclass naming its ``variant`` and its ``Hyper`` (a frozen
+    :class:`SaeHyper` dataclass); defining it registers it, and everything else (the CLI's
+    choices and options, sweep keys, checkpoints) is derived from the registry.
+
+    The public methods work in the raw activation space of the ViT: :meth:`encode`,
+    :meth:`decode`, :meth:`reconstruct` and :meth:`forward` apply the normalisation the SAE was
+    trained with and undo it. The trainer works in the normalised space, through the methods
+    named ``*_normalized`` and :meth:`loss`.
     """
 
     variant: ClassVar[str]
+    Hyper: ClassVar[type[SaeHyper]]
     registry: ClassVar[dict[str, type[Sae]]] = {}
+    sparse_paths: ClassVar[bool] = False
+    """Whether the family can train through the sparse decode/encode paths (``sparse_decode``,
+    ``sparse_encode``)."""
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        if "variant" in cls.__dict__:  # abstract intermediate classes name no variant
-            Sae.registry[cls.variant] = cls
+        if "variant" not in cls.__dict__:  # abstract intermediate classes name no variant
+            return
+        hyper = cls.__dict__.get("Hyper")
+        if hyper is None or not (isinstance(hyper, type) and issubclass(hyper, SaeHyper)):
+            raise TypeError(f"SAE family {cls.variant!r} must define its own Hyper, a frozen SaeHyper dataclass")
+        if hyper.__dict__.get("variant") not in (None, "", cls.variant):
+            raise TypeError(f"{hyper.__name__} already belongs to family {hyper.variant!r}")
+        hyper.variant = cls.variant
+        Sae.registry[cls.variant] = cls
 
     def __init__(self, cfg: SaeConfig):
         super().__init__()
-        if cfg.variant != self.variant:
+        if not isinstance(cfg.hyper, self.Hyper):
             raise ValueError(f"config is for variant {cfg.variant!r}, not {self.variant!r}")
         self.check_config(cfg)
         self.cfg = cfg
@@ -100,6 +183,13 @@ class Sae(nn.Module):
         self.register_buffer("norm_mean", torch.zeros(d))
         self.register_buffer("norm_scale", torch.ones(()))
         self.reset_parameters()
+        self.record: SaeRecord | None = None
+        """What the checkpoint says about this SAE (layer, tokens, model, activation set,
+        metrics), when it was loaded from one."""
+
+    @property
+    def hyper(self) -> SaeHyper:
+        return self.cfg.hyper
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -111,14 +201,37 @@ class Sae(nn.Module):
 
     @classmethod
     def check_config(cls, cfg: SaeConfig) -> None:
-        """Raise ValueError when ``cfg`` is not a valid architecture of this variant."""
+        """Raise ValueError when ``cfg`` is not a valid architecture of this family."""
         if cfg.d_in <= 0 or cfg.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got {cfg.d_in} and {cfg.d_sae}")
 
-    # --- the model -------------------------------------------------------------------------
+    # --- the model, in the ViT's raw activation space -------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw ViT activations [..., d_in] -> latent activations [..., d_sae]."""
+        return self.encode_normalized(self.normalize(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents [..., d_sae] -> reconstructed raw activations [..., d_in]."""
+        return self.denormalize(self.decode_normalized(z))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw activations -> their reconstruction through the SAE, in the raw space."""
+        return self.forward(x).reconstruction
+
+    def forward(self, x: torch.Tensor) -> SaeOutput:
+        """Raw activations -> (reconstruction in the raw space, latents)."""
+        x_hat, z = self.forward_normalized(self.normalize(x))
+        return SaeOutput(self.denormalize(x_hat), z)
+
+    # --- the space the SAE was trained in ----------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw activations -> the space the SAE was trained in."""
+        """Raw activations -> the training space (centred by the training mean, scaled so the
+        average norm is sqrt(d_in))."""
         return (x.to(self.norm_mean.dtype) - self.norm_mean) * self.norm_scale
+
+    def denormalize(self, x_norm: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize`."""
+        return x_norm / self.norm_scale + self.norm_mean
 
     def pre_acts(self, x_norm: torch.Tensor) -> torch.Tensor:
         return (x_norm - self.b_dec) @ self.W_enc + self.b_enc
@@ -129,26 +242,22 @@ class Sae(nn.Module):
     def encode_normalized(self, x_norm: torch.Tensor) -> torch.Tensor:
         return self.activate(self.pre_acts(x_norm))
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw ViT activations [..., d_in] -> latent activations [..., d_sae]."""
-        return self.encode_normalized(self.normalize(x))
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents -> reconstruction in the normalised space."""
+    def decode_normalized(self, z: torch.Tensor) -> torch.Tensor:
         return z @ self.W_dec + self.b_dec
 
-    def forward(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_normalized(self, x_norm: torch.Tensor) -> SaeOutput:
         z = self.encode_normalized(x_norm)
-        return self.decode(z), z
+        return SaeOutput(self.decode_normalized(z), z)
 
-    # --- training helpers ------------------------------------------------------------------
-    def loss(self, x_norm: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Training loss for one batch of normalised inputs [n, d_in] and its parts."""
+    # --- training ----------------------------------------------------------------------------
+    def loss(self, x_norm: torch.Tensor, ctx: LossContext = LossContext()) -> LossResult:
+        """Training loss of one batch of normalised inputs [n, d_in], with this family's
+        settings (:attr:`hyper`) and the schedule's state (``ctx``)."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def update_stats(self, parts: dict[str, torch.Tensor]) -> None:
-        """Update inference-time state from a training step's parts (most variants have none)."""
+    def update_stats(self, result: LossResult) -> None:
+        """Update inference-time state from a training step (most families have none)."""
 
     @torch.no_grad()
     def set_decoder_unit_norm(self) -> None:
@@ -164,17 +273,39 @@ class Sae(nn.Module):
         self.W_dec.grad -= (self.W_dec.grad * w).sum(dim=1, keepdim=True) * w
 
     def extra_config(self) -> dict[str, Any]:
-        """Variant-specific values worth reading in cfg.json without loading the weights."""
+        """Family-specific values worth reading in cfg.json without loading the weights."""
         return {}
+
+
+class SaeOutput(NamedTuple):
+    reconstruction: torch.Tensor
+    latents: torch.Tensor
 
 
 def _recon(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (x_hat.float() - x.float()).pow(2).sum(dim=-1).mean()
 
 
-def _dense_parts(z: torch.Tensor) -> dict[str, torch.Tensor]:
+def _dense_counts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-latent firing counts, mean active latents per token) of dense codes."""
     active = z > 0
-    return {"fires": active.sum(dim=0), "l0": active.sum(dim=-1).float().mean()}
+    return active.sum(dim=0), active.sum(dim=-1).float().mean()
+
+
+@dataclass(frozen=True)
+class _PenaltyHyper(SaeHyper):
+    sparsity_warmup_frac: float = 0.05
+    """Ramp the sparsity penalty up from 0 over this fraction of training (avoids early dead latents)."""
+
+    def warmup_fraction(self) -> float:
+        return self.sparsity_warmup_frac
+
+
+@dataclass(frozen=True)
+class ReluHyper(_PenaltyHyper):
+    knob: ClassVar[str] = "l1_coeff"
+    l1_coeff: float = 5.0
+    """Weight of the L1 penalty (on inputs scaled to norm sqrt(d_in)); larger = sparser."""
 
 
 class ReluSae(Sae):
@@ -182,15 +313,17 @@ class ReluSae(Sae):
     norms (so the penalty cannot be dodged by shrinking codes and growing decoder rows)."""
 
     variant = "relu"
+    Hyper = ReluHyper
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
 
-    def loss(self, x_norm: torch.Tensor, l1_coeff: float = 0.0, **_: Any):
-        x_hat, z = self(x_norm)
+    def loss(self, x_norm: torch.Tensor, ctx: LossContext = LossContext()) -> LossResult:
+        x_hat, z = self.forward_normalized(x_norm)
         recon = _recon(x_hat, x_norm)
         sparsity = (z * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
-        return recon + l1_coeff * sparsity, {"recon": recon, "l1": sparsity, **_dense_parts(z)}
+        return LossResult(recon + self.hyper.l1_coeff * ctx.sparsity_scale * sparsity, recon,
+                          *_dense_counts(z), {"l1": sparsity})
 
 
 def _bag(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
@@ -233,12 +366,48 @@ class _SelectedPreActs(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+@dataclass(frozen=True)
+class _SelectionHyper(SaeHyper):
+    knob: ClassVar[str] = "k"
+    k: int = 32
+    """Active latents per token (on average over a batch for the batch families)."""
+    aux_coeff: float = 1 / 32
+    """Weight of the AuxK loss that trains dead latents on the residual."""
+    aux_k: int | None = None
+    """Dead latents used by the AuxK loss; default d_in / 2."""
+
+    def resolved(self, d_in: int, d_sae: int) -> SaeHyper:
+        return replace(self, aux_k=self.aux_k or d_in // 2)
+
+
+@dataclass(frozen=True)
+class TopKHyper(_SelectionHyper):
+    pass
+
+
+@dataclass(frozen=True)
+class BatchTopKHyper(_SelectionHyper):
+    pass
+
+
+@dataclass(frozen=True)
+class MatryoshkaHyper(_SelectionHyper):
+    prefixes: tuple[int, ...] = ()
+    """Nested prefix sizes, ascending, the last = d_sae; default d_sae/16, /8, /4, /2, 1."""
+
+    def resolved(self, d_in: int, d_sae: int) -> SaeHyper:
+        prefixes = self.prefixes or tuple(sorted({max(1, d_sae >> s) for s in (4, 3, 2, 1, 0)}))
+        return replace(super().resolved(d_in, d_sae), prefixes=tuple(prefixes))
+
+
 class _SparseCodes(Sae):
-    """Variants whose codes are a few selected latents. They train dead latents with the AuxK
+    """Families whose codes are a few selected latents. They train dead latents with the AuxK
     loss (Gao et al. 2024: the top ``aux_k`` dead latents reconstruct the residual error), and
     can train sparsely: decode with a gather of the selected decoder rows (``embedding_bag``)
     instead of a dense [n, d_sae] @ [d_sae, d] product, and backpropagate into the encoder
     through the selected latents only."""
+
+    sparse_paths = True
 
     sparse_decode: bool = False
     """Decode with embedding_bag over the selected decoder rows (a training-time choice; values
@@ -249,8 +418,9 @@ class _SparseCodes(Sae):
     @classmethod
     def check_config(cls, cfg: SaeConfig) -> None:
         super().check_config(cfg)
-        if not cfg.k or cfg.k <= 0 or cfg.k > cfg.d_sae:
-            raise ValueError(f"{cfg.variant} needs 0 < k <= d_sae, got k={cfg.k} with d_sae={cfg.d_sae}")
+        k = cfg.hyper.k
+        if not k or k <= 0 or k > cfg.d_sae:
+            raise ValueError(f"{cfg.variant} needs 0 < k <= d_sae, got k={k} with d_sae={cfg.d_sae}")
 
     def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training-time selection from pre-activations [n, d_sae]: (rows ascending, cols)."""
@@ -279,7 +449,7 @@ class _SparseCodes(Sae):
         return out + self.b_dec if bias else out
 
     def aux_loss(self, pre: torch.Tensor, pick, x_norm: torch.Tensor, x_hat: torch.Tensor,
-                 dead_mask: torch.Tensor | None, aux_k: int | None) -> torch.Tensor:
+                 dead_mask: torch.Tensor | None) -> torch.Tensor:
         """||e - e_hat||^2 (mean over tokens) with e = x - x_hat (no gradient into the main
         latents) and e_hat decoded, without bias, from the ``aux_k`` largest dead pre-activations;
         scaled down by n_dead / aux_k when fewer latents are dead than aux_k.
@@ -291,7 +461,7 @@ class _SparseCodes(Sae):
         none is dead."""
         if dead_mask is None:
             return pre.new_zeros((), dtype=torch.float32)
-        aux_k = aux_k or self.cfg.d_in // 2
+        aux_k = self.hyper.aux_k or self.cfg.d_in // 2
         k = min(aux_k, self.cfg.d_sae)
         n_dead = dead_mask.sum()
         scale = (n_dead.float() / aux_k).clamp(max=1.0)
@@ -304,37 +474,48 @@ class _SparseCodes(Sae):
         e_hat = self.decode_selected(rows, cols, vals, n, bias=False)
         return scale * _recon(e_hat, (x_norm - x_hat).detach())
 
-    def loss(self, x_norm: torch.Tensor, aux_coeff: float = 0.0, dead_mask: torch.Tensor | None = None,
-             aux_k: int | None = None, **_: Any):
+    def loss(self, x_norm: torch.Tensor, ctx: LossContext = LossContext()) -> LossResult:
         pre, pick = self._encode_for_training(x_norm)
         rows, cols = self.select(pre)
         vals = torch.relu(pick(rows, cols))
         n = len(x_norm)
         x_hat = self.decode_selected(rows, cols, vals, n)
         recon = _recon(x_hat, x_norm)
-        aux = self.aux_loss(pre, pick, x_norm, x_hat, dead_mask, aux_k) if aux_coeff else recon.new_zeros(())
-        return recon + aux_coeff * aux, {"recon": recon, "aux": aux, **self._selection_parts(cols, vals, n)}
+        aux_coeff = self.hyper.aux_coeff
+        aux = self.aux_loss(pre, pick, x_norm, x_hat, ctx.dead_mask) if aux_coeff else recon.new_zeros(())
+        return LossResult(recon + aux_coeff * aux, recon, *self._selection_counts(cols, vals, n), {"aux": aux},
+                          _smallest_active(vals))
 
-    def _selection_parts(self, cols: torch.Tensor, vals: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    def _selection_counts(self, cols: torch.Tensor, vals: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-latent firing counts, mean active latents per token) of selected codes."""
         # Counted with index_add_: boolean indexing (cols[on]) and bincount read a size on the
         # host, a GPU sync every step.
         on = vals > 0
         fires = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=cols.device).index_add_(0, cols, on.long())
-        return {"fires": fires, "l0": on.sum() / n}
+        return fires, on.sum() / n
+
+
+def _smallest_active(vals: torch.Tensor) -> torch.Tensor:
+    """The smallest positive value (0 if none is), without a host read."""
+    on = vals > 0
+    smallest = torch.where(on, vals.detach(), torch.full_like(vals, torch.inf)).amin()
+    return torch.where(on.any(), smallest, torch.zeros_like(smallest))
 
 
 class TopKSae(_SparseCodes):
     """Keep the k largest pre-activations of each token (ReLU'd), zero the rest."""
 
     variant = "topk"
+    Hyper = TopKHyper
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        vals, idx = pre.topk(self.cfg.k, dim=-1)
+        vals, idx = pre.topk(self.hyper.k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
     def select(self, pre: torch.Tensor):
-        cols = pre.topk(self.cfg.k, dim=-1)[1]
-        return _repeat_rows(len(pre), self.cfg.k, pre.device), cols.reshape(-1)
+        k = self.hyper.k
+        cols = pre.topk(k, dim=-1)[1]
+        return _repeat_rows(len(pre), k, pre.device), cols.reshape(-1)
 
 
 class BatchTopKSae(_SparseCodes):
@@ -344,6 +525,7 @@ class BatchTopKSae(_SparseCodes):
     exponential moving average of the smallest kept activation of each training batch."""
 
     variant = "batchtopk"
+    Hyper = BatchTopKHyper
     threshold_decay: ClassVar[float] = 0.99
 
     def __init__(self, cfg: SaeConfig):
@@ -361,19 +543,12 @@ class BatchTopKSae(_SparseCodes):
 
     def select(self, pre: torch.Tensor):
         n, m = pre.shape
-        flat = torch.relu(pre).flatten().topk(min(self.cfg.k * n, n * m), sorted=False)[1].sort()[0]
+        flat = torch.relu(pre).flatten().topk(min(self.hyper.k * n, n * m), sorted=False)[1].sort()[0]
         return flat // m, flat % m  # rows ascending, as the sparse paths need
 
-    def _selection_parts(self, cols, vals, n):
-        parts = super()._selection_parts(cols, vals, n)
-        on = vals > 0  # the smallest kept activation (0 if none is positive), without a host read
-        smallest = torch.where(on, vals.detach(), torch.full_like(vals, torch.inf)).amin()
-        parts["min_act"] = torch.where(on.any(), smallest, torch.zeros_like(smallest))
-        return parts
-
     @torch.no_grad()
-    def update_stats(self, parts: dict[str, torch.Tensor]) -> None:
-        m = parts["min_act"].to(self.threshold.dtype)
+    def update_stats(self, result: LossResult) -> None:
+        m = result.min_active.to(self.threshold.dtype)
         t = self.threshold
         # The first batch sets it (it is negative until then); chosen on the device, no host read.
         t.copy_(torch.where(t < 0, m, t * self.threshold_decay + (1 - self.threshold_decay) * m))
@@ -389,16 +564,16 @@ class MatryoshkaSae(BatchTopKSae):
     refine them instead of absorbing them. The loss is the mean of the prefix losses."""
 
     variant = "matryoshka"
+    Hyper = MatryoshkaHyper
 
     @classmethod
     def check_config(cls, cfg: SaeConfig) -> None:
         super().check_config(cfg)
-        p = cfg.prefixes
+        p = cfg.hyper.prefixes
         if not p or list(p) != sorted(set(p)) or p[0] <= 0 or p[-1] != cfg.d_sae:
             raise ValueError(f"matryoshka prefixes must ascend from > 0 to d_sae={cfg.d_sae}, got {p}")
 
-    def loss(self, x_norm: torch.Tensor, aux_coeff: float = 0.0, dead_mask: torch.Tensor | None = None,
-             aux_k: int | None = None, **_: Any):
+    def loss(self, x_norm: torch.Tensor, ctx: LossContext = LossContext()) -> LossResult:
         pre, pick = self._encode_for_training(x_norm)
         rows, cols = self.select(pre)
         vals = torch.relu(pick(rows, cols))
@@ -407,17 +582,15 @@ class MatryoshkaSae(BatchTopKSae):
         x_hat = self.b_dec.expand_as(x_norm)
         losses = []
         lo = 0
-        for hi in self.cfg.prefixes:  # each prefix's reconstruction extends the previous one
+        for hi in self.hyper.prefixes:  # each prefix's reconstruction extends the previous one
             x_hat = x_hat + z[:, lo:hi] @ self.W_dec[lo:hi]
             losses.append(_recon(x_hat, x_norm))
             lo = hi
         prefix_loss = torch.stack(losses).mean()
-        aux = self.aux_loss(pre, pick, x_norm, x_hat, dead_mask, aux_k) if aux_coeff else prefix_loss.new_zeros(())
-        return prefix_loss + aux_coeff * aux, {"recon": losses[-1], "prefix_recon": prefix_loss, "aux": aux,
-                                               **self._selection_parts(cols, vals, n)}
-
-    def extra_config(self) -> dict[str, Any]:
-        return {**super().extra_config(), "prefixes": list(self.cfg.prefixes)}
+        aux_coeff = self.hyper.aux_coeff
+        aux = self.aux_loss(pre, pick, x_norm, x_hat, ctx.dead_mask) if aux_coeff else prefix_loss.new_zeros(())
+        return LossResult(prefix_loss + aux_coeff * aux, losses[-1], *self._selection_counts(cols, vals, n),
+                          {"prefix_recon": prefix_loss, "aux": aux}, _smallest_active(vals))
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -458,6 +631,15 @@ class _StepFn(torch.autograd.Function):
         return None, grad_t.reshape(-1, t.shape[-1]).sum(0), None
 
 
+@dataclass(frozen=True)
+class JumpReluHyper(_PenaltyHyper):
+    knob: ClassVar[str] = "l0_coeff"
+    l0_coeff: float = 0.5
+    """Weight of the L0 penalty; larger = sparser."""
+    bandwidth: float = 0.05
+    """Width of the straight-through kernel around each threshold."""
+
+
 class JumpReluSae(Sae):
     """JumpReLU (Rajamanoharan et al. 2024): a latent passes when its pre-activation exceeds
     its own learned threshold (stored as ``log_threshold``, so it stays positive), trained with
@@ -465,6 +647,7 @@ class JumpReluSae(Sae):
     ``bandwidth`` around the threshold."""
 
     variant = "jumprelu"
+    Hyper = JumpReluHyper
     init_threshold: ClassVar[float] = 1.0
     """In the normalised space (token norm sqrt(d_in)) an untrained latent's pre-activation is
     roughly N(0, 1), so it starts firing on ~16% of tokens; the log-parametrised threshold then
@@ -482,13 +665,14 @@ class JumpReluSae(Sae):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold)
 
-    def loss(self, x_norm: torch.Tensor, l0_coeff: float = 0.0, bandwidth: float = 0.05, **_: Any):
+    def loss(self, x_norm: torch.Tensor, ctx: LossContext = LossContext()) -> LossResult:
+        hp = self.hyper
         pre = self.pre_acts(x_norm)
         t = self.threshold.to(pre.dtype)
-        z = _JumpReluFn.apply(pre, t, bandwidth)
-        recon = _recon(self.decode(z), x_norm)
-        l0 = _StepFn.apply(pre, t, bandwidth).sum(dim=-1).mean()
-        return recon + l0_coeff * l0, {"recon": recon, "l0_loss": l0, **_dense_parts(z)}
+        z = _JumpReluFn.apply(pre, t, hp.bandwidth)
+        recon = _recon(self.decode_normalized(z), x_norm)
+        l0 = _StepFn.apply(pre, t, hp.bandwidth).sum(dim=-1).mean()
+        return LossResult(recon + hp.l0_coeff * ctx.sparsity_scale * l0, recon, *_dense_counts(z), {"l0": l0})
 
 
 @dataclass
@@ -524,18 +708,17 @@ class SaeRecord:
             raise ValueError(
                 f"checkpoint schema {d['schema_version']} is newer than this vitscope reads ({SCHEMA_VERSION}): upgrade vitscope"
             )
-        fields = set(cls.__dataclass_fields__)
-        kw = {k: v for k, v in d.items() if k in fields}
-        kw["config"] = SaeConfig.from_json(d["config"])
+        kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        kw["config"] = SaeConfig.from_json(d["config"], d.get("training"))
         return cls(**kw)
 
 
 def sae_class(variant: str) -> type[Sae]:
-    """The class registered for ``variant``."""
+    """The family registered as ``variant``."""
     try:
         return Sae.registry[variant]
     except KeyError:
-        raise ValueError(f"unknown SAE variant {variant!r}; known: {sorted(Sae.registry)}") from None
+        raise ValueError(f"unknown SAE variant {variant!r}; known: {', '.join(sorted(Sae.registry))}") from None
 
 
 def build_sae(cfg: SaeConfig) -> Sae:
@@ -567,18 +750,26 @@ def load_record(store: Store, sae_id: str) -> SaeRecord:
 
 
 def load_sae_from(store: Store, sae_id: str, device: str | torch.device = "cpu") -> tuple[Sae, SaeRecord]:
-    """Load a published SAE as the variant it was saved as, with its normalisation."""
+    """Load a published SAE as the family it was saved as, with its normalisation and its
+    record (also ``sae.record``), ready for inference."""
     from safetensors.torch import load
 
     record = load_record(store, sae_id)
     sae = build_sae(record.config)
     state = load(store.get_bytes(f"{sae_prefix(sae_id)}/sae.safetensors"))
     sae.load_state_dict(state, strict=True)
+    sae.record = record
     return sae.requires_grad_(False).to(device).eval(), record
 
 
 def load_sae(uri: str | os.PathLike, device: str | torch.device = "cpu") -> Sae:
-    """Load an SAE from its URI, e.g. ``s3://bucket/prefix/saes/<id>`` or ``/path/store/saes/<id>``."""
+    """Load a published SAE from its URI: ``<store>/saes/<sae_id>``, e.g.
+    ``s3://bucket/prefix/saes/0123abcd`` or ``/path/to/store/saes/0123abcd``.
+
+    The SAE comes back as the family it was trained as, in eval mode, on ``device``; its
+    :meth:`Sae.encode`, :meth:`Sae.decode`, :meth:`Sae.reconstruct` and :meth:`Sae.forward`
+    take and give raw ViT activations, and ``sae.record`` says what it was trained on (layer,
+    token kinds, model, activation set, metrics)."""
     uri = os.fspath(uri).rstrip("/")
     root, sep, sae_id = uri.rpartition(f"/{PREFIX}/")
     if not sep or "/" in sae_id:

@@ -4,19 +4,24 @@ file and/or ``--grid`` axes)."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import itertools
 import json
+import textwrap
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from vitscope.hashing import content_id
-from vitscope.sae import SCHEMA_VERSION
+from vitscope.sae import SCHEMA_VERSION, ReluHyper, ReluSae, Sae, SaeHyper, sae_class
 
 TokenKind = Literal["cls", "registers", "patches", "all"]
-Variant = Literal["relu", "topk", "batchtopk", "matryoshka", "jumprelu"]
-SPARSE_CODE_VARIANTS = ("topk", "batchtopk", "matryoshka")
+
+
+class ConfigError(ValueError):
+    """A training or sweep setting that does not exist, or does not belong to the chosen family."""
 
 
 @dataclass
@@ -31,31 +36,16 @@ class TrainConfig:
     """Layer to train on (absolute or as requested at extraction, e.g. -2); default: the set's deepest."""
     tokens: tuple[TokenKind, ...] = ("patches",)
     """Which tokens train the SAE. Patches are what heatmaps and top-k patches show."""
-    variant: Variant = "relu"
-    """SAE family: relu (L1 penalty), topk, batchtopk (threshold at inference), matryoshka
-    (nested prefixes on BatchTopK), jumprelu (learned thresholds, L0 penalty)."""
+    sae: SaeHyper = field(default_factory=ReluHyper)
+    """The SAE family and its settings, e.g. TopKHyper(k=64) (on the command line: --variant and
+    that family's options)."""
     expansion: int = 16
     """d_sae = expansion * d_in (ignored when d_sae is given)."""
     d_sae: int | None = None
     """Number of latents (overrides expansion)."""
-    k: int = 32
-    """topk/batchtopk/matryoshka: active latents per token (on average for the batch variants)."""
-    l1_coeff: float = 5.0
-    """relu: weight of the L1 penalty (on inputs scaled to norm sqrt(d_in)); larger = sparser."""
-    l0_coeff: float = 0.5
-    """jumprelu: weight of the L0 penalty; larger = sparser."""
-    sparsity_warmup_frac: float = 0.05
-    """relu/jumprelu: ramp the sparsity penalty up from 0 over this fraction of training (avoids early dead latents)."""
-    aux_coeff: float = 1 / 32
-    """topk/batchtopk/matryoshka: weight of the AuxK loss that trains dead latents on the residual."""
-    aux_k: int | None = None
-    """Dead latents used by the AuxK loss; default d_in / 2."""
     dead_window: int = 10_000_000
-    """A latent that has not fired for this many training tokens counts as dead (AuxK, live figures)."""
-    prefixes: tuple[int, ...] = ()
-    """matryoshka: nested prefix sizes, ascending, the last = d_sae; default d_sae/16, /8, /4, /2, 1."""
-    jumprelu_bandwidth: float = 0.05
-    """jumprelu: width of the straight-through kernel around each threshold."""
+    """A latent that has not fired for this many training tokens is dead (the AuxK loss trains
+    it, and the published `dead` figure counts them at the end of training)."""
     lr: float = 4e-4
     """Adam learning rate (peak of the schedule)."""
     lr_warmup_frac: float = 0.02
@@ -88,9 +78,10 @@ class TrainConfig:
     autocast: bool = True
     """bf16 autocast on CUDA (ignored on CPU)."""
     sparse: Literal["auto", "off", "decode", "all"] = "auto"
-    """topk/batchtopk/matryoshka: decode by gathering the selected decoder rows instead of a dense
-    matmul (decode; not for matryoshka), and also backpropagate into the encoder through the
-    selected latents only (all); auto = all on CPU, off on CUDA."""
+    """Families that select a few latents per token (topk, batchtopk, matryoshka): decode by
+    gathering the selected decoder rows instead of a dense matmul (decode; not for matryoshka),
+    and also backpropagate into the encoder through the selected latents only (all); auto = all
+    on CPU, off on CUDA."""
     cuda_graphs: bool = True
     """On CUDA, capture each SAE's training step as a CUDA graph once its shape is fixed and
     replay it (a step of a small SAE is bound by kernel launches, not the GPU). Each graph keeps
@@ -98,6 +89,11 @@ class TrainConfig:
     wandb_project: str | None = None
     """Log live metrics to this Weights & Biases project (one W&B run per SAE; needs `pip install wandb`)."""
     progress: bool = True
+
+    @property
+    def variant(self) -> str:
+        """The SAE family's name (``relu``, ``topk``, ...)."""
+        return self.sae.variant
 
     @property
     def resolved_data_seed(self) -> int:
@@ -109,42 +105,111 @@ SHARED_FIELDS = ("activations", "store", "tokens", "batch_size", "n_tokens", "da
                  "chunk_tokens", "init_sample", "eval_tokens", "checkpoint_every", "device", "autocast",
                  "cuda_graphs", "wandb_project", "progress")
 
-# Hyper-parameters that shape each family's model (and so its id); the rest are ignored by it.
-_VARIANT_FIELDS: dict[str, tuple[str, ...]] = {
-    "relu": ("l1_coeff", "sparsity_warmup_frac"),
-    "topk": ("k", "aux_coeff", "aux_k", "dead_window"),
-    "batchtopk": ("k", "aux_coeff", "aux_k", "dead_window"),
-    "matryoshka": ("k", "aux_coeff", "aux_k", "dead_window", "prefixes"),
-    "jumprelu": ("l0_coeff", "sparsity_warmup_frac", "jumprelu_bandwidth"),
-}
-_COMMON_FIELDS = ("variant", "lr", "lr_warmup_frac", "lr_decay_frac", "b_dec_init", "seed", "tokens", "batch_size",
-                  "buffer_tokens", "chunk_tokens", "init_sample")
+# What shapes the trained model besides the family's own settings, and so goes into its id;
+# the other fields are execution choices (device, kernels, checkpointing, logging), which
+# change rounding, not the model asked for.
+_MODEL_FIELDS = ("lr", "lr_warmup_frac", "lr_decay_frac", "b_dec_init", "seed", "batch_size", "buffer_tokens",
+                 "chunk_tokens", "init_sample", "dead_window")
 
 
-def default_prefixes(d_sae: int) -> tuple[int, ...]:
-    """Matryoshka prefixes that double: d_sae/16, d_sae/8, d_sae/4, d_sae/2, d_sae."""
-    return tuple(sorted({max(1, d_sae >> s) for s in (4, 3, 2, 1, 0)}))
-
-
-def hyper_parameters(cfg: TrainConfig, set_id: str, layer: int, d_in: int, d_sae: int,
-                     n_tokens: int) -> dict[str, Any]:
-    """Everything that determines the trained model, defaults resolved: what its id hashes.
-
-    Execution choices (device, autocast, sparse kernels, checkpointing, logging) change rounding,
-    not the model asked for, and stay out."""
-    d = asdict(cfg)
-    hyper = {k: d[k] for k in _COMMON_FIELDS + _VARIANT_FIELDS[cfg.variant]}
-    hyper.update(set=set_id, layer=layer, d_sae=d_sae, n_tokens=n_tokens, data_seed=cfg.resolved_data_seed,
-                 tokens=list(cfg.tokens))
-    if "aux_k" in hyper:
-        hyper["aux_k"] = cfg.aux_k or d_in // 2
-    if "prefixes" in hyper:
-        hyper["prefixes"] = list(cfg.prefixes or default_prefixes(d_sae))
-    return hyper
+def hyper_parameters(cfg: TrainConfig, set_id: str, layer: int, d_sae: int, n_tokens: int,
+                     hyper: SaeHyper) -> dict[str, Any]:
+    """Everything that determines the trained model, defaults resolved (``hyper`` is the
+    family's settings resolved for this size): what its id hashes."""
+    return {**{k: getattr(cfg, k) for k in _MODEL_FIELDS}, "variant": cfg.variant, **hyper.to_json(),
+            "set": set_id, "layer": layer, "d_sae": d_sae, "n_tokens": n_tokens, "data_seed": cfg.resolved_data_seed,
+            "tokens": list(cfg.tokens)}
 
 
 def sae_id(hyper: dict[str, Any]) -> str:
     return content_id({"schema": SCHEMA_VERSION, **hyper})
+
+
+# --- one SAE's settings, as the command line and sweep files spell them -------------------------
+
+@dataclass(frozen=True)
+class FamilySetting:
+    """A setting of one or more SAE families, as a flat option (``--k``, ``k = 32``)."""
+
+    name: str
+    type: Any
+    doc: str
+    defaults: dict[str, Any]
+    """Default per family that has it."""
+
+
+def family_settings() -> dict[str, FamilySetting]:
+    """Every registered family's settings by name. Families may share a setting (topk,
+    batchtopk and matryoshka all have ``k``) if they agree on its type."""
+    out: dict[str, FamilySetting] = {}
+    for variant, cls in sorted(Sae.registry.items()):
+        hints = typing.get_type_hints(cls.Hyper)
+        docs = field_docs(cls.Hyper)
+        for f in fields(cls.Hyper):
+            s = out.setdefault(f.name, FamilySetting(f.name, hints[f.name], docs.get(f.name, ""), {}))
+            if s.type != hints[f.name]:
+                raise TypeError(f"SAE families disagree on the type of {f.name!r}: {s.type} and {hints[f.name]}")
+            s.defaults[variant] = f.default
+    return out
+
+
+def train_fields() -> list[str]:
+    """TrainConfig's settings other than the family (the flat form spells that as ``variant``
+    plus the family's own settings)."""
+    return [f.name for f in fields(TrainConfig) if f.name != "sae"]
+
+
+def train_config(settings: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from flat settings: TrainConfig's fields, ``variant`` (default relu) and
+    that family's settings. Raises :class:`ConfigError` for a setting no one has, or one of
+    another family (``k`` for relu)."""
+    settings = dict(settings)
+    variant = settings.pop("variant", ReluSae.variant)
+    try:
+        cls = sae_class(variant)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    known = family_settings()
+    own = [f.name for f in fields(cls.Hyper)]
+    family = {k: settings.pop(k) for k in list(settings) if k in known}
+    foreign = sorted(set(family) - set(own))
+    if foreign:
+        raise ConfigError(f"{', '.join(foreign)} {'is not a setting' if len(foreign) == 1 else 'are not settings'} "
+                          f"of {variant} SAEs (a setting of {', '.join(sorted({v for k in foreign for v in known[k].defaults}))}); "
+                          f"{variant}'s own settings: {', '.join(own) or 'none'}")
+    unknown = sorted(set(settings) - set(train_fields()))
+    if unknown:
+        raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                          f"settings are variant ({', '.join(sorted(Sae.registry))}), "
+                          f"{', '.join(sorted(train_fields()))} and the families' {', '.join(sorted(known))}")
+    try:
+        hyper = cls.Hyper(**family)
+    except TypeError as e:
+        raise ConfigError(f"{variant}: {e}") from None
+    return TrainConfig(**settings, sae=hyper)
+
+
+def train_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The inverse of :func:`train_config`: flat settings (``variant`` and the family's own)."""
+    flat = {k: getattr(cfg, k) for k in train_fields()}
+    return {**flat, "variant": cfg.variant, **{f.name: getattr(cfg.sae, f.name) for f in fields(cfg.sae)}}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under a field) of a dataclass and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):  # built-ins, or classes without source (made at run time)
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:], strict=False):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
 
 
 # --- sweeps ------------------------------------------------------------------------------------
@@ -208,18 +273,12 @@ def _read_file(path: str) -> dict[str, Any]:
         return yaml.safe_load(text) or {}
     if p.suffix == ".json":
         return json.loads(text)
-    raise ValueError(f"sweep file {path}: use .toml, .yaml or .yml")
+    raise ConfigError(f"sweep file {path}: use a .toml, .yaml, .yml or .json file")
 
 
-_HINTS = typing.get_type_hints(TrainConfig)
-_NAMES = {f.name for f in fields(TrainConfig)}
-
-
-def _coerce(key: str, value: Any) -> Any:
-    """File values -> TrainConfig types (lists -> tuples, 1e8 -> int where an int is wanted)."""
-    if key not in _NAMES:
-        raise ValueError(f"unknown setting {key!r}; settings are TrainConfig's fields: {sorted(_NAMES)}")
-    hint = str(_HINTS[key])
+def _coerce(key: str, value: Any, types: dict[str, Any]) -> Any:
+    """File values -> the setting's type (lists -> tuples, 1e8 -> int where an int is wanted)."""
+    hint = str(types[key])
     if isinstance(value, list):
         return tuple(value)
     if isinstance(value, float) and "int" in hint and "float" not in hint and value.is_integer():
@@ -228,26 +287,50 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def sweep_configs(cfg: SweepConfig) -> list[TrainConfig]:
-    """The sweep's SAEs as one TrainConfig each (shared settings identical in all)."""
+    """The sweep's SAEs as one TrainConfig each (shared settings identical in all), duplicates
+    dropped.
+
+    A family's setting given for the whole sweep (top level, --set, or a --grid axis) applies to
+    the SAEs of the families that have it (``--grid variant=relu,topk k=32,64`` crosses k with
+    topk only) and must belong to at least one of them; a per-SAE ([[sae]]) setting must belong
+    to that SAE's family."""
     spec = _read_file(cfg.file) if cfg.file else {}
     grid = dict(spec.pop("grid", None) or {})
     entries = list(spec.pop("sae", None) or [{}])
     grid.update(_parse_assignments(cfg.grid, many=True))
     named = {k: v for k, v in (("activations", cfg.activations), ("store", cfg.store)) if v is not None}
     base = {**spec, **named, **_parse_assignments(cfg.set, many=False)}
+    known = family_settings()
+    types = {**typing.get_type_hints(TrainConfig), "variant": str, **{k: s.type for k, s in known.items()}}
+    for key in [*base, *grid, *(k for e in entries for k in e)]:
+        if key not in types or key == "sae":
+            raise ConfigError(f"unknown setting {key!r}; settings are variant ({', '.join(sorted(Sae.registry))}), "
+                              f"{', '.join(sorted(train_fields()))} and the families' {', '.join(sorted(known))}")
     for key in [*grid, *(k for e in entries for k in e)]:
         if key in SHARED_FIELDS:
-            raise ValueError(f"{key!r} is shared by the whole sweep (one data pass): set it once, not per SAE")
+            raise ConfigError(f"{key!r} is shared by the whole sweep (one data pass): set it once, not per SAE")
     if "activations" not in base:
-        raise ValueError("the sweep names no activation set: add activations = \"<set id>\" or --set activations=<id>")
+        raise ConfigError("the sweep names no activation set: add activations = \"<set id>\" or --set activations=<id>")
     # One data order for the sweep, whatever each SAE's own seed.
     base.setdefault("data_seed", base.get("seed", 0))
     axes = [[(key, v) for v in (values if isinstance(values, list) else [values])] for key, values in grid.items()]
-    out = []
+    sweep_wide = {k for k in [*base, *grid] if k in known}
+    used: set[str] = set()
+    out: list[TrainConfig] = []
     for entry in entries:
         for combo in itertools.product(*axes):
             settings = {**base, **entry, **dict(combo)}
-            out.append(TrainConfig(**{k: _coerce(k, v) for k, v in settings.items()}))
+            variant = settings.get("variant", ReluSae.variant)
+            own = {f.name for f in fields(sae_class(variant).Hyper)} if variant in Sae.registry else set()
+            settings = {k: v for k, v in settings.items() if not (k in sweep_wide and k not in entry and k not in own)}
+            used |= own & sweep_wide
+            c = train_config({k: _coerce(k, v, types) for k, v in settings.items()})
+            if c not in out:
+                out.append(c)
+    unused = sorted(sweep_wide - used)
+    if unused:
+        owners = "; ".join(f"{k} is a setting of " + ", ".join(sorted(known[k].defaults)) for k in unused)
+        raise ConfigError(f"no SAE of this sweep is of a family with {', '.join(unused)} ({owners})")
     return out
 
 

@@ -25,7 +25,7 @@ class Accumulator:
 
     @torch.no_grad()
     def add(self, x_norm: torch.Tensor) -> None:
-        x_hat, z = self.sae(x_norm)
+        x_hat, z = self.sae.forward_normalized(x_norm)
         x64 = x_norm.double()
         self.sse = self.sse + (x_hat.double() - x64).pow(2).sum()
         self.sx += x64.sum(dim=0)

@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 from vitscope.device import resolve_device
 from vitscope.hashing import content_id
 from vitscope.sae import (
+    LossContext,
     SaeConfig,
+    SaeHyper,
     SaeRecord,
     build_sae,
     fit_normalizer,
@@ -36,10 +38,8 @@ from vitscope.store import Store, open_store
 from . import checkpoint
 from .config import (
     SHARED_FIELDS,
-    SPARSE_CODE_VARIANTS,
     TrainConfig,
     check_shared,
-    default_prefixes,
     hyper_parameters,
     sae_id,
 )
@@ -86,7 +86,9 @@ class SaePlan:
     sae_id: str
     layer: int
     sae_config: SaeConfig
+    """Architecture, with the family's settings resolved for this size."""
     hyper: dict
+    """Everything the id hashes (also the checkpoint's ``training`` record)."""
 
 
 class SaeTrainer:
@@ -106,7 +108,7 @@ class SaeTrainer:
         self.total_steps = total_steps
         self.sae = build_sae(plan.sae_config)
         self.sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
-        if plan.cfg.variant in SPARSE_CODE_VARIANTS:
+        if self.sae.sparse_paths:
             mode = ("all" if device.type == "cpu" else "off") if cfg.sparse == "auto" else cfg.sparse
             self.sae.sparse_decode = mode in ("decode", "all")
             self.sae.sparse_encode = mode == "all"
@@ -130,7 +132,7 @@ class SaeTrainer:
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
         """First step whose loss was not finite (-1: none yet), and that loss, on the device."""
         self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
-        self.sparsity_warmup = max(1, int(total_steps * cfg.sparsity_warmup_frac))
+        self.sparsity_warmup = max(1, int(total_steps * plan.sae_config.hyper.warmup_fraction()))
         self.live: dict[str, torch.Tensor] = {}
 
     def init_from_sample(self, mean: torch.Tensor, scale: float, b_dec: torch.Tensor) -> None:
@@ -140,15 +142,12 @@ class SaeTrainer:
             self.sae.norm_scale.fill_(scale)
             self.sae.b_dec.copy_(b_dec)
 
-    def loss_kwargs(self, step: int | torch.Tensor) -> dict:
-        """Every family's loss settings at ``step`` (each family reads the ones it uses): the
-        sparsity ramp is applied here, where the loss reads it. ``dead_mask`` is None until a
-        latent can first be dead (see :attr:`aux_on`)."""
-        cfg = self.cfg
+    def loss_context(self, step: int | torch.Tensor) -> LossContext:
+        """The schedule's state at ``step`` for the family's loss: the sparsity ramp (1 from
+        the end of the family's warmup on; a captured step is past it) and the dead latents,
+        None until a latent can first be dead (see :attr:`aux_on`)."""
         ramp = 1.0 if isinstance(step, torch.Tensor) else min(1.0, (step + 1) / self.sparsity_warmup)
-        dead = self.since_fired >= cfg.dead_window if self.aux_on else None
-        return dict(l1_coeff=cfg.l1_coeff * ramp, l0_coeff=cfg.l0_coeff * ramp, bandwidth=cfg.jumprelu_bandwidth,
-                    aux_coeff=cfg.aux_coeff, aux_k=cfg.aux_k, dead_mask=dead)
+        return LossContext(ramp, self.since_fired >= self.cfg.dead_window if self.aux_on else None)
 
     def step(self, x: torch.Tensor, step: int, autocast: contextlib.AbstractContextManager) -> None:
         """One optimiser step on normalised inputs, without reading anything on the host.
@@ -178,7 +177,8 @@ class SaeTrainer:
         backward, decoder-gradient projection, clipping, Adam, decoder renormalisation and
         dead-latent counters. Returns the live figures (loss, recon, l0) as device tensors."""
         with autocast:
-            loss, parts = self.sae.loss(x, **self.loss_kwargs(step))
+            result = self.sae.loss(x, self.loss_context(step))
+        loss = result.loss
         first = torch.isfinite(loss.detach()).logical_not_() & (self.bad_step < 0)
         self.bad_step.copy_(torch.where(first, step, self.bad_step))
         self.bad_loss.copy_(torch.where(first, loss.detach().float(), self.bad_loss))
@@ -188,10 +188,10 @@ class SaeTrainer:
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
         self.opt.step()
         self.sae.set_decoder_unit_norm()
-        self.sae.update_stats(parts)
+        self.sae.update_stats(result)
         self.since_fired += len(x)
-        self.since_fired.masked_fill_(parts["fires"] > 0, 0)
-        return {"loss": loss.detach(), "recon": parts["recon"].detach(), "l0": parts["l0"].detach()}
+        self.since_fired.masked_fill_(result.fires > 0, 0)
+        return {"loss": loss.detach(), "recon": result.recon.detach(), "l0": result.l0.detach()}
 
     def flags(self, weights: bool = False) -> torch.Tensor:
         """On the device, for the host to read in one go with the other SAEs': [first non-finite
@@ -297,11 +297,9 @@ def plan_saes(cfgs: Sequence[TrainConfig], aset: ActivationSet, n_tokens: int) -
     for cfg in cfgs:
         layer = m.layers[-1] if cfg.layer is None else m.layer_position(cfg.layer)
         d_sae = cfg.d_sae or cfg.expansion * m.d_model
-        prefixes = (cfg.prefixes or default_prefixes(d_sae)) if cfg.variant == "matryoshka" else None
-        k = cfg.k if cfg.variant in SPARSE_CODE_VARIANTS else None
-        sae_config = SaeConfig(cfg.variant, m.d_model, d_sae, k, prefixes)
+        sae_config = SaeConfig(m.d_model, d_sae, cfg.sae.resolved(m.d_model, d_sae))
         sae_class(cfg.variant).check_config(sae_config)  # refuse bad settings before reading any data
-        hyper = hyper_parameters(cfg, m.set_id, layer, m.d_model, d_sae, n_tokens)
+        hyper = hyper_parameters(cfg, m.set_id, layer, d_sae, n_tokens, sae_config.hyper)
         plans.append(SaePlan(cfg, sae_id(hyper), layer, sae_config, hyper))
     return plans
 
@@ -524,8 +522,8 @@ class _Run:
 
     def _diverged_message(self, e: _Diverged, last_ckpt: int | None) -> str:
         cfg = e.member.cfg
-        knob = {"relu": f"l1_coeff (now {cfg.l1_coeff})", "jumprelu": f"l0_coeff (now {cfg.l0_coeff})"}.get(
-            cfg.variant, f"k (now {cfg.k})")
+        hyper: SaeHyper = e.member.plan.sae_config.hyper
+        knob = f"{hyper.knob} (now {getattr(hyper, hyper.knob)})"
         kept = (f"the last good checkpoint (step {last_ckpt}) is kept under {self.store.uri}/"
                 f"{checkpoint.run_prefix(self.run_id)}" if last_ckpt is not None else "no checkpoint was written yet")
         return (f"SAE {e.member.plan.sae_id} ({cfg.variant}, layer {e.member.plan.layer}): {e.what} at "
