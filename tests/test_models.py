@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
+from vitscope.datasets import DecodedImages, open_source
 from vitscope.extractor import ExtractConfig, extract
-from vitscope.models import ModelLoadError, ModelSpec, load_vit
+from vitscope.models import ModelLoadError, ModelSpec, load_vit, tiny_open_clip_config
 from vitscope.shards import ActivationSet
 from vitscope.store import open_store
 
@@ -110,3 +111,69 @@ def test_missing_weights_fail_clearly_or_fall_back_when_allowed(monkeypatch):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_vit(ModelSpec(f"timm:{TINY_DINO}", "/no/such.pth", tuple(TINY_DINO_OPTIONS.items())))
     assert np.isfinite(vit.d_model)
+
+
+# A built-in open_clip name shrunk by options: its "openai" weights cannot load offline or fit
+# the shrunk architecture, so it exercises the allow_random fallback in a second.
+TINY_CLIP_OPTIONS = tiny_open_clip_config()
+
+
+def _same_weights(a, b) -> bool:
+    wa, wb = a.module.state_dict(), b.module.state_dict()
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_random_weights_come_from_the_seed_and_leave_the_callers_rng_alone(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    seeded = load_vit("ViT-B-16", options=TINY_CLIP_OPTIONS)
+    torch.testing.assert_close(torch.rand(3), expected_next, rtol=0, atol=0)  # the caller's stream is untouched
+    fallback = load_vit("ViT-B-16", "openai", options=TINY_CLIP_OPTIONS, allow_random=True)
+    other_seed = load_vit("ViT-B-16", options=TINY_CLIP_OPTIONS, init_seed=1)
+
+    assert not fallback.pretrained_loaded and fallback.spec == seeded.spec  # the spec says what was loaded
+    assert _same_weights(seeded, fallback) and not _same_weights(seeded, other_seed)
+
+    ident = seeded.spec.identity()
+    assert ident["init_seed"] == 0 and other_seed.spec.identity()["init_seed"] == 1
+    pretrained = ModelSpec("ViT-B-16", "openai", seeded.spec.options)
+    assert "init_seed" not in pretrained.identity() and pretrained.identity() != ident
+    assert "init_seed" not in ModelSpec("hf-hub:org/model").identity()  # weights come with the name
+    assert seeded.spec.describe() == "ViT-B-16 (random init, seed 0)"
+    assert ModelSpec.from_record(other_seed.spec.record()) == other_seed.spec
+
+
+def test_load_vit_takes_a_name_or_a_spec(tiny_model_name):
+    by_name = load_vit(tiny_model_name)
+    assert by_name.spec == ModelSpec(tiny_model_name) and by_name.pretrained_loaded
+    assert load_vit(ModelSpec(f"timm:{TINY_DINO}", None, tuple(TINY_DINO_OPTIONS.items()))).layout.n_registers == 4
+    with pytest.raises(TypeError, match="from the spec"):
+        load_vit(ModelSpec(tiny_model_name), "openai")
+
+
+def test_a_pil_image_through_the_vit_gives_its_stored_activations(planted_data, tiny_model_name, tmp_path):
+    data_root, items = planted_data
+    res = extract(ExtractConfig(data=str(data_root), store=str(tmp_path), model=tiny_model_name, pretrained=None,
+                                layers=(0, -1), dtype="float32", max_images=6, batch_size=4, workers=0,
+                                progress=False))
+    aset = ActivationSet.open(open_store(tmp_path), res.set_id)
+    vit = load_vit(ModelSpec.from_record(aset.manifest.model))  # a set names the ViT that made it
+    ids = sorted(item.id for item in items)[:6]
+    images = [Image.open(data_root / ids[i]) for i in (2, 5)]
+
+    pixels = vit.preprocess(images)
+    assert pixels.shape == (2, 3, *vit.transform.size)
+    decoded = DecodedImages(open_source(str(data_root), max_images=6), vit.transform.tensor())
+    assert torch.equal(vit.preprocess(images[0])[0], decoded[2][1])  # the extractor's own input
+
+    acts = vit.activations(images, [0, -1], layout=aset.layout)
+    assert sorted(acts) == [0, 1] and acts[1].shape == (2, aset.layout.tokens_per_image, vit.d_model)
+    for j, i in enumerate((2, 5)):
+        for layer in (0, 1):
+            torch.testing.assert_close(acts[layer][j], aset.image_tokens(layer, i), rtol=1e-5, atol=1e-5)
+    # The default layout is what extraction stores by default; pixels work as well as images.
+    torch.testing.assert_close(vit.activations(pixels[1], -1)[1][0], aset.image_tokens(1, 5), rtol=1e-5, atol=1e-5)
+    patches_only = vit.activations(images[0], 0, layout=vit.stored_layout(cls=False))[0][0]
+    torch.testing.assert_close(patches_only, aset.image_tokens(0, 2)[1:], rtol=1e-5, atol=1e-5)

@@ -18,15 +18,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import v2 as T
 from torchvision.transforms.functional import InterpolationMode
 
+from vitscope.device import resolve_device
 from vitscope.hashing import sha256_file
 from vitscope.shards import TokenLayout
 
@@ -45,26 +48,50 @@ class ModelSpec:
     """Which ViT to run.
 
     ``pretrained`` is an open_clip tag (``openai``), ``default`` for timm's own weights, or a
-    checkpoint path; ``None`` means random initialisation (tests, offline demos).
+    checkpoint path; ``None`` means random initialisation (tests, offline demos), except for
+    ``hf-hub:``/``local-dir:`` models, whose weights come with the name.
     ``options`` go to the model factory as keyword arguments (e.g. ``{"img_size": 224}`` for timm,
-    or a smaller architecture for tests)."""
+    or a smaller architecture for tests). ``init_seed`` seeds random weights, so that the same
+    spec is the same network in every process; it is ignored when weights are loaded."""
 
     name: str
     pretrained: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    init_seed: int = 0
 
     @property
     def family(self) -> str:
         return "timm" if self.name.startswith(TIMM_PREFIX) else "open_clip"
 
+    @property
+    def random_weights(self) -> bool:
+        """Whether this spec means randomly initialised weights (drawn from ``init_seed``)."""
+        return self.pretrained is None and not self.name.startswith(("hf-hub:", "local-dir:"))
+
     def describe(self) -> str:
-        return f"{self.name}/{self.pretrained}" if self.pretrained else f"{self.name} (random init)"
+        if self.random_weights:
+            return f"{self.name} (random init, seed {self.init_seed})"
+        return f"{self.name}/{self.pretrained}" if self.pretrained else self.name
+
+    def record(self) -> dict[str, Any]:
+        """The spec as JSON (an activation set's manifest keeps it); :meth:`from_record` reads it back."""
+        return {"name": self.name, "pretrained": self.pretrained, "options": dict(self.options),
+                "init_seed": self.init_seed if self.random_weights else None}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ModelSpec:
+        """The spec a :meth:`record` (e.g. ``ActivationSet.manifest.model``) describes."""
+        return cls(record["name"], record.get("pretrained"), tuple(sorted((record.get("options") or {}).items())),
+                   record.get("init_seed") or 0)
 
     def identity(self) -> dict[str, Any]:
         """What determines the weights, for content ids: local files are identified by content,
-        so renaming a checkpoint does not change the id but retraining it does."""
+        so renaming a checkpoint does not change the id but retraining it does; random weights
+        by their seed (pretrained ids carry no seed, so they are what they were before seeds)."""
         ident: dict[str, Any] = {"family": self.family, "name": self.name, "pretrained": self.pretrained,
                                  "options": dict(self.options)}
+        if self.random_weights:
+            ident["init_seed"] = self.init_seed
         if self.name.startswith("local-dir:"):
             folder = Path(self.name.removeprefix("local-dir:"))
             ident["name"] = "local-dir"
@@ -154,6 +181,10 @@ class ViT:
     def n_layers(self) -> int:
         return len(self.blocks)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
     def resolve_layers(self, layers: Sequence[int] | str) -> list[int]:
         """Absolute, sorted, unique block indices; accepts negatives and "all"."""
         if layers == "all":
@@ -195,21 +226,84 @@ class ViT:
                 h.remove()
         return captured
 
+    def stored_layout(self, cls: bool = True, registers: bool = False) -> TokenLayout:
+        """The token layout an extraction with these options stores: CLS (if ``cls`` and the
+        model has one), registers (if ``registers``), then every patch."""
+        if registers and self.layout.n_registers == 0:
+            raise ValueError(f"{self.spec.describe()} has no register tokens (drop --registers, registers=True)")
+        return TokenLayout(n_cls=self.layout.n_cls if cls else 0,
+                           n_registers=self.layout.n_registers if registers else 0, grid=self.layout.grid)
+
+    def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+        """PIL image(s) -> the model's input ``[B, 3, H, W]`` (``B`` = 1 for one image): RGB,
+        resize, crop and normalisation, the transform the extractor applies to every image."""
+        to_tensor = self.transform.tensor()
+        return torch.stack([to_tensor(im) for im in ([images] if isinstance(images, Image.Image) else images)])
+
+    def activations(self, images: Image.Image | Sequence[Image.Image] | torch.Tensor,
+                    layers: int | Sequence[int] | str, layout: TokenLayout | None = None) -> dict[int, torch.Tensor]:
+        """Residual-stream activations ``[B, tokens, d]`` of ``layers``, keyed by absolute block
+        index (``-2`` on a 12-block model gives key ``10``), as an activation set stores them.
+
+        ``images`` are PIL images (preprocessed by :meth:`preprocess`) or pixels it made
+        (``[B, 3, H, W]`` or ``[3, H, W]``). ``layout`` picks the tokens, in stored order: an
+        activation set's ``layout`` gives exactly its rows; the default is what ``vitscope
+        extract`` stores by default (:meth:`stored_layout`: CLS and patches). Runs on the
+        model's device, under bfloat16 autocast on CUDA as extraction does; the result stays there."""
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images)
+        if pixels.ndim == 3:
+            pixels = pixels.unsqueeze(0)
+        device = self.device
+        absolute = self.resolve_layers([layers] if isinstance(layers, int) else layers)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = self.residuals(pixels.to(device, non_blocking=True), absolute)
+        layout = self.stored_layout() if layout is None else layout
+        if layout == self.layout:
+            return out
+        keep = torch.as_tensor(self._token_positions(layout), device=device)
+        return {layer: out[layer][:, keep] for layer in absolute}
+
+    def _token_positions(self, layout: TokenLayout) -> np.ndarray:
+        """Where ``layout``'s tokens sit in the model's full token sequence."""
+        full = self.layout
+        if layout.grid != full.grid or layout.n_cls > full.n_cls or layout.n_registers > full.n_registers:
+            raise ValueError(f"token layout {layout} is not a part of {self.spec.describe()}'s {full}")
+        return np.concatenate([
+            np.arange(layout.n_cls),
+            np.arange(full.n_cls, full.n_cls + layout.n_registers),
+            np.arange(full.patch_start, full.tokens_per_image),
+        ])
+
     def to(self, device: str | torch.device) -> ViT:
         self.module.to(device)
         return self
 
 
-def load_vit(spec: ModelSpec, device: str = "cpu", allow_random: bool = False) -> ViT:
-    """Build a ViT from ``spec``.
+def load_vit(model: str | ModelSpec, pretrained: str | None = None, *, options: Mapping[str, Any] | None = None,
+             init_seed: int | None = None, device: str | torch.device = "cpu", allow_random: bool = False) -> ViT:
+    """Build a ViT: ``load_vit("ViT-B-16", "openai")``, ``load_vit("local-dir:/path")``,
+    ``load_vit("timm:vit_base_patch14_reg4_dinov2.lvd142m", "default")`` or ``load_vit(spec)``.
+
+    ``model`` is a model name (see the module docstring) or a :class:`ModelSpec`; with a name,
+    ``pretrained``, ``options`` and ``init_seed`` make its spec (with a spec they are in it).
+    Without ``pretrained`` a built-in architecture gets random weights, seeded by ``init_seed``
+    (default 0); the caller's random state is left as it was. ``device`` is a torch device or
+    ``"auto"`` (the GPU if there is one).
 
     With ``allow_random`` a failure to get pretrained weights (offline, say) is logged plainly
-    and the same architecture is used with random weights; otherwise it raises
-    :class:`ModelLoadError`.
+    and the same architecture is used with random weights (the returned ViT's ``spec`` then says
+    so); otherwise it raises :class:`ModelLoadError`.
     """
-    loader = _load_timm if spec.family == "timm" else _load_open_clip
+    if isinstance(model, ModelSpec):
+        if pretrained is not None or options is not None or init_seed is not None:
+            raise TypeError("load_vit(spec) takes pretrained, options and init_seed from the spec, not beside it")
+        spec = model
+    else:
+        spec = ModelSpec(model, pretrained, tuple(sorted((options or {}).items())),
+                         0 if init_seed is None else init_seed)
+    device = str(resolve_device(str(device)))
     try:
-        return loader(spec, device, pretrained=True)
+        return _build(spec, device)
     except ModelLoadError:
         raise
     except Exception as e:  # open_clip/timm/HF raise many types for "could not get the weights"
@@ -222,9 +316,19 @@ def load_vit(spec: ModelSpec, device: str = "cpu", allow_random: bool = False) -
             spec.describe(), type(e).__name__,
         )
         try:
-            return loader(spec, device, pretrained=False)
+            return _build(replace(spec, pretrained=None), device)
         except Exception as e2:
             raise ModelLoadError(f"could not build {spec.name}: {e2}") from e2
+
+
+def _build(spec: ModelSpec, device: str) -> ViT:
+    """Weights a spec does not load are drawn from its own seed on the CPU (both factories
+    initialise there before moving the model), so every process builds the same network;
+    forking the RNG keeps the caller's random stream where it was."""
+    loader = _load_timm if spec.family == "timm" else _load_open_clip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init_seed)
+        return loader(spec, device)
 
 
 def _timm_layout(trunk: torch.nn.Module) -> TokenLayout:
@@ -238,13 +342,12 @@ def _timm_layout(trunk: torch.nn.Module) -> TokenLayout:
     return TokenLayout(n_cls=n_cls, n_registers=n_reg, grid=tuple(trunk.patch_embed.grid_size))
 
 
-def _load_open_clip(spec: ModelSpec, device: str, pretrained: bool) -> ViT:
+def _load_open_clip(spec: ModelSpec, device: str) -> ViT:
     import open_clip
 
-    tag = spec.pretrained if pretrained else None
-    model, _, _ = open_clip.create_model_and_transforms(spec.name, pretrained=tag, device=device,
+    model, _, _ = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained, device=device,
                                                         **dict(spec.options))
-    loaded = tag is not None or (pretrained and spec.name.startswith(("hf-hub:", "local-dir:")))
+    loaded = not spec.random_weights
     visual = model.visual
     cfg = visual.preprocess_cfg
     size = cfg["size"]
@@ -266,13 +369,13 @@ def _load_open_clip(spec: ModelSpec, device: str, pretrained: bool) -> ViT:
     raise ModelLoadError(f"{spec.describe()} has no ViT vision tower (got {type(visual).__name__})")
 
 
-def _load_timm(spec: ModelSpec, device: str, pretrained: bool) -> ViT:
+def _load_timm(spec: ModelSpec, device: str) -> ViT:
     import timm
     from timm.data import resolve_data_config
 
     name = spec.name.removeprefix(TIMM_PREFIX)
     kw: dict[str, Any] = {"num_classes": 0, **dict(spec.options)}
-    use_weights = pretrained and spec.pretrained is not None
+    use_weights = not spec.random_weights
     if use_weights and spec.pretrained != "default":
         if not os.path.isfile(spec.pretrained):
             raise ModelLoadError(f"checkpoint {spec.pretrained!r} does not exist (use 'default' for timm's weights)")

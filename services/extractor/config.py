@@ -23,6 +23,9 @@ class ExtractConfig:
     pretrained: str | None = "openai"
     """open_clip pretrained tag, 'default' for timm's own weights, or a checkpoint file; ignored for
     hf-hub:/local-dir:. None = random init."""
+    init_seed: int = 0
+    """Seeds random weights (--pretrained None or the --allow-random-weights fallback), so that every
+    run builds the same network; part of the set id of random-weight sets only."""
     model_options: str | None = None
     """JSON keyword arguments for the model factory, e.g. '{"img_size": 224}' for a timm DINOv2."""
     layers: tuple[int | Literal["all"], ...] = (-2,)

@@ -25,14 +25,13 @@ from tqdm.auto import tqdm
 from vitscope.datasets import DecodedImages, ImageSource, collate, open_source
 from vitscope.device import resolve_device
 from vitscope.hashing import content_id
-from vitscope.models import ModelSpec, ViT, load_vit
+from vitscope.models import ViT, load_vit
 from vitscope.shards import (
     DTYPES,
     VERSION,
     ActivationSet,
     Manifest,
     ShardWriter,
-    TokenLayout,
     set_exists,
     set_prefix,
     shard_name,
@@ -65,7 +64,6 @@ class ExtractPlan:
     vit: ViT
     device: torch.device
     manifest: Manifest  # without shards yet
-    keep: np.ndarray  # positions of the stored tokens within the model's full token sequence
     images_per_shard: int
 
     @property
@@ -106,23 +104,13 @@ def plan(cfg: ExtractConfig) -> ExtractPlan:
     store = open_store(cfg.store)
     source = open_source(cfg.data, max_images=cfg.max_images)
     device = resolve_device(cfg.device)
-    options = tuple(sorted(json.loads(cfg.model_options).items())) if cfg.model_options else ()
-    vit = load_vit(ModelSpec(cfg.model, cfg.pretrained, options), device=str(device),
-                   allow_random=cfg.allow_random_weights)
-    spec = ModelSpec(cfg.model, cfg.pretrained if vit.pretrained_loaded else None, options)
+    vit = load_vit(cfg.model, cfg.pretrained, options=json.loads(cfg.model_options or "{}"), init_seed=cfg.init_seed,
+                   device=str(device), allow_random=cfg.allow_random_weights)
+    spec = vit.spec  # what was loaded: random weights, with their seed, when the fallback kicked in
     every = "all" in cfg.layers
     layers = vit.resolve_layers("all" if every else cfg.layers)
     requested = layers if every else [next(r for r in cfg.layers if int(r) % vit.n_layers == layer) for layer in layers]
-    if cfg.registers and vit.layout.n_registers == 0:
-        raise ValueError(f"{spec.describe()} has no register tokens; drop --registers")
-    full = vit.layout
-    layout = TokenLayout(n_cls=full.n_cls if cfg.cls else 0, n_registers=full.n_registers if cfg.registers else 0,
-                         grid=full.grid)
-    keep = np.concatenate([
-        np.arange(layout.n_cls),
-        np.arange(full.n_cls, full.n_cls + layout.n_registers),
-        np.arange(full.patch_start, full.tokens_per_image),
-    ])
+    layout = vit.stored_layout(cls=cfg.cls, registers=cfg.registers)
     image_bytes = len(layers) * layout.tokens_per_image * vit.d_model * DTYPES[cfg.dtype][0].itemsize
     images_per_shard = cfg.images_per_shard or max(1, (cfg.shard_mb << 20) // image_bytes)
     identity = {
@@ -137,8 +125,8 @@ def plan(cfg: ExtractConfig) -> ExtractPlan:
     }
     manifest = Manifest(
         set_id=content_id(identity),
-        model={"spec": spec.describe(), "name": spec.name, "pretrained": spec.pretrained,
-               "options": dict(options), "pretrained_loaded": vit.pretrained_loaded, "n_layers": vit.n_layers},
+        model={"spec": spec.describe(), **spec.record(), "pretrained_loaded": vit.pretrained_loaded,
+               "n_layers": vit.n_layers},
         layers=layers,
         layers_requested=requested,
         d_model=vit.d_model,
@@ -148,7 +136,7 @@ def plan(cfg: ExtractConfig) -> ExtractPlan:
         dataset=source.describe(),
         images_per_shard=images_per_shard,
     )
-    return ExtractPlan(store, source, vit, device, manifest, keep, images_per_shard)
+    return ExtractPlan(store, source, vit, device, manifest, images_per_shard)
 
 
 def check_room(p: ExtractPlan, n_images: int, force: bool) -> None:
@@ -219,7 +207,7 @@ def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> None:
                 buffers[k], filled[k] = shard_buffers(end - start), 0
             pos = filled[k]
             for layer in layers:
-                storage_view(buffers[k][layer][pos:pos + b - a], m.dtype).copy_(out[layer][a:b, p.keep])
+                storage_view(buffers[k][layer][pos:pos + b - a], m.dtype).copy_(out[layer][a:b])
             filled[k] = pos + b - a
 
     with ThreadPoolExecutor(max_workers=1) as pool, tqdm(
@@ -227,9 +215,7 @@ def extract_shards(p: ExtractPlan, shards: range, cfg: ExtractConfig) -> None:
     ) as bar:
         for batch_indices, pixels, failed in loader:
             if pixels is not None:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    out = vit.residuals(pixels.to(device, non_blocking=True), layers)
-                store_rows(out, list(batch_indices))
+                store_rows(vit.activations(pixels, layers, m.layout), list(batch_indices))
             errors = dict(failed)
             # Walk the batch in dataset order so that each image, decoded or not, is charged to
             # the shard whose range holds it.
