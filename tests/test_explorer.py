@@ -296,8 +296,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> No
     raise TimeoutError(f"streamlit did not listen on {port} within {timeout} s")
 
 
-@pytest.mark.browser
-def test_latent_page_in_headless_chromium(target, client, sae, square_latent, tmp_path):
+def test_latent_page_in_headless_chromium(target, client, sae, square_latent, chromium, tmp_path):
     from playwright.sync_api import sync_playwright
 
     k = len(client.get_latent(sae.sae_id, square_latent, heatmaps=False).examples)
@@ -310,7 +309,7 @@ def test_latent_page_in_headless_chromium(target, client, sae, square_latent, tm
     try:
         _wait_for_port(port, proc)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            browser = pw.chromium.launch(executable_path=chromium, args=[
                 "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run"])
             try:

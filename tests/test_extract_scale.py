@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_extractor import _cfg, _set_bytes
+from support import extract_config, set_bytes
 
 from vitscope.extractor import extract as extract_mod
 from vitscope.extractor.extraction import ExtractError, extract
@@ -22,17 +22,17 @@ from vitscope.store import open_store
 
 def test_parts_in_any_order_give_the_same_bytes_as_one_process(planted_data, tiny_model_name, tmp_path):
     data_root, _ = planted_data
-    whole = extract(_cfg(data_root, tmp_path / "one", tiny_model_name))
+    whole = extract(extract_config(data_root, tmp_path / "one", tiny_model_name))
     split = tmp_path / "three"
     for part in (2, 0):
-        res = extract(_cfg(data_root, split, tiny_model_name, part=part, parts=3, workers=2))
+        res = extract(extract_config(data_root, split, tiny_model_name, part=part, parts=3, workers=2))
         assert res.manifest is None and res.set_id == whole.set_id
     with pytest.raises(ExtractError, match="shards are not finished"):
-        extract(_cfg(data_root, split, tiny_model_name, parts=3, finish=True))
-    extract(_cfg(data_root, split, tiny_model_name, part=1, parts=3, batch_size=4))
-    done = extract(_cfg(data_root, split, tiny_model_name, parts=3, finish=True))
+        extract(extract_config(data_root, split, tiny_model_name, parts=3, finish=True))
+    extract(extract_config(data_root, split, tiny_model_name, part=1, parts=3, batch_size=4))
+    done = extract(extract_config(data_root, split, tiny_model_name, parts=3, finish=True))
     assert done.manifest is not None and done.manifest.n_images == whole.manifest.n_images
-    assert _set_bytes(tmp_path / "one", whole.set_id) == _set_bytes(split, done.set_id)
+    assert set_bytes(tmp_path / "one", whole.set_id) == set_bytes(split, done.set_id)
 
 
 def test_a_shard_of_only_unreadable_images(planted_data, tiny_model_name, tmp_path):
@@ -42,7 +42,7 @@ def test_a_shard_of_only_unreadable_images(planted_data, tiny_model_name, tmp_pa
     ids = sorted(str(p.relative_to(data)) for p in data.rglob("*.jpg"))
     for rel in ids[7:14]:  # exactly shard 1 (images_per_shard=7)
         (data / rel).write_bytes(b"broken")
-    res = extract(_cfg(data, tmp_path / "s", tiny_model_name))
+    res = extract(extract_config(data, tmp_path / "s", tiny_model_name))
     m = res.manifest
     assert [s.n_images for s in m.shards][:3] == [7, 0, 7] and len(m.skipped) == 7
     aset = ActivationSet.open(open_store(tmp_path / "s"), res.set_id)
@@ -55,9 +55,9 @@ def test_refuses_to_start_without_room_unless_forced(planted_data, tiny_model_na
     data_root, _ = planted_data
     monkeypatch.setattr(extract_mod.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**6, 10**6, 1000))
     with pytest.raises(ExtractError, match=r"needs .* GiB but .* free.*--force"):
-        extract(_cfg(data_root, tmp_path / "s", tiny_model_name))
+        extract(extract_config(data_root, tmp_path / "s", tiny_model_name))
     assert not (tmp_path / "s").exists() or not any((tmp_path / "s").rglob("*.bin"))
-    assert extract(_cfg(data_root, tmp_path / "s", tiny_model_name, force=True)).manifest.n_images > 0
+    assert extract(extract_config(data_root, tmp_path / "s", tiny_model_name, force=True)).manifest.n_images > 0
 
 
 def _index_count(root: Path) -> int:
@@ -66,7 +66,7 @@ def _index_count(root: Path) -> int:
 
 def test_kill_9_at_several_points_then_resume_is_byte_identical(planted_data, tiny_model_name, tmp_path):
     data_root, items = planted_data
-    ref = extract(_cfg(data_root, tmp_path / "ref", tiny_model_name, images_per_shard=4))
+    ref = extract(extract_config(data_root, tmp_path / "ref", tiny_model_name, images_per_shard=4))
     store = tmp_path / "killed"
     cmd = [sys.executable, "-m", "vitscope.composition.cli", "extract", "--data", str(data_root), "--store", str(store),
            "--model", tiny_model_name, "--pretrained", "None", "--layers", "0", "-1", "--images-per-shard", "4",
@@ -89,7 +89,7 @@ def test_kill_9_at_several_points_then_resume_is_byte_identical(planted_data, ti
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == ref.set_id
-    assert _set_bytes(tmp_path / "ref", ref.set_id) == _set_bytes(store, ref.set_id)
+    assert set_bytes(tmp_path / "ref", ref.set_id) == set_bytes(store, ref.set_id)
     resumed = ActivationSet.open(open_store(store), ref.set_id)
     assert resumed.verify() == []
     torch.testing.assert_close(resumed.image_tokens(1, len(items) - 1),
@@ -113,12 +113,12 @@ def test_a_full_disk_stops_clearly_and_the_rerun_resumes(planted_data, tiny_mode
 
     monkeypatch.setattr(store_mod.os, "fsync", fsync_until_full)
     with pytest.raises(OutOfSpace, match="no space left writing .*rerun to resume"):
-        extract(_cfg(data_root, tmp_path / "s", tiny_model_name))
+        extract(extract_config(data_root, tmp_path / "s", tiny_model_name))
     assert not list((tmp_path / "s").rglob("*.part"))
     monkeypatch.setattr(store_mod.os, "fsync", real_fsync)
-    done = extract(_cfg(data_root, tmp_path / "s", tiny_model_name))
-    ref = extract(_cfg(data_root, tmp_path / "ref", tiny_model_name))
-    assert _set_bytes(tmp_path / "s", done.set_id) == _set_bytes(tmp_path / "ref", ref.set_id)
+    done = extract(extract_config(data_root, tmp_path / "s", tiny_model_name))
+    ref = extract(extract_config(data_root, tmp_path / "ref", tiny_model_name))
+    assert set_bytes(tmp_path / "s", done.set_id) == set_bytes(tmp_path / "ref", ref.set_id)
 
 
 def test_a_missing_bucket_stops_before_any_work(planted_data, tiny_model_name, s3_env):
@@ -126,4 +126,4 @@ def test_a_missing_bucket_stops_before_any_work(planted_data, tiny_model_name, s
 
     data_root, _ = planted_data
     with pytest.raises(StoreError, match="bucket 'vitscope-no-such-bucket' does not exist"):
-        extract(_cfg(data_root, "s3://vitscope-no-such-bucket/x", tiny_model_name))
+        extract(extract_config(data_root, "s3://vitscope-no-such-bucket/x", tiny_model_name))

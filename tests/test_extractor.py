@@ -3,37 +3,25 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
 from PIL import Image
+from support import extract_config, set_bytes
 
 from vitscope.datasets import DatasetError, ImageFolderSource
-from vitscope.extractor import ExtractConfig, extract
+from vitscope.extractor import extract
 from vitscope.models import ModelLoadError
 from vitscope.shards import ActivationSet, from_storage, set_prefix
 from vitscope.store import open_store
 
 
-def _cfg(data: Path, store: Path, model: str, **kw) -> ExtractConfig:
-    base = dict(data=str(data), store=str(store), model=model, pretrained=None, layers=(0, -1),
-                images_per_shard=7, workers=0, batch_size=5, progress=False)
-    return ExtractConfig(**(base | kw))
-
-
-def _set_bytes(store: Path, set_id: str) -> dict[str, bytes]:
-    """Every file of a published set, by path."""
-    root = store / set_prefix(set_id)
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stored_tokens_equal_a_direct_forward_pass(planted_data, tiny_model_name, tmp_path, workers):
     data_root, items = planted_data
-    res = extract(_cfg(data_root, tmp_path / "store", tiny_model_name, workers=workers, dtype="float32"))
+    res = extract(extract_config(data_root, tmp_path / "store", tiny_model_name, workers=workers, dtype="float32"))
     aset = ActivationSet.open(open_store(tmp_path / "store"), res.set_id)
     assert aset.manifest.n_images == len(items)
     assert [s.n_images for s in aset.manifest.shards][-1] == len(items) % 7  # last shard unpadded
@@ -58,17 +46,17 @@ def test_stored_tokens_equal_a_direct_forward_pass(planted_data, tiny_model_name
 
 def test_worker_count_does_not_change_a_single_byte(planted_data, tiny_model_name, tmp_path):
     data_root, _ = planted_data
-    a = extract(_cfg(data_root, tmp_path / "a", tiny_model_name, workers=0))
-    b = extract(_cfg(data_root, tmp_path / "b", tiny_model_name, workers=2, batch_size=3))
+    a = extract(extract_config(data_root, tmp_path / "a", tiny_model_name, workers=0))
+    b = extract(extract_config(data_root, tmp_path / "b", tiny_model_name, workers=2, batch_size=3))
     assert a.set_id != "" and a.set_id == b.set_id
-    assert _set_bytes(tmp_path / "a", a.set_id) == _set_bytes(tmp_path / "b", b.set_id)
+    assert set_bytes(tmp_path / "a", a.set_id) == set_bytes(tmp_path / "b", b.set_id)
 
 
 @pytest.mark.parametrize("dtype,tol", [("float16", 1e-3), ("bfloat16", 1e-2)])
 def test_half_precision_storage(planted_data, tiny_model_name, tmp_path, dtype, tol):
     data_root, _ = planted_data
-    full = extract(_cfg(data_root, tmp_path / "s", tiny_model_name, dtype="float32", max_images=10))
-    half = extract(_cfg(data_root, tmp_path / "s", tiny_model_name, dtype=dtype, max_images=10))
+    full = extract(extract_config(data_root, tmp_path / "s", tiny_model_name, dtype="float32", max_images=10))
+    half = extract(extract_config(data_root, tmp_path / "s", tiny_model_name, dtype=dtype, max_images=10))
     assert full.set_id != half.set_id
     store = open_store(tmp_path / "s")
     f, h = ActivationSet.open(store, full.set_id), ActivationSet.open(store, half.set_id)
@@ -88,7 +76,7 @@ def test_corrupt_images_are_skipped_counted_and_listed(planted_data, tiny_model_
     good = (data / "square" / "img_00005.jpg").read_bytes()
     (data / "square" / "img_00005.jpg").write_bytes(good[: len(good) // 3])  # truncated
     (data / "square" / "zz_last.png").write_bytes(b"\x89PNG garbage")  # the very last image
-    res = extract(_cfg(data, tmp_path / "store", tiny_model_name, workers=2))
+    res = extract(extract_config(data, tmp_path / "store", tiny_model_name, workers=2))
     m = res.manifest
     skipped = {s["id"] for s in m.skipped}
     assert skipped == {"plain/img_00002.jpg", "square/img_00005.jpg", "square/zz_last.png"}
@@ -100,7 +88,7 @@ def test_corrupt_images_are_skipped_counted_and_listed(planted_data, tiny_model_
     assert not skipped & set(listed)
     assert listed == sorted(listed)
     # Rows after a skipped image still hold their own image's tokens.
-    clean = extract(_cfg(src, tmp_path / "clean", tiny_model_name, workers=0))
+    clean = extract(extract_config(src, tmp_path / "clean", tiny_model_name, workers=0))
     clean_set = ActivationSet.open(open_store(tmp_path / "clean"), clean.set_id)
     clean_ids = [r["id"] for s in clean_set.manifest.shards for r in clean_set.shard_records(s)]
     for row in (2, 10, len(listed) - 1):
@@ -109,23 +97,23 @@ def test_corrupt_images_are_skipped_counted_and_listed(planted_data, tiny_model_
 
 def test_resume_after_interruption_gives_identical_bytes(planted_data, tiny_model_name, tmp_path):
     data_root, _ = planted_data
-    ref = extract(_cfg(data_root, tmp_path / "ref", tiny_model_name))
+    ref = extract(extract_config(data_root, tmp_path / "ref", tiny_model_name))
     store = tmp_path / "resumed"
-    extract(_cfg(data_root, store, tiny_model_name))
+    extract(extract_config(data_root, store, tiny_model_name))
     root = store / set_prefix(ref.set_id)
     # Simulate a run killed after shard 5: no manifest, later shards half-written or absent.
     (root / "manifest.json").unlink()
     for shard_dir in sorted(root.glob("shard-*"))[6:]:
         shutil.rmtree(shard_dir) if shard_dir.name != "shard-000007" else (shard_dir / "index.json").unlink()
-    res = extract(_cfg(data_root, store, tiny_model_name, workers=2))
+    res = extract(extract_config(data_root, store, tiny_model_name, workers=2))
     assert not res.reused
-    assert _set_bytes(tmp_path / "ref", ref.set_id) == _set_bytes(store, res.set_id)
+    assert set_bytes(tmp_path / "ref", ref.set_id) == set_bytes(store, res.set_id)
     assert ActivationSet.open(open_store(store), res.set_id).verify() == []
 
 
 def test_verify_finds_corruption(planted_data, tiny_model_name, tmp_path):
     data_root, _ = planted_data
-    res = extract(_cfg(data_root, tmp_path / "s", tiny_model_name, max_images=20))
+    res = extract(extract_config(data_root, tmp_path / "s", tiny_model_name, max_images=20))
     aset = ActivationSet.open(open_store(tmp_path / "s"), res.set_id)
     assert aset.verify() == []
     victim = tmp_path / "s" / set_prefix(res.set_id) / "shard-000001" / "layer-1.bin"
@@ -138,22 +126,22 @@ def test_verify_finds_corruption(planted_data, tiny_model_name, tmp_path):
 def test_bad_requests_fail_clearly(planted_data, tiny_model_name, tmp_path):
     data_root, _ = planted_data
     with pytest.raises(ValueError, match="layer 5 does not exist.*2 blocks"):
-        extract(_cfg(data_root, tmp_path / "s", tiny_model_name, layers=(5,)))
+        extract(extract_config(data_root, tmp_path / "s", tiny_model_name, layers=(5,)))
     with pytest.raises(DatasetError, match="does not exist"):
-        extract(_cfg(tmp_path / "nope", tmp_path / "s", tiny_model_name))
+        extract(extract_config(tmp_path / "nope", tmp_path / "s", tiny_model_name))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no images"):
-        extract(_cfg(tmp_path / "empty", tmp_path / "s", tiny_model_name))
+        extract(extract_config(tmp_path / "empty", tmp_path / "s", tiny_model_name))
     with pytest.raises(ModelLoadError, match="could not load"):
-        extract(_cfg(data_root, tmp_path / "s", f"local-dir:{tmp_path / 'no-model'}"))
+        extract(extract_config(data_root, tmp_path / "s", f"local-dir:{tmp_path / 'no-model'}"))
 
 
 def test_rerun_reuses_the_published_set(planted_data, tiny_model_name, tmp_path):
     data_root, _ = planted_data
-    first = extract(_cfg(data_root, tmp_path / "s", tiny_model_name, max_images=12))
-    second = extract(_cfg(data_root, tmp_path / "s", tiny_model_name, max_images=12, workers=2))
+    first = extract(extract_config(data_root, tmp_path / "s", tiny_model_name, max_images=12))
+    second = extract(extract_config(data_root, tmp_path / "s", tiny_model_name, max_images=12, workers=2))
     assert second.reused and second.set_id == first.set_id
-    other = extract(_cfg(data_root, tmp_path / "s", tiny_model_name, max_images=12, layers=(0,)))
+    other = extract(extract_config(data_root, tmp_path / "s", tiny_model_name, max_images=12, layers=(0,)))
     assert other.set_id != first.set_id
     ids = np.unique([first.set_id, other.set_id])
     assert len(ids) == 2
@@ -161,9 +149,9 @@ def test_rerun_reuses_the_published_set(planted_data, tiny_model_name, tmp_path)
 
 def test_all_layers_and_negative_indices(planted_data, tiny_model_name, tmp_path):
     data_root, _ = planted_data
-    every = extract(_cfg(data_root, tmp_path / "s", tiny_model_name, layers=("all",), max_images=3))
+    every = extract(extract_config(data_root, tmp_path / "s", tiny_model_name, layers=("all",), max_images=3))
     assert every.manifest.layers == [0, 1] and every.manifest.layers_requested == [0, 1]
-    neg = extract(_cfg(data_root, tmp_path / "n", tiny_model_name, layers=(-2, 1), max_images=3))
+    neg = extract(extract_config(data_root, tmp_path / "n", tiny_model_name, layers=(-2, 1), max_images=3))
     assert neg.manifest.layers == [0, 1] and neg.manifest.layers_requested == [-2, 1]
     assert neg.set_id == every.set_id  # the same blocks, however they were named
     aset = ActivationSet.open(open_store(tmp_path / "n"), neg.set_id)

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from test_extractor import _cfg, _set_bytes
+from support import extract_config, set_bytes
 
 from vitscope.composition.flows import extract_flow, task_runner
 from vitscope.extractor.extraction import extract
@@ -16,17 +16,18 @@ from vitscope.extractor.extraction import extract
 def test_parts_as_mapped_tasks_match_a_single_process(prefect_server, planted_data, tiny_model_name, tmp_path,
                                                       engine):
     data_root, _ = planted_data
-    single = extract(_cfg(data_root, tmp_path / "single", tiny_model_name))
+    single = extract(extract_config(data_root, tmp_path / "single", tiny_model_name))
     if engine == "dask":
         runner = task_runner(3, dask_cluster_class="distributed.LocalCluster",
                              dask_cluster_kwargs=json.loads('{"n_workers": 2, "processes": false, "threads_per_worker": 1}'))
     else:
         runner = task_runner(3)
     store = tmp_path / engine
-    result = extract_flow.with_options(task_runner=runner)(_cfg(data_root, store, tiny_model_name), parts=3)
+    cfg = extract_config(data_root, store, tiny_model_name)
+    result = extract_flow.with_options(task_runner=runner)(cfg, parts=3)
     assert result.set_id == single.set_id and not result.reused
-    assert _set_bytes(tmp_path / "single", single.set_id) == _set_bytes(store, result.set_id)
-    again = extract_flow.with_options(task_runner=task_runner(3))(_cfg(data_root, store, tiny_model_name), parts=3)
+    assert set_bytes(tmp_path / "single", single.set_id) == set_bytes(store, result.set_id)
+    again = extract_flow.with_options(task_runner=task_runner(3))(cfg, parts=3)
     assert again.reused
 
 

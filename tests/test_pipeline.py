@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 import torch
-from pipeline_fixtures import TINY_IMAGE, pipeline_config
+from support import TINY_IMAGE, pipeline_config
 
 from vitscope.analyzer.results import load_analysis
 from vitscope.sae import load_sae, load_sae_from

@@ -246,7 +246,6 @@ def test_local_store_never_exposes_partial_object(tmp_path, monkeypatch):
 # -- S3 failures ---------------------------------------------------------------------------------
 
 
-@pytest.mark.s3
 def test_s3_prefix_isolation(s3_store):
     from vitscope.s3 import S3Store
 
@@ -258,7 +257,6 @@ def test_s3_prefix_isolation(s3_store):
     assert outer.list() == ["other", "root/in", "rootx/y"]
 
 
-@pytest.mark.s3
 def test_s3_wrong_secret(s3_store, monkeypatch):
     from vitscope.s3 import S3Store
 
@@ -280,7 +278,6 @@ def test_s3_wrong_secret(s3_store, monkeypatch):
     assert s3_store.get_bytes("k") == b"v"
 
 
-@pytest.mark.s3
 def test_s3_wrong_access_key(s3_store, monkeypatch):
     from vitscope.s3 import S3Store
 
@@ -289,7 +286,6 @@ def test_s3_wrong_access_key(s3_store, monkeypatch):
         S3Store(s3_store.bucket).get_bytes("k")
 
 
-@pytest.mark.s3
 def test_s3_missing_bucket(s3_env):
     from vitscope.s3 import S3Store
 
@@ -310,7 +306,6 @@ def test_s3_missing_bucket(s3_env):
         assert "bucket 'vitscope-no-such-bucket' does not exist at http://" in str(info.value), name
 
 
-@pytest.mark.s3
 def test_s3_put_file_missing_bucket(s3_env, tmp_path):
     from vitscope.s3 import S3Store
 
@@ -320,7 +315,6 @@ def test_s3_put_file_missing_bucket(s3_env, tmp_path):
         S3Store("vitscope-no-such-bucket").put_file("k", src)
 
 
-@pytest.mark.s3
 def test_s3_unreachable_endpoint(s3_env):
     import socket
 
@@ -335,7 +329,6 @@ def test_s3_unreachable_endpoint(s3_env):
         store.get_bytes("k")
 
 
-@pytest.mark.s3
 def test_s3_ensure_bucket_idempotent(s3_store):
     s3_store.ensure_bucket()
     s3_store.put_bytes("k", b"v")
