@@ -29,6 +29,8 @@ explore: setup
 system-deps:
 	bash deploy/install-system-deps.sh
 
+# On a machine without radosgw or Chromium, `$(PY) -m pytest` alone skips their tests (naming the
+# install script); VITSCOPE_REQUIRE_ALL=1 (set by .ci/run) makes every skip a failure.
 test: setup system-deps
 	$(PY) -m pytest
 
