@@ -9,7 +9,9 @@ another test module, and nothing here is star-imported.
 Markers come from fixtures. A test that needs a real S3 server (``s3_env`` or anything built
 on it) is marked ``s3``, one that needs Chromium (``chromium``) is marked ``browser``, one that
 needs a CUDA GPU (``cuda``) is marked ``gpu``; nobody marks them by hand, so
-``pytest -m "not s3 and not browser"`` runs everything else on a bare machine.
+``pytest -m "not s3 and not browser"`` runs everything else on a bare machine. (Collection only
+sees the fixtures a test names: a fixture that asks for ``s3_store`` at run time, through
+``request.getfixturevalue``, marks that param itself, as test_store.py's ``store`` does.)
 
 Missing tools: without radosgw or Chromium those tests skip, naming the script that installs
 them (:data:`INSTALL_SCRIPT`). With ``VITSCOPE_REQUIRE_ALL=1`` (set by ``.ci/run``) they fail
