@@ -1,7 +1,8 @@
-"""Extraction at scale: parts, killed runs, room checks, unreadable shards."""
+"""Extraction at scale: parts, killed runs, random weights, room checks, unreadable shards."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,8 @@ import torch
 from support import extract_config, set_bytes
 
 from vitscope.extractor import extract as extract_mod
-from vitscope.extractor.extraction import ExtractError, extract
+from vitscope.extractor.extraction import ExtractError, extract, plan
+from vitscope.models import tiny_open_clip_config
 from vitscope.shards import ActivationSet, set_prefix
 from vitscope.store import open_store
 
@@ -64,18 +66,69 @@ def _index_count(root: Path) -> int:
     return len(list(root.glob("activations/*/shard-*/index.json")))
 
 
+def _cli_env() -> dict[str, str]:
+    return {**os.environ, "VITSCOPE_LOG": "WARNING"}
+
+# A built-in architecture shrunk by options, with a tag whose weights cannot be had offline (nor
+# fit it): the --allow-random-weights fallback that once built a new random network per process.
+_TINY_CLIP = json.dumps(tiny_open_clip_config())
+RANDOM_FALLBACK = ("--model", "ViT-B-16", "--pretrained", "openai", "--model-options", _TINY_CLIP,
+                   "--allow-random-weights")
+
+
+def _extract_command(data_root: Path, store: Path, *args: str) -> list[str]:
+    """``vitscope extract`` in a fresh process: two layers, 4 images per shard, small batches."""
+    return [sys.executable, "-m", "vitscope.composition.cli", "extract", "--data", str(data_root), "--store", str(store),
+            "--layers", "0", "-1", "--images-per-shard", "4", "--batch-size", "2", "--workers", "0", "--no-progress",
+            *args]
+
+
+def _random_fallback_config(data_root: Path, store: Path, **kw):
+    """The in-process twin of :data:`RANDOM_FALLBACK` in :func:`_extract_command`."""
+    return extract_config(data_root, store, "ViT-B-16", pretrained="openai", model_options=_TINY_CLIP,
+                          allow_random_weights=True, images_per_shard=4, **kw)
+
+
 def test_kill_9_at_several_points_then_resume_is_byte_identical(planted_data, tiny_model_name, tmp_path):
     data_root, items = planted_data
     ref = extract(extract_config(data_root, tmp_path / "ref", tiny_model_name, images_per_shard=4))
-    store = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "vitscope.composition.cli", "extract", "--data", str(data_root), "--store", str(store),
-           "--model", tiny_model_name, "--pretrained", "None", "--layers", "0", "-1", "--images-per-shard", "4",
-           "--batch-size", "2", "--workers", "0", "--no-progress"]
-    env = {**os.environ, "VITSCOPE_LOG": "WARNING"}
-    n_shards = -(-len(items) // 4)
+    cmd = _extract_command(data_root, tmp_path / "killed", "--model", tiny_model_name, "--pretrained", "None")
+    _kill_three_times_then_resume(cmd, tmp_path / "killed", tmp_path / "ref", ref.set_id, len(items))
+
+
+def test_kill_9_then_resume_with_random_weights_is_byte_identical(planted_data, tmp_path):
+    data_root, items = planted_data
+    ref = extract(_random_fallback_config(data_root, tmp_path / "ref"))
+    assert not ref.manifest.model["pretrained_loaded"]
+    cmd = _extract_command(data_root, tmp_path / "killed", *RANDOM_FALLBACK)
+    _kill_three_times_then_resume(cmd, tmp_path / "killed", tmp_path / "ref", ref.set_id, len(items))
+
+
+def test_random_weight_extractions_in_fresh_processes_are_byte_identical(planted_data, tmp_path):
+    data_root, _ = planted_data
+    set_ids = []
+    for name in ("a", "b"):
+        done = subprocess.run(_extract_command(data_root, tmp_path / name, *RANDOM_FALLBACK, "--max-images", "8"),
+                              env=_cli_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "using RANDOM weights" in done.stderr  # the fallback path, not weights found in a cache
+        set_ids.append(done.stdout.strip().splitlines()[-1])
+    assert set_ids[0] == set_ids[1]
+    assert set_bytes(tmp_path / "a", set_ids[0]) == set_bytes(tmp_path / "b", set_ids[1])
+    model = ActivationSet.open(open_store(tmp_path / "a"), set_ids[0]).manifest.model
+    assert (model["pretrained"], model["init_seed"], model["pretrained_loaded"]) == (None, 0, False)
+    # This process has drawn other random numbers before: the network does not depend on them.
+    assert plan(_random_fallback_config(data_root, tmp_path / "c", max_images=8)).set_id == set_ids[0]
+    assert plan(_random_fallback_config(data_root, tmp_path / "c", max_images=8, init_seed=1)).set_id != set_ids[0]
+
+
+def _kill_three_times_then_resume(cmd: list[str], store: Path, ref_store: Path, ref_id: str, n_items: int) -> None:
+    """Run ``cmd`` (an extraction into ``store``, 4 images per shard), kill -9 it at three points,
+    then let it finish: the set must be the reference set ``ref_id`` of ``ref_store``, byte for byte."""
+    n_shards = -(-n_items // 4)
     kills = 0
     for target in (1, n_shards // 3, (2 * n_shards) // 3):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while _index_count(store) < target and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -83,17 +136,17 @@ def test_kill_9_at_several_points_then_resume_is_byte_identical(planted_data, ti
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-        assert not (store / set_prefix(ref.set_id) / "manifest.json").exists()
+        assert not (store / set_prefix(ref_id) / "manifest.json").exists()
     assert kills == 3
     assert 0 < _index_count(store) < n_shards
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == ref.set_id
-    assert set_bytes(tmp_path / "ref", ref.set_id) == set_bytes(store, ref.set_id)
-    resumed = ActivationSet.open(open_store(store), ref.set_id)
+    assert done.stdout.strip().splitlines()[-1] == ref_id
+    assert set_bytes(ref_store, ref_id) == set_bytes(store, ref_id)
+    resumed = ActivationSet.open(open_store(store), ref_id)
     assert resumed.verify() == []
-    torch.testing.assert_close(resumed.image_tokens(1, len(items) - 1),
-                               ActivationSet.open(open_store(tmp_path / "ref"), ref.set_id).image_tokens(1, len(items) - 1))
+    torch.testing.assert_close(resumed.image_tokens(1, n_items - 1),
+                               ActivationSet.open(open_store(ref_store), ref_id).image_tokens(1, n_items - 1))
 
 
 def test_a_full_disk_stops_clearly_and_the_rerun_resumes(planted_data, tiny_model_name, tmp_path, monkeypatch):
