@@ -18,6 +18,7 @@ import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,8 +191,22 @@ class Manifest:
         return cls(**kw)
 
     @property
+    def np_dtype(self) -> np.dtype:
+        """The numpy dtype of the stored elements (raw uint16 patterns for bf16)."""
+        return DTYPES[self.dtype][0]
+
+    @property
     def bytes_per_token(self) -> int:
-        return self.d_model * DTYPES[self.dtype][0].itemsize
+        return self.d_model * self.np_dtype.itemsize
+
+    @property
+    def image_bytes(self) -> int:
+        """Bytes of one image's tokens in one layer file: the stride between its rows."""
+        return self.layout.tokens_per_image * self.bytes_per_token
+
+    def layer_nbytes(self, shard: ShardRecord) -> int:
+        """The size one of ``shard``'s layer files must have."""
+        return shard.n_images * self.image_bytes
 
     def layer_position(self, layer: int) -> int:
         """Resolve a layer given as absolute or as requested (e.g. -2) to an absolute index."""
@@ -267,7 +282,7 @@ class ShardWriter:
         for layer in m.layers:
             a = acts[layer]
             expected = (n, m.layout.tokens_per_image, m.d_model)
-            if a.shape != expected or a.dtype != DTYPES[m.dtype][0]:
+            if a.shape != expected or a.dtype != m.np_dtype:
                 raise FormatError(f"layer {layer} shard has shape {a.shape} {a.dtype}, expected {expected} {m.dtype}")
             # the rows' own memory as bytes: no copy to hash or to write
             data = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
@@ -332,23 +347,35 @@ class ActivationSet:
     def __len__(self) -> int:
         return self.manifest.n_images
 
-    def _key(self, shard: ShardRecord, layer: int) -> str:
+    def layer_key(self, shard: ShardRecord, layer: int) -> str:
+        """Store key of ``shard``'s file for ``layer`` (absolute, or as requested, e.g. -2)."""
         return f"{self.prefix}/{shard.name}/{layer_file(self.manifest.layer_position(layer))}"
 
-    def shard_array(self, shard: ShardRecord, layer: int) -> np.ndarray:
-        """All of one shard's activations for a layer: [n_images, tokens, d] in stored dtype."""
+    def local_file(self, shard: ShardRecord, layer: int) -> Path | None:
+        """The layer file on a local filesystem (to memory-map or read with vectored reads),
+        or None when the store is remote and rows can only be fetched by range."""
+        return self.store.local_path(self.layer_key(shard, layer))
+
+    def read_rows(self, shard: ShardRecord, layer: int, lo: int, hi: int) -> np.ndarray:
+        """Image rows [lo, hi) of ``shard``'s layer file as [hi - lo, tokens, d] in the stored
+        dtype, with one ranged read (a file read locally, a ranged GET on S3)."""
         m = self.manifest
-        np_dtype = DTYPES[m.dtype][0]
+        raw = self.store.get_range(self.layer_key(shard, layer), lo * m.image_bytes, (hi - lo) * m.image_bytes)
+        return np.frombuffer(raw, dtype=m.np_dtype).reshape(hi - lo, m.layout.tokens_per_image, m.d_model)
+
+    def shard_array(self, shard: ShardRecord, layer: int) -> np.ndarray:
+        """All of one shard's activations for a layer: [n_images, tokens, d] in stored dtype,
+        memory-mapped from a local file, else read whole."""
+        m = self.manifest
         shape = (shard.n_images, m.layout.tokens_per_image, m.d_model)
         if shard.n_images == 0:  # every image of its range was unreadable
-            return np.empty(shape, dtype=np_dtype)
-        key = self._key(shard, layer)
-        path = self.store.local_path(key)
-        if path is not None:
-            if not path.exists():
-                raise NotFound(f"{self.store.uri}/{key}")
-            return np.memmap(path, dtype=np_dtype, mode="r", shape=shape)
-        return np.frombuffer(self.store.get_bytes(key), dtype=np_dtype).reshape(shape)
+            return np.empty(shape, dtype=m.np_dtype)
+        path = self.local_file(shard, layer)
+        if path is None:
+            return self.read_rows(shard, layer, 0, shard.n_images)
+        if not path.exists():
+            raise NotFound(f"{self.store.uri}/{self.layer_key(shard, layer)}")
+        return np.memmap(path, dtype=m.np_dtype, mode="r", shape=shape)
 
     def iter_shards(self, layer: int) -> Iterator[tuple[ShardRecord, np.ndarray]]:
         for shard in self.manifest.shards:
@@ -364,12 +391,8 @@ class ActivationSet:
 
     def image_tokens(self, layer: int, image_index: int) -> torch.Tensor:
         """One image's stored tokens for a layer as float32 [tokens, d], read by range."""
-        m = self.manifest
         shard, row = self.locate(image_index)
-        per_image = m.layout.tokens_per_image * m.bytes_per_token
-        raw = self.store.get_range(self._key(shard, layer), row * per_image, per_image)
-        a = np.frombuffer(raw, dtype=DTYPES[m.dtype][0]).reshape(m.layout.tokens_per_image, m.d_model)
-        return from_storage(a, m.dtype)
+        return from_storage(self.read_rows(shard, layer, row, row + 1)[0], self.manifest.dtype)
 
     def shard_records(self, shard: ShardRecord) -> list[dict[str, Any]]:
         raw = self.store.get_bytes(f"{self.prefix}/{shard.name}/images.jsonl")
@@ -411,7 +434,7 @@ class ActivationSet:
                 elif sha256_bytes(data) != info["sha256"]:
                     problems.append(f"{rel}: checksum mismatch")
                 elif rel.endswith(".bin"):
-                    expected = shard.n_images * m.layout.tokens_per_image * m.bytes_per_token
+                    expected = m.layer_nbytes(shard)
                     if len(data) != expected:
                         problems.append(f"{rel}: {len(data)} bytes for {shard.n_images} images, expected {expected}")
                 elif rel.endswith("images.jsonl"):

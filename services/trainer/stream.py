@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vitscope.shards import DTYPES, ActivationSet, ShardRecord, from_storage, layer_file, storage_view
+from vitscope.shards import ActivationSet, ShardRecord, from_storage, layer_file, storage_view
 from vitscope.store import StoreError
 
 
@@ -215,7 +215,6 @@ class TokenStream:
         self._check_sizes()
         self.chunks = [_Chunk(i, lo, min(lo + self.chunk_images, s.n_images))
                        for i, s in enumerate(m.shards) for lo in range(0, s.n_images, self.chunk_images)]
-        self._row_bytes = m.layout.tokens_per_image * m.bytes_per_token
         # A window ends with the chunk that takes it to buffer_tokens, so it holds less than
         # buffer_tokens plus one chunk. Kept free: the windows in flight (read, emitted, queued).
         window_tokens = self.buffer_tokens + self.chunk_images * per_image
@@ -242,7 +241,7 @@ class TokenStream:
         for shard in m.shards:
             for layer in self.layers:
                 info = shard.files.get(f"{shard.name}/{layer_file(layer)}")
-                expected = shard.n_images * m.layout.tokens_per_image * m.bytes_per_token
+                expected = m.layer_nbytes(shard)
                 if info is None:
                     raise StreamError(f"activation set {m.set_id}: {shard.name} lists no layer {layer}")
                 if int(info["nbytes"]) != expected:
@@ -252,27 +251,23 @@ class TokenStream:
                         f"in {m.dtype} need {expected}: the shards do not match the manifest's d_model")
 
     # --- reading ---------------------------------------------------------------------------
-    def _key(self, shard: ShardRecord, layer: int) -> str:
-        return f"{self.aset.prefix}/{shard.name}/{layer_file(layer)}"
-
     def _unreadable(self, shard: ShardRecord, layer: int, lo: int, hi: int, e: Exception) -> StreamError:
-        return StreamError(f"cannot read {self.aset.store.uri}/{self._key(shard, layer)} rows {lo}:{hi} ({e}): was "
-                           f"the activation set removed or changed while training?")
+        where = f"{self.aset.store.uri}/{self.aset.layer_key(shard, layer)}"
+        return StreamError(f"cannot read {where} rows {lo}:{hi} ({e}): was the activation set removed or changed "
+                           "while training?")
 
     def _read(self, shard: ShardRecord, layer: int, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) of one shard's layer file, [hi - lo, tokens, d] in the stored dtype
         (one ranged read)."""
-        m = self.aset.manifest
         try:
-            raw = self.aset.store.get_range(self._key(shard, layer), lo * self._row_bytes, (hi - lo) * self._row_bytes)
+            return self.aset.read_rows(shard, layer, lo, hi)
         except (OSError, ValueError, StoreError) as e:
             raise self._unreadable(shard, layer, lo, hi, e) from e
-        return np.frombuffer(raw, dtype=DTYPES[m.dtype][0]).reshape(hi - lo, m.layout.tokens_per_image, m.d_model)
 
     def _fill(self, shard: ShardRecord, layer: int, lo: int, hi: int, out: np.ndarray, dest: np.ndarray) -> None:
         """Copy the selected tokens of rows [lo, hi) of one shard's layer file to rows ``dest``
         of ``out`` (image-major, in the order of ``positions``)."""
-        path = self.aset.store.local_path(self._key(shard, layer)) if _PREADV is not None else None
+        path = self.aset.local_file(shard, layer) if _PREADV is not None else None
         if path is None:
             part = self._read(shard, layer, lo, hi)[:, self.positions]
             out[dest] = part.reshape(-1, part.shape[-1])
@@ -304,9 +299,8 @@ class TokenStream:
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            if size != shard.n_images * self._row_bytes:
-                raise OSError(errno.EIO, f"the file holds {size} bytes, the manifest says "
-                                         f"{shard.n_images * self._row_bytes}")
+            if size != m.layer_nbytes(shard):
+                raise OSError(errno.EIO, f"the file holds {size} bytes, the manifest says {m.layer_nbytes(shard)}")
             for token, rows in spans:
                 iov = np.empty((len(rows), 2), np.uint64)
                 iov[:, 0], iov[:, 1] = rows, bpt
@@ -382,7 +376,7 @@ class TokenStream:
         perm = np.random.default_rng([self.seed, epoch, w + 1]).permutation(len(ids))  # emission order
         dest = np.empty_like(perm)
         dest[perm] = np.arange(len(perm))  # the row of window token t is the step that emits it
-        rows = {layer: self._buffers.lease()[:len(ids) * m.bytes_per_token].view(DTYPES[m.dtype][0])
+        rows = {layer: self._buffers.lease()[:len(ids) * m.bytes_per_token].view(m.np_dtype)
                 .reshape(len(ids), m.d_model) for layer in self.layers}
         reads = [pool.submit(self._fill, m.shards[c.shard], layer, c.lo, c.hi, rows[layer], dest[a:b])
                  for c, a, b in zip(chunks, starts[:-1], starts[1:], strict=True) for layer in self.layers]
