@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--images-per-shard", type=int, default=256)
     p.add_argument("--batch-images", type=int, default=128, help="images encoded at once (AnalyzeConfig.batch_images)")
     p.add_argument("--d-sae", type=int, default=2048)
-    p.add_argument("--k", type=int, default=32, help="top images kept per latent")
+    p.add_argument("--top-images", type=int, default=32, help="top images kept per latent")
     args = p.parse_args()
     if args.quick:
         args.images, args.images_per_shard, args.batch_images, args.d_sae, args.repeats = 64, 32, 16, 768, 1
@@ -80,7 +80,7 @@ def main() -> None:
         aset = ActivationSet(store, manifest)
         x = torch.cat([from_storage(a, manifest.dtype) for _, a in aset.iter_shards(SYNTHETIC_LAYER)])
         sae = publish_sae(store, manifest, x, args.d_sae)
-        cfg = AnalyzeConfig(sae=SAE_ID, store=str(store.root), k=args.k, batch_images=args.batch_images,
+        cfg = AnalyzeConfig(sae=SAE_ID, store=str(store.root), top_images=args.top_images, batch_images=args.batch_images,
                             device="cpu", progress=False)
 
         def run_analyze() -> None:
@@ -96,7 +96,7 @@ def main() -> None:
         t = interleaved({"analyze": wall(run_analyze), "encode": wall(run_encode)}, args.repeats)
         n = len(x)
         report(f"analysis: {n} images x {manifest.layout.tokens_per_image} tokens, d_sae {args.d_sae}, "
-               f"batch {args.batch_images} images, k {args.k}, {firing:.1%} of latents firing", [
+               f"batch {args.batch_images} images, top {args.top_images} images, {firing:.1%} of latents firing", [
             Figure("analyze() end to end", n / median(t["analyze"]), "img/s"),
             Figure("bare encode loop on an in-memory float32 tensor", n / median(t["encode"]), "img/s"),
             Figure.ratio("ratio analyze / bare encode", paired_ratios(t["encode"], t["analyze"])),

@@ -1,22 +1,56 @@
 """The ``vitscope`` command: one subcommand per stage, plus the whole pipeline.
 
 Each subcommand's options are the fields of that stage's config dataclass, so the CLI, the
-Python API and the Prefect flows always agree.
+Python API and the Prefect flows always agree. Dispatch is lazy: a subcommand imports its own
+config and, once parsed, its own stage; nothing else (`vitscope verify --help` imports no
+Prefect, Streamlit or model code).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import os
 import socket
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import tyro
 
-from vitscope.composition.flows import PipelineConfig
+if TYPE_CHECKING:
+    from vitscope.composition.pipeline import PipelineConfig
 
 log = logging.getLogger("vitscope")
+
+DESCRIPTION = ("Look inside vision transformers with sparse autoencoders: extract activations, train SAEs, "
+               "analyse their latents and explore them.")
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "pipeline": ("vitscope.composition.pipeline", "PipelineConfig"),
+    "extract": ("vitscope.extractor", "ExtractConfig"),
+    "train": ("vitscope.trainer", "TrainConfig"),
+    "sweep": ("vitscope.trainer", "SweepConfig"),
+    "analyze": ("vitscope.analyzer", "AnalyzeConfig"),
+    "serve": ("vitscope.analyzer", "ServeConfig"),
+    "explore": ("vitscope.composition.cli", "ExploreConfig"),
+    "verify": ("vitscope.composition.cli", "VerifyConfig"),
+}
+"""Subcommand -> (module, config class): importing the module must stay cheap."""
+
+SUMMARIES = {
+    "pipeline": "Run extract -> train -> analyze under one Prefect flow.",
+    "extract": "Extract ViT activations from an image folder into an activation set.",
+    "train": "Train a sparse autoencoder on activations from `vitscope extract`.",
+    "sweep": "Train many SAEs from one pass over an activation set: each batch is read once and given to every SAE.",
+    "analyze": "Compute per-latent statistics and top-k images of a trained SAE.",
+    "serve": "Serve a store's SAEs, analyses and images over gRPC (the explorer's back end).",
+    "explore": "Open the explorer (a Streamlit app) on a store's SAEs.",
+    "verify": "Check a published activation set end to end: every shard's size, checksum and counts.",
+}
+"""What `vitscope --help` lists, without importing every config: the first sentence of each
+config's docstring (a test keeps them equal)."""
 
 
 @dataclass
@@ -98,59 +132,97 @@ def run_explore(cfg: ExploreConfig) -> int:
             server.stop(grace=1)
 
 
+def config_class(sub: str) -> type:
+    """The config dataclass of subcommand ``sub`` (importing only its module)."""
+    module, name = SUBCOMMANDS[sub]
+    return getattr(importlib.import_module(module), name)
+
+
+def _hidden(cls: type) -> tuple[str, ...]:
+    """Fields the command line does not show: those the pipeline fills in for its stages."""
+    pipeline = sys.modules.get("vitscope.composition.pipeline")  # only loaded for `vitscope pipeline`
+    return pipeline.PIPELINE_FILLED.get(cls, ()) if pipeline else ()
+
+
+def parse(sub: str, args: list[str]):
+    """Parse ``vitscope <sub> <args>`` into that subcommand's config."""
+    from vitscope.composition.options import view
+
+    cls = config_class(sub)
+    v = view(cls, _hidden)
+    default = None
+    if sub == "pipeline" and not any(a == "--data" or a.startswith("--data=") for a in args):
+        default = v.to_view(cls.demo())
+    description = inspect.cleandoc(cls.__doc__ or "")
+    parsed = tyro.cli(v.cls, args=args, prog=f"vitscope {sub}", description=description,
+                      **({"default": default} if default is not None else {}))
+    return v.to_real(parsed)
+
+
+def _usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = [f"usage: vitscope [-h] {{{','.join(SUBCOMMANDS)}}} ...", "", DESCRIPTION, "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {SUMMARIES[name]}" for name in SUBCOMMANDS]
+    lines += ["", "Run `vitscope <subcommand> --help` for its options."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vitscope`` command."""
-    from vitscope.analyzer import AnalyzeConfig, ServeConfig
-    from vitscope.extractor import ExtractConfig
-    from vitscope.trainer import SweepConfig, TrainConfig
-
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    sub, args = argv[0], argv[1:]
+    if sub not in SUBCOMMANDS:
+        print(f"{_usage()}\n\nvitscope: error: unknown subcommand {sub!r}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=os.environ.get("VITSCOPE_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    cfg = tyro.extras.subcommand_cli_from_dict(
-        {
-            "pipeline": PipelineConfig,
-            "extract": ExtractConfig,
-            "train": TrainConfig,
-            "sweep": SweepConfig,
-            "analyze": AnalyzeConfig,
-            "serve": ServeConfig,
-            "explore": ExploreConfig,
-            "verify": VerifyConfig,
-        },
-        prog="vitscope",
-        description="Look inside vision transformers with sparse autoencoders: extract activations, "
-                    "train SAEs, analyse their latents and explore them.",
-        args=argv,
-    )
-    if isinstance(cfg, PipelineConfig):
-        run_pipeline(cfg)
-    elif isinstance(cfg, ExtractConfig):
-        from vitscope.extractor import extract
+    try:
+        cfg = parse(sub, args)
+    except ValueError as e:
+        trainer = sys.modules.get("vitscope.trainer.config")  # a ConfigError can only come from there
+        if trainer is None or not isinstance(e, trainer.ConfigError):
+            raise
+        print(f"vitscope {sub}: error: {e}", file=sys.stderr)
+        return 2
+    return RUNNERS[sub](cfg) or 0
 
-        res = extract(cfg)
-        print(res.set_id)
-    elif isinstance(cfg, TrainConfig):
-        from vitscope.trainer import train
 
-        print(train(cfg).sae_id)
-    elif isinstance(cfg, SweepConfig):
-        from vitscope.trainer import sweep_configs, train_sweep
+def run_extract(cfg) -> None:
+    from vitscope.extractor import extract
 
-        for r in train_sweep(sweep_configs(cfg)):
-            print(r.sae_id)
-    elif isinstance(cfg, AnalyzeConfig):
-        from vitscope.analyzer import analyze
+    print(extract(cfg).set_id)
 
-        print(analyze(cfg).analysis_id)
-    elif isinstance(cfg, ServeConfig):
-        from vitscope.analyzer import serve_forever
 
-        serve_forever(cfg)
-    elif isinstance(cfg, ExploreConfig):
-        return run_explore(cfg)
-    elif isinstance(cfg, VerifyConfig):
-        return run_verify(cfg)
-    return 0
+def run_train(cfg) -> None:
+    from vitscope.trainer import train
+
+    print(train(cfg).sae_id)
+
+
+def run_sweep(cfg) -> None:
+    from vitscope.trainer import sweep_configs, train_sweep
+
+    for r in train_sweep(sweep_configs(cfg)):
+        print(r.sae_id)
+
+
+def run_analyze(cfg) -> None:
+    from vitscope.analyzer import analyze
+
+    print(analyze(cfg).analysis_id)
+
+
+def run_serve(cfg) -> None:
+    from vitscope.analyzer import serve_forever
+
+    serve_forever(cfg)
+
+
+RUNNERS = {"pipeline": run_pipeline, "extract": run_extract, "train": run_train, "sweep": run_sweep,
+           "analyze": run_analyze, "serve": run_serve, "explore": run_explore, "verify": run_verify}
 
 
 if __name__ == "__main__":

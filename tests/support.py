@@ -297,15 +297,20 @@ def planted_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[P
     return root, make_planted_dataset(root, n_images=96, size=TINY_IMAGE, square=TINY_SQUARE, seed=1)
 
 
-def pipeline_config(store: str, data: Path, model: str, **overrides):
-    from vitscope.composition.flows import PipelineConfig
+def pipeline_config(store: str, data: Path, model: str, train: dict | None = None):
+    """The test pipeline on the tiny model; ``train`` overrides training settings, in the flat
+    form of `vitscope train` (e.g. ``{"l1_coeff": 4.0}``)."""
+    from vitscope.composition.pipeline import AnalyzeStage, ExtractStage, PipelineConfig, TrainStage
+    from vitscope.trainer import train_config
 
-    cfg = dict(
-        data=str(data), store=store, model=model, pretrained=None, layers=(-1,), workers=0,
-        images_per_shard=16, expansion=8, l1_coeff=3.0, lr=1e-3, train_batch_size=1024,
-        n_tokens=300_000, k=8, progress=False,
+    return PipelineConfig(
+        data=str(data), store=store,
+        extract=ExtractStage(model=model, pretrained=None, layers=(-1,), workers=0, images_per_shard=16,
+                             progress=False),
+        train=train_config({"expansion": 8, "l1_coeff": 3.0, "lr": 1e-3, "batch_size": 1024, "n_tokens": 300_000,
+                            "progress": False, **(train or {})}, TrainStage),
+        analyze=AnalyzeStage(top_images=8, progress=False),
     )
-    return PipelineConfig(**(cfg | overrides))
 
 
 @pytest.fixture(scope="session")

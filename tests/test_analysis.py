@@ -62,9 +62,9 @@ def test_histogram_counts_every_latent():
 
 
 def test_rerun_is_reused_and_bad_k_is_refused(pipeline):
-    res = analyze(AnalyzeConfig(sae=pipeline.sae_id, store=pipeline.store_uri, k=8, progress=False))
+    res = analyze(AnalyzeConfig(sae=pipeline.sae_id, store=pipeline.store_uri, top_images=8, progress=False))
     assert res.reused and res.analysis_id == pipeline.analysis_id
-    with pytest.raises(ValueError, match="k must be positive"):
-        analyze(AnalyzeConfig(sae=pipeline.sae_id, store=pipeline.store_uri, k=0, progress=False))
+    with pytest.raises(ValueError, match="top_images must be positive"):
+        analyze(AnalyzeConfig(sae=pipeline.sae_id, store=pipeline.store_uri, top_images=0, progress=False))
     with pytest.raises(KeyError, match="no published SAE"):
         analyze(AnalyzeConfig(sae="nope", store=pipeline.store_uri, progress=False))

@@ -78,7 +78,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_name: str) -> Se
                            training={"lr": 1e-3, "l1_coeff": 3.0, "schedule": "cosine"},
                            metrics={"nmse": 0.25, "l0": 12.5, "dead": 3, "freq_hist": [1, 2, 3]})
         save_sae(store, _random_sae(patches, seed), record)
-    aid = analyze(AnalyzeConfig(sae=SAE_ID, store=store_uri, k=K, device="cpu", progress=False)).analysis_id
+    aid = analyze(AnalyzeConfig(sae=SAE_ID, store=store_uri, top_images=K, device="cpu", progress=False)).analysis_id
     return Served(store_uri, res.set_id, SAE_ID, aid, root, load_analysis(store, aid)[1], aset)
 
 

@@ -23,6 +23,7 @@ from vitscope.analyzer import ServeConfig, serve
 from vitscope.explorer.client import AnalyzerClient, AnalyzerError, SaeInfo
 from vitscope.explorer.heatmap import overlay, to_png
 from vitscope.explorer.launch import APP, explorer_command, explorer_env
+from vitscope.sae import ReluHyper
 
 os.environ["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] = "false"
 
@@ -44,7 +45,7 @@ def sweep_store(pipeline, tmp_path_factory) -> tuple[str, str]:
 
     store = tmp_path_factory.mktemp("explorer") / "store"
     shutil.copytree(pipeline.store_uri, store)
-    second = train(TrainConfig(activations=pipeline.set_id, store=str(store), expansion=4, l1_coeff=1.0,
+    second = train(TrainConfig(activations=pipeline.set_id, store=str(store), expansion=4, sae=ReluHyper(l1_coeff=1.0),
                                lr=1e-3, batch_size=1024, n_tokens=50_000, seed=1, device="cpu", progress=False))
     return str(store), second.sae_id
 

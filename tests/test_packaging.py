@@ -432,12 +432,21 @@ def test_compose_file_is_valid_and_runs_existing_commands(cli_help):
     assert any("gpu" in cap for d in devices for cap in d.get("capabilities", [])), devices
 
 
-def _pipeline_config_fields() -> set[str]:
-    tree = ast.parse((REPO / "composition" / "flows.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "PipelineConfig":
-            return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
-    raise AssertionError("composition/flows.py has no PipelineConfig")
+def _unknown_pipeline_fields(cfg: dict, cls: type | None = None, where: str = "") -> list[str]:
+    """The keys of a deployment's ``cfg`` (nested per stage) that PipelineConfig lacks."""
+    import dataclasses
+    import typing
+
+    from vitscope.composition.pipeline import PipelineConfig
+
+    cls = cls or PipelineConfig
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [f"{where}{k}" for k in cfg if k not in names]
+    for k, v in cfg.items():
+        if k in names and isinstance(v, dict) and dataclasses.is_dataclass(hints[k]):
+            unknown += _unknown_pipeline_fields(v, hints[k], f"{where}{k}.")
+    return unknown
 
 
 def _entrypoint_file(entrypoint: str) -> tuple[Path, str]:
@@ -470,7 +479,6 @@ def test_prefect_yaml_deploys_the_pipeline_flow():
         PrefectYamlModel.model_validate(config)
     deployments = config.get("deployments") or []
     assert deployments, "deploy/prefect/prefect.yaml defines no deployments"
-    fields = _pipeline_config_fields()
     pool_types = {}
     for dep in deployments:
         name = dep.get("name")
@@ -481,7 +489,8 @@ def test_prefect_yaml_deploys_the_pipeline_flow():
                  and any("flow" in ast.unparse(d) for d in n.decorator_list)}
         assert func in flows, f"deployment {name}: {func} is not a @flow in {path.relative_to(REPO)}"
         cfg = (dep.get("parameters") or {}).get("cfg", {})
-        assert set(cfg) <= fields, f"deployment {name}: cfg has fields PipelineConfig lacks: {sorted(set(cfg) - fields)}"
+        unknown = _unknown_pipeline_fields(cfg)
+        assert not unknown, f"deployment {name}: cfg has fields PipelineConfig lacks: {unknown}"
         pool = dep["work_pool"]["name"]
         m = re.search(rf"prefect work-pool create {re.escape(pool)} --type (\S+)", text)
         assert m, f"deployment {name}: the file does not say how to create work pool {pool}"

@@ -48,7 +48,7 @@ def test_a_latent_finds_the_planted_square(pipeline):
         found.append((hits, latent))
     assert found, "no latent's top-k images are all planted images"
     best_hits, best = max(found)
-    assert best_hits == manifest.k, f"latent {best}: heatmap peak on the square in {best_hits}/{manifest.k} images"
+    assert best_hits == manifest.top_images, f"latent {best}: heatmap peak on the square in {best_hits}/{manifest.top_images} images"
     # The stored best patch agrees with the recomputed heatmap peak.
     first = int(table.topk_image[best, 0])
     heat = sae.encode(aset.image_tokens(record.layer, first)[aset.layout.patch_start:])[:, best]
@@ -101,7 +101,7 @@ def test_rerun_skips_every_finished_stage(pipeline, caplog):
     assert (again.set_id, again.sae_id, again.analysis_id) == (pipeline.set_id, pipeline.sae_id, pipeline.analysis_id)
     # A changed training setting retrains and re-analyses but reuses the extracted set.
     changed = pipeline_flow(pipeline_config(pipeline.store_uri, pipeline.data_root, pipeline.model_name,
-                                            l1_coeff=4.0, n_tokens=20_000))
+                                            train={"l1_coeff": 4.0, "n_tokens": 20_000}))
     assert changed.skipped == ["extract"]
     assert changed.set_id == pipeline.set_id and changed.sae_id != pipeline.sae_id
 
@@ -112,7 +112,7 @@ def test_the_pipeline_runs_on_s3(pipeline, s3_store):
     from vitscope.composition.flows import pipeline_flow
 
     uri = s3_store.uri
-    result = pipeline_flow(pipeline_config(uri, pipeline.data_root, pipeline.model_name, n_tokens=20_000))
+    result = pipeline_flow(pipeline_config(uri, pipeline.data_root, pipeline.model_name, train={"n_tokens": 20_000}))
     assert result.set_id == pipeline.set_id  # content ids do not depend on where things are stored
     assert s3_store.exists(f"saes/{result.sae_id}/cfg.json")
     assert s3_store.exists(f"analyses/{result.analysis_id}/manifest.json")

@@ -153,6 +153,8 @@ class Sae(nn.Module):
     variant: ClassVar[str]
     Hyper: ClassVar[type[SaeHyper]]
     registry: ClassVar[dict[str, type[Sae]]] = {}
+    summary: ClassVar[str] = ""
+    """What the family is, in a few words (the CLI's list of families shows it)."""
     sparse_paths: ClassVar[bool] = False
     """Whether the family can train through the sparse decode/encode paths (``sparse_decode``,
     ``sparse_encode``)."""
@@ -314,6 +316,7 @@ class ReluSae(Sae):
 
     variant = "relu"
     Hyper = ReluHyper
+    summary = "ReLU, L1 penalty weighted by decoder norms"
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
@@ -507,6 +510,7 @@ class TopKSae(_SparseCodes):
 
     variant = "topk"
     Hyper = TopKHyper
+    summary = "the k largest latents of each token, AuxK loss for dead latents"
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         vals, idx = pre.topk(self.hyper.k, dim=-1)
@@ -526,6 +530,7 @@ class BatchTopKSae(_SparseCodes):
 
     variant = "batchtopk"
     Hyper = BatchTopKHyper
+    summary = "k latents per token on average over a batch; a learned threshold at inference"
     threshold_decay: ClassVar[float] = 0.99
 
     def __init__(self, cfg: SaeConfig):
@@ -565,6 +570,7 @@ class MatryoshkaSae(BatchTopKSae):
 
     variant = "matryoshka"
     Hyper = MatryoshkaHyper
+    summary = "BatchTopK whose nested latent prefixes each reconstruct the input"
 
     @classmethod
     def check_config(cls, cfg: SaeConfig) -> None:
@@ -648,6 +654,7 @@ class JumpReluSae(Sae):
 
     variant = "jumprelu"
     Hyper = JumpReluHyper
+    summary = "learned per-latent thresholds, L0 penalty"
     init_threshold: ClassVar[float] = 1.0
     """In the normalised space (token norm sqrt(d_in)) an untrained latent's pre-activation is
     roughly N(0, 1), so it starts firing on ~16% of tokens; the log-parametrised threshold then

@@ -54,14 +54,14 @@ class TopK:
 @torch.no_grad()
 def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     """Analyse (or find, if already published) the SAE ``cfg.sae`` over its activation set."""
-    if cfg.k <= 0:
-        raise ValueError("k must be positive")
+    if cfg.top_images <= 0:
+        raise ValueError("top_images must be positive")
     store = open_store(cfg.store)
     device = resolve_device(cfg.device)
     sae, record = load_sae_from(store, cfg.sae, device)
     aset = ActivationSet.open(store, record.activation_set_id)
     m = aset.manifest
-    aid = analysis_id(record.sae_id, m.set_id, cfg.k)
+    aid = analysis_id(record.sae_id, m.set_id, cfg.top_images)
     if analysis_exists(store, aid):
         log.info("analysis %s already published in %s: reusing it", aid, store.uri)
         return AnalyzeResult(aid, reused=True)
@@ -74,7 +74,7 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     fires = torch.zeros(d_sae, dtype=torch.float64, device=device)
     act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
     act_max = torch.zeros(d_sae, device=device)
-    topk = TopK(d_sae, min(cfg.k, len(aset)), device)
+    topk = TopK(d_sae, min(cfg.top_images, len(aset)), device)
     n_tokens = 0
     t0 = time.perf_counter()
     with tqdm(total=len(aset), unit="img", desc=f"analyze {record.sae_id[:8]}", disable=not cfg.progress) as bar:
@@ -109,7 +109,7 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     )
     manifest = AnalysisManifest(
         analysis_id=aid, sae_id=record.sae_id, activation_set_id=m.set_id, layer=record.layer,
-        k=topk.score.shape[1], d_sae=d_sae, n_images=len(aset), n_tokens=n_tokens, tokens=list(record.tokens),
+        top_images=topk.score.shape[1], d_sae=d_sae, n_images=len(aset), n_tokens=n_tokens, tokens=list(record.tokens),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     save_analysis(store, manifest, table)

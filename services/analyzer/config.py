@@ -14,7 +14,7 @@ class AnalyzeConfig:
     """SAE id (printed by `vitscope train`)."""
     store: str = ".vitscope/store"
     """Store holding the SAE and its activation set; results are published there too."""
-    k: int = 32
+    top_images: int = 32
     """Top images kept per latent (unique images, each with its best patch)."""
     batch_images: int = 256
     """Images encoded at once (bounds memory: batch_images x patches x d_sae floats)."""

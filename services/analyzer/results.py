@@ -31,7 +31,8 @@ class AnalysisManifest:
     sae_id: str
     activation_set_id: str
     layer: int
-    k: int
+    top_images: int
+    """Top images kept per latent (fewer when the set has fewer images)."""
     d_sae: int
     n_images: int
     n_tokens: int  # tokens the statistics are over (the kinds the SAE was trained on)
@@ -46,6 +47,7 @@ class AnalysisManifest:
             raise ValueError(f"not an analysis manifest (format={d.get('format')!r})")
         if int(d.get("version", 0)) > VERSION:
             raise ValueError(f"analysis format {d['version']} is newer than this vitscope reads ({VERSION})")
+        d = {"top_images": d["k"], **d} if "k" in d else d  # written as "k" before top_images had its name
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -73,8 +75,10 @@ class LatentTable:
         return cls(**{k: t[k].numpy() for k in cls.__dataclass_fields__})
 
 
-def analysis_id(sae_id: str, activation_set_id: str, k: int) -> str:
-    return content_id({"format": FORMAT, "version": VERSION, "sae_id": sae_id, "set": activation_set_id, "k": k})
+def analysis_id(sae_id: str, activation_set_id: str, top_images: int) -> str:
+    # The hashed key keeps its first name, "k", so that published analyses keep their ids.
+    return content_id({"format": FORMAT, "version": VERSION, "sae_id": sae_id, "set": activation_set_id,
+                       "k": top_images})
 
 
 def analysis_prefix(aid: str) -> str:

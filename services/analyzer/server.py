@@ -156,7 +156,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
                 if m.sae_id == record.sae_id and m.activation_set_id == record.activation_set_id]
         if not mine:
             return None
-        aid = max(mine, key=lambda m: (m.k, m.created_at)).analysis_id
+        aid = max(mine, key=lambda m: (m.top_images, m.created_at)).analysis_id
         self._analysis_of[record.sae_id] = aid
         return aid
 
@@ -258,7 +258,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
         manifest, table = self._analysis(record)
         if not 0 <= request.latent < manifest.d_sae:
             raise _invalid(f"latent {request.latent} out of range: SAE {record.sae_id} has {manifest.d_sae} latents")
-        k = _top_k(request, manifest.k)
+        k = _top_k(request, manifest.top_images)
         aset = self._set(manifest.activation_set_id)
         rows, cols = aset.layout.grid
         latent = request.latent

@@ -4,11 +4,8 @@ file and/or ``--grid`` axes)."""
 
 from __future__ import annotations
 
-import ast
-import inspect
 import itertools
 import json
-import textwrap
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -133,7 +130,6 @@ class FamilySetting:
 
     name: str
     type: Any
-    doc: str
     defaults: dict[str, Any]
     """Default per family that has it."""
 
@@ -142,11 +138,10 @@ def family_settings() -> dict[str, FamilySetting]:
     """Every registered family's settings by name. Families may share a setting (topk,
     batchtopk and matryoshka all have ``k``) if they agree on its type."""
     out: dict[str, FamilySetting] = {}
-    for variant, cls in sorted(Sae.registry.items()):
+    for variant, cls in Sae.registry.items():
         hints = typing.get_type_hints(cls.Hyper)
-        docs = field_docs(cls.Hyper)
         for f in fields(cls.Hyper):
-            s = out.setdefault(f.name, FamilySetting(f.name, hints[f.name], docs.get(f.name, ""), {}))
+            s = out.setdefault(f.name, FamilySetting(f.name, hints[f.name], {}))
             if s.type != hints[f.name]:
                 raise TypeError(f"SAE families disagree on the type of {f.name!r}: {s.type} and {hints[f.name]}")
             s.defaults[variant] = f.default
@@ -159,18 +154,18 @@ def train_fields() -> list[str]:
     return [f.name for f in fields(TrainConfig) if f.name != "sae"]
 
 
-def train_config(settings: dict[str, Any]) -> TrainConfig:
-    """A TrainConfig from flat settings: TrainConfig's fields, ``variant`` (default relu) and
-    that family's settings. Raises :class:`ConfigError` for a setting no one has, or one of
-    another family (``k`` for relu)."""
+def train_config(settings: dict[str, Any], cls: type[TrainConfig] | None = None) -> TrainConfig:
+    """A TrainConfig (or ``cls``, a subclass) from flat settings: TrainConfig's fields,
+    ``variant`` (default relu) and that family's settings. Raises :class:`ConfigError` for a
+    setting no one has, or one of another family (``k`` for relu)."""
     settings = dict(settings)
     variant = settings.pop("variant", ReluSae.variant)
     try:
-        cls = sae_class(variant)
+        family_cls = sae_class(variant)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     known = family_settings()
-    own = [f.name for f in fields(cls.Hyper)]
+    own = [f.name for f in fields(family_cls.Hyper)]
     family = {k: settings.pop(k) for k in list(settings) if k in known}
     foreign = sorted(set(family) - set(own))
     if foreign:
@@ -183,33 +178,16 @@ def train_config(settings: dict[str, Any]) -> TrainConfig:
                           f"settings are variant ({', '.join(sorted(Sae.registry))}), "
                           f"{', '.join(sorted(train_fields()))} and the families' {', '.join(sorted(known))}")
     try:
-        hyper = cls.Hyper(**family)
+        hyper = family_cls.Hyper(**family)
     except TypeError as e:
         raise ConfigError(f"{variant}: {e}") from None
-    return TrainConfig(**settings, sae=hyper)
+    return (cls or TrainConfig)(**settings, sae=hyper)
 
 
 def train_settings(cfg: TrainConfig) -> dict[str, Any]:
     """The inverse of :func:`train_config`: flat settings (``variant`` and the family's own)."""
     flat = {k: getattr(cfg, k) for k in train_fields()}
     return {**flat, "variant": cfg.variant, **{f.name: getattr(cfg.sae, f.name) for f in fields(cfg.sae)}}
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (the string literal under a field) of a dataclass and its bases."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):  # built-ins, or classes without source (made at run time)
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, after in zip(body, body[1:], strict=False):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                    and isinstance(after.value.value, str)):
-                docs[node.target.id] = inspect.cleandoc(after.value.value)
-    return docs
 
 
 # --- sweeps ------------------------------------------------------------------------------------

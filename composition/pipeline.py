@@ -1,0 +1,87 @@
+"""What ``vitscope pipeline`` is asked to do: the three stage configs, nested, plus what only the
+pipeline decides (the data, the store, how extraction is split). Reading it imports no Prefect.
+
+The stage settings are the stages' own configs (``--extract.*``, ``--train.*``, ``--analyze.*``
+on the command line), so a default cannot differ between ``vitscope pipeline`` and the stage
+commands. The fields the pipeline fills in itself (each stage's store, extraction's data, the
+activation set that training reads and the SAE that analysis reads) default to empty and are
+hidden from the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vitscope.analyzer import AnalyzeConfig
+from vitscope.extractor import ExtractConfig
+from vitscope.trainer import TrainConfig
+
+
+@dataclass
+class ExtractStage(ExtractConfig):
+    """Extraction as the pipeline runs it (data and store are the pipeline's)."""
+
+    data: str = ""
+    store: str = ""
+
+
+@dataclass
+class TrainStage(TrainConfig):
+    """Training as the pipeline runs it (on the set the extraction published, in the pipeline's store)."""
+
+    activations: str = ""
+    store: str = ""
+
+
+@dataclass
+class AnalyzeStage(AnalyzeConfig):
+    """Analysis as the pipeline runs it (of the SAE the training published, in the pipeline's store)."""
+
+    sae: str = ""
+    store: str = ""
+
+
+PIPELINE_FILLED = {ExtractStage: ("data", "store"), TrainStage: ("activations", "store"), AnalyzeStage: ("sae", "store")}
+"""The fields of each stage that the pipeline sets itself (hidden from its command line)."""
+
+
+@dataclass
+class PipelineConfig:
+    """Run extract -> train -> analyze under one Prefect flow.
+
+    With no --data, a small image set with a planted concept (red squares on real photos, from
+    scikit-image) is generated and the demo settings apply (see `PipelineConfig.demo`), so the
+    pipeline runs offline on any machine; every option still overrides them."""
+
+    data: str | None = None
+    """Images (anything `vitscope extract --data` takes). Default: generate the demo set under <workdir>/demo-images."""
+    store: str = ".vitscope/store"
+    """Where every stage publishes: a folder, file:///path or s3://bucket/prefix."""
+    workdir: str = ".vitscope"
+    """Scratch space for generated demo data."""
+    demo_images: int = 256
+    """Size of the generated demo set (when --data is not given)."""
+    parts: int = 1
+    """Extract in this many parallel parts (Prefect tasks); the set is identical whatever the number."""
+    dask_address: str | None = None
+    """Run the parts on an existing Dask scheduler (tcp://host:8786) instead of local threads."""
+    dask_cluster_class: str | None = None
+    """Start a Dask cluster for the parts, e.g. dask_jobqueue.SLURMCluster or distributed.LocalCluster."""
+    dask_cluster_kwargs: str | None = None
+    """JSON keyword arguments for --dask-cluster-class, e.g. '{"cores": 8, "memory": "32GB", "processes": 1}'."""
+    extract: ExtractStage = field(default_factory=ExtractStage)
+    """Extraction settings, as `vitscope extract` has them."""
+    train: TrainStage = field(default_factory=TrainStage)
+    """Training settings, as `vitscope train` has them."""
+    analyze: AnalyzeStage = field(default_factory=AnalyzeStage)
+    """Analysis settings, as `vitscope analyze` has them."""
+
+    @classmethod
+    def demo(cls) -> PipelineConfig:
+        """The settings `vitscope pipeline` starts from when no --data is given: a ViT-B-32 (49
+        patches an image, the cheapest CLIP on a CPU) with random weights when the pretrained
+        ones cannot be fetched, an 8x SAE trained for 200k tokens (many epochs of the ~12k patch
+        tokens of 256 images) in batches of 1024, 16 top images per latent."""
+        return cls(extract=ExtractStage(model="ViT-B-32", allow_random_weights=True, batch_size=32),
+                   train=TrainStage(expansion=8, batch_size=1024, n_tokens=200_000),
+                   analyze=AnalyzeStage(top_images=16))
