@@ -15,7 +15,7 @@ import pytest
 import torch
 from support import extract_config, set_bytes
 
-from vitscope.extractor import extract as extract_mod
+from vitscope.extractor import extraction as extract_mod
 from vitscope.extractor.extraction import ExtractError, extract, plan
 from vitscope.models import tiny_open_clip_config
 from vitscope.shards import ActivationSet, set_prefix
