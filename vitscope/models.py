@@ -163,7 +163,9 @@ class ViT:
     """A loaded vision tower with hooks on its residual stream.
 
     ``blocks`` are the transformer blocks whose outputs are the residual stream; ``layout`` is
-    the model's full token layout (every token it has, in order)."""
+    the model's full token layout (every token it has, in order). :meth:`preprocess` and
+    :meth:`activations` are what the extractor runs, so ``vit.activations(image, layer)`` gives
+    the rows an activation set stores for that image."""
 
     def __init__(self, spec: ModelSpec, module: torch.nn.Module, blocks: Sequence[torch.nn.Module],
                  layout: TokenLayout, d_model: int, transform: TransformInfo, pretrained_loaded: bool,
