@@ -121,8 +121,16 @@ def _train_view(cls: type[TrainConfig], hide: set[str]) -> View:
         return train_config(flat, cls)
 
     def to_view(real: TrainConfig) -> Any:
+        # A family setting at its family's default stays None, so that a default config does not
+        # pin settings that another --variant would not have.
         flat = train_settings(real)
-        return view_cls(**{k: flat.get(k) for k in kept + family_names})
+        family_default = settings_defaults(real.variant)
+        return view_cls(**{k: flat[k] for k in kept},
+                        **{k: None if flat.get(k, None) == family_default.get(k, None) else flat[k]
+                           for k in family_names})
+
+    def settings_defaults(variant: str) -> dict[str, Any]:
+        return {k: s.defaults[variant] for k, s in settings.items() if variant in s.defaults}
 
     return View(view_cls, to_real, to_view)
 

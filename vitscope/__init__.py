@@ -1,3 +1,25 @@
-"""vitscope: look inside vision transformers with sparse autoencoders."""
+"""vitscope: look inside vision transformers with sparse autoencoders.
+
+The notebook API (see docs/python-api.md)::
+
+    import vitscope
+    sae = vitscope.load_sae("s3://bucket/prefix/saes/<sae_id>")       # with sae.record
+    vit = vitscope.load_vit(sae.record.model_spec())                   # the ViT it reads
+    latents = sae.encode(vit.activations(image, sae.record.layer)[sae.record.layer])
+
+and ``vitscope.open_activations("<store>/activations/<set_id>")`` to iterate a stored set with
+each token's provenance. The names load lazily: ``import vitscope`` imports no torch.
+"""
+
+from vitscope.lazy import lazy_exports
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "ModelSpec": ".models",
+    "load_sae": ".sae",
+    "load_vit": ".models",
+    "open_activations": ".activations",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -698,9 +698,23 @@ class SaeRecord:
     """log10 firing-frequency histogram of the evaluation pass: ``log10_edges`` (bin edges),
     ``counts`` (latents per bin) and ``never`` (latents that never fired, off the log scale)."""
     model: str = ""
+    """The ViT the activations came from, in words (e.g. ``ViT-B-16/openai``)."""
+    model_record: dict[str, Any] = field(default_factory=dict)
+    """The same ViT as its activation set's manifest records it (name, pretrained, options,
+    init_seed): what :meth:`model_spec` rebuilds."""
     extra: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     schema_version: int = SCHEMA_VERSION
+
+    def model_spec(self):
+        """The :class:`vitscope.models.ModelSpec` of the ViT this SAE reads, for
+        ``vitscope.load_vit(record.model_spec())``."""
+        from vitscope.models import ModelSpec
+
+        if not self.model_record:
+            raise ValueError(f"SAE {self.sae_id} was published before checkpoints recorded their ViT; its activation "
+                             f"set {self.activation_set_id} does: ModelSpec.from_record(set.manifest.model)")
+        return ModelSpec.from_record(self.model_record)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -563,6 +563,7 @@ class _Run:
             record = SaeRecord(
                 sae_id=p.sae_id, config=p.sae_config, activation_set_id=m.set_id, layer=p.layer,
                 tokens=list(p.cfg.tokens), model=m.model.get("spec", ""),
+                model_record={k: m.model[k] for k in ("name", "pretrained", "options", "init_seed") if k in m.model},
                 training={**p.hyper, **execution}, metrics=_scalars(metrics), histogram=hist,
             )
             save_sae(self.store, mb.sae.cpu(), record)

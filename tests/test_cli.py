@@ -1,0 +1,176 @@
+"""The command line as a composition of the stages' configs: lazy dispatch, SAE families
+derived from the registry (a family defined right here shows up), nested pipeline options whose
+defaults are the stages' own, and clear errors for settings that do not exist or belong to
+another family."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import io
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from vitscope.composition.cli import SUBCOMMANDS, SUMMARIES, config_class, main, parse
+from vitscope.composition.pipeline import (
+    PIPELINE_FILLED,
+    AnalyzeStage,
+    ExtractStage,
+    PipelineConfig,
+    TrainStage,
+)
+from vitscope.sae import LossContext, LossResult, Sae, SaeHyper, TopKHyper, load_sae_from
+from vitscope.store import LocalStore
+from vitscope.trainer import TrainConfig, train
+from vitscope.trainer.groundtruth import GroundTruth, write_ground_truth_set
+
+
+def run_cli(*argv: str) -> tuple[int, str]:
+    """``vitscope argv...`` in this process: (exit status, what it printed)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = main(list(argv))
+        except SystemExit as e:
+            code = e.code
+    return code or 0, out.getvalue()
+
+
+def test_a_family_defined_in_a_test_trains_saves_loads_back_and_is_on_the_command_line(tmp_path):
+    class SquaredPenaltySae(Sae):
+        """ReLU codes with a squared-activation penalty (a family that exists only in this test)."""
+
+        variant = "squared"
+        summary = "ReLU with a squared-activation penalty"
+
+        @dataclass(frozen=True)
+        class Hyper(SaeHyper):
+            knob = "l2_coeff"
+            l2_coeff: float = 0.5
+            """Weight of the squared-activation penalty."""
+
+        def activate(self, pre: torch.Tensor) -> torch.Tensor:
+            return torch.relu(pre)
+
+        def loss(self, x_norm: torch.Tensor, ctx: LossContext = LossContext()) -> LossResult:
+            x_hat, z = self.forward_normalized(x_norm)
+            recon = (x_hat - x_norm).pow(2).sum(dim=-1).mean()
+            penalty = z.pow(2).sum(dim=-1).mean()
+            active = z > 0
+            return LossResult(recon + self.hyper.l2_coeff * ctx.sparsity_scale * penalty, recon, active.sum(dim=0),
+                              active.sum(dim=-1).float().mean(), {"l2": penalty})
+
+    try:
+        store = LocalStore(tmp_path)
+        m = write_ground_truth_set(store, GroundTruth(n_images=64, grid=(2, 2), d_model=16, n_directions=32))
+        res = train(TrainConfig(activations=m.set_id, store=str(tmp_path), sae=SquaredPenaltySae.Hyper(l2_coeff=0.25),
+                                expansion=2, batch_size=64, n_tokens=1024, init_sample=256, eval_tokens=256,
+                                progress=False))
+        sae, record = load_sae_from(store, res.sae_id)
+        assert type(sae) is SquaredPenaltySae and sae.hyper == SquaredPenaltySae.Hyper(l2_coeff=0.25)
+        assert record.config.variant == "squared" and record.training["l2_coeff"] == 0.25
+        assert res.metrics["nmse"] < 1.0  # it learnt something
+        code, text = run_cli("train", "--help")
+        assert code == 0 and "squared" in text and "--l2-coeff" in text
+        assert "ReLU with a squared-activation penalty" in text
+        cfg = parse("train", ["--activations", m.set_id, "--variant", "squared", "--l2-coeff", "0.75"])
+        assert cfg.sae == SquaredPenaltySae.Hyper(l2_coeff=0.75)
+    finally:
+        Sae.registry.pop("squared", None)
+
+
+def test_a_family_must_bring_its_own_hyper_parameters():
+    with pytest.raises(TypeError, match="must define its own Hyper"):
+        class NoHyper(Sae):  # noqa: F841
+            variant = "no-hyper"
+    assert "no-hyper" not in Sae.registry
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--activations", "x", "--k", "5"], "k is not a setting of relu SAEs"),
+    (["train", "--activations", "x", "--variant", "jumprelu", "--l1-coeff", "2"],
+     "l1_coeff is not a setting of jumprelu SAEs"),
+    (["sweep", "--set", "activations=x", "--grid", "kk=1,2"], None),  # parsed fine; the sweep refuses it
+])
+def test_a_setting_of_another_family_is_a_clear_error(argv, message):
+    if message is None:
+        from vitscope.trainer import ConfigError, sweep_configs
+
+        with pytest.raises(ConfigError, match="unknown setting 'kk'"):
+            sweep_configs(parse(argv[0], argv[1:]))
+        return
+    code, text = run_cli(*argv)
+    assert code == 2 and message in text and "Traceback" not in text
+
+
+def test_family_options_reach_the_config():
+    cfg = parse("train", ["--activations", "x", "--variant", "topk", "--k", "64", "--aux-coeff", "0.1"])
+    assert type(cfg) is TrainConfig and cfg.sae == TopKHyper(k=64, aux_coeff=0.1)
+    assert parse("train", ["--activations", "x"]).sae == TrainConfig(activations="x").sae  # the default family
+
+
+@pytest.mark.parametrize("sub", ["verify", "train"])
+def test_help_imports_neither_prefect_nor_streamlit(sub):
+    script = (f"import sys, contextlib, io\nfrom vitscope.composition.cli import main\n"
+              f"with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+              f"    main([{sub!r}, '--help'])\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'streamlit')))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_top_level_help_lists_each_subcommand_with_its_config_summary():
+    code, text = run_cli("--help")
+    assert code == 0
+    for sub in SUBCOMMANDS:
+        doc = " ".join(inspect.cleandoc(config_class(sub).__doc__).split())
+        assert doc.startswith(SUMMARIES[sub]), f"{sub}: summary {SUMMARIES[sub]!r} is not its config's first line"
+        assert f"  {sub}" in text
+    code, text = run_cli("nope")
+    assert code == 2 and "unknown subcommand 'nope'" in text
+
+
+def test_pipeline_nests_the_stage_configs_with_their_own_defaults():
+    stages = {"extract": (ExtractStage, config_class("extract")), "train": (TrainStage, config_class("train")),
+              "analyze": (AnalyzeStage, config_class("analyze"))}
+    plain = PipelineConfig()
+    for name, (stage, cfg_cls) in stages.items():
+        assert issubclass(stage, cfg_cls)
+        real = {f.name: f for f in dataclasses.fields(cfg_cls)}
+        for f in dataclasses.fields(stage):
+            if f.name in PIPELINE_FILLED[stage]:
+                continue
+            mine = getattr(getattr(plain, name), f.name)
+            theirs = real[f.name].default_factory() if real[f.name].default_factory is not dataclasses.MISSING \
+                else real[f.name].default
+            assert mine == theirs, f"--{name}.{f.name}: pipeline default {mine!r}, stage default {theirs!r}"
+    cfg = parse("pipeline", ["--data", "/imgs", "--extract.model", "ViT-L-14", "--extract.allow-random-weights",
+                             "--train.variant", "topk", "--train.k", "8", "--analyze.top-images", "4"])
+    assert (cfg.data, cfg.extract.model, cfg.extract.allow_random_weights) == ("/imgs", "ViT-L-14", True)
+    assert type(cfg.train) is TrainStage and cfg.train.sae == TopKHyper(k=8) and cfg.analyze.top_images == 4
+    assert cfg.train.expansion == TrainConfig(activations="").expansion  # what `vitscope train` has
+    demo = parse("pipeline", [])
+    assert demo == PipelineConfig.demo()
+    assert parse("pipeline", ["--train.n-tokens", "1000"]).train.n_tokens == 1000  # options override the demo
+    code, text = run_cli("pipeline", "--help")
+    assert code == 0 and "--train.variant" in text and "--analyze.top-images" in text
+    assert "--train.activations" not in text and "--extract.data" not in text and "--analyze.sae" not in text
+
+
+def test_pipeline_config_round_trips_through_json_as_prefect_parameters():
+    """A deployment's parameters are JSON: nested stage settings come back as the stage configs."""
+    from pydantic import TypeAdapter
+
+    adapter = TypeAdapter(PipelineConfig)
+    cfg = adapter.validate_python(json.loads('{"store": "s3://b/p", "extract": {"device": "cuda", "model": "X"}}'))
+    assert type(cfg.extract) is ExtractStage and cfg.extract.model == "X" and cfg.store == "s3://b/p"
+    assert cfg.train == PipelineConfig().train
+    custom = dataclasses.replace(PipelineConfig(), train=TrainStage(sae=TopKHyper(k=8)))
+    assert adapter.validate_python(custom).train.sae == TopKHyper(k=8)  # an instance keeps its family
