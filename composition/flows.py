@@ -18,25 +18,22 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from vitscope.analyzer import AnalyzeConfig, AnalyzeResult, analyze
 from vitscope.extractor import ExtractConfig, ExtractResult, extract
-from vitscope.store import OutOfSpace, StoreError
+from vitscope.store import is_transient
 from vitscope.trainer import SweepConfig, TrainConfig, TrainResult, sweep_configs, train, train_sweep
 
 
-def _retry_on_store_errors(task_, task_run, state) -> bool:
-    """Transient storage faults are retried (extraction resumes from its last shard); bad
-    input such as a wrong layer or a missing folder is not."""
+def _retry_on_transient_errors(task_, task_run, state) -> bool:
+    """Only transient store faults (throttling, 5xx, dropped connections, filesystem I/O errors) are
+    retried, also when a stage wrapped one in its own error; extraction then resumes from its last
+    shard. A missing id, a denied request, a full disk or bad input fails at once."""
     try:
         state.result()
-    except OutOfSpace:
-        return False
-    except StoreError:
-        return True
-    except Exception:
-        return False
+    except Exception as e:
+        return is_transient(e)
     return False
 
 
-_RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_on_store_errors)
+_RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_on_transient_errors)
 
 
 def _report(stage: str, what: str, ident: str, reused: bool, detail: str = "") -> None:

@@ -12,12 +12,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import boto3
-from boto3.exceptions import S3UploadFailedError
+from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    SSLError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from vitscope.store import NotFound, Store, StoreError, _check_key
+from vitscope.store import AccessDenied, NotFound, Store, StoreError, TransientStoreError, _check_key
 
 MiB = 1 << 20
 
@@ -25,6 +34,11 @@ MiB = 1 << 20
 # so there the code is just the HTTP status.
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+# Throttling and server-side faults: boto3 has already retried them with backoff, and a later
+# try (after the flows' retry delay) may still succeed. Any 5xx status counts too.
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                    "RequestThrottled", "TooManyRequests", "TooManyRequestsException", "ServiceUnavailable",
+                    "InternalError", "RequestTimeout", "429"}
 
 
 class S3Store(Store):
@@ -87,37 +101,50 @@ class S3Store(Store):
         return f"{self.uri.rstrip('/')}/{key}"
 
     def _translate(self, exc: Exception, key: str | None) -> StoreError:
-        """Turn a boto3 failure into a :class:`StoreError` that names bucket and endpoint."""
-        if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, ClientError):
+        """Turn a boto3 failure into the :class:`StoreError` that says whether retrying can help
+        (what is still failing after boto3's own retries), naming the object and the endpoint."""
+        if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, (ClientError, BotoCoreError)):
             exc = exc.__context__  # boto3 wraps the real error in a message-only exception
         at = f"at {self.endpoint_url}"
+        what = self._where(key) if key is not None else f"bucket {self.bucket!r}"
+        if isinstance(exc, RetriesExceededError):  # boto3 gave up re-reading a download's dropped body
+            return TransientStoreError(f"reading {what} {at} kept failing: {exc.last_exception} "
+                                       "(a dropped connection: retrying can help)")
         if isinstance(exc, ClientError):
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             if code == "NoSuchBucket":
                 return StoreError(f"bucket {self.bucket!r} does not exist {at}")
             if code in _MISSING_KEY_CODES and key is not None:
                 return NotFound(self._where(key))
             if code in _AUTH_CODES:
-                return StoreError(
-                    f"access to bucket {self.bucket!r} {at} denied ({code}): check "
+                return AccessDenied(
+                    f"access to {what} {at} denied ({code}): check "
                     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions"
                 )
             if code == "InvalidRange":
                 return StoreError(f"range runs past the end of {self._where(key or '')}")
-            what = self._where(key) if key is not None else f"bucket {self.bucket!r}"
-            return StoreError(
-                f"S3 request for {what} {at} failed: {code} {err.get('Message') or ''}".rstrip()
-            )
+            failed = f"S3 request for {what} {at} failed: {code} {err.get('Message') or ''}".rstrip()
+            if code in _TRANSIENT_CODES or status >= 500:
+                return TransientStoreError(f"{failed} (throttled or a server fault: retrying can help)")
+            return StoreError(failed)
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return AccessDenied(f"cannot sign requests for {what} {at}: {exc}: set AWS_ACCESS_KEY_ID and "
+                                "AWS_SECRET_ACCESS_KEY (or an AWS profile)")
+        dropped = (BotoConnectionError, HTTPClientError, IncompleteReadError)
+        if isinstance(exc, dropped) and not isinstance(exc, SSLError):  # a bad certificate stays bad
+            return TransientStoreError(f"cannot use S3 endpoint {self.endpoint_url} for {what}: {exc} "
+                                       "(a refused, dropped or timed-out connection: retrying can help)")
         if isinstance(exc, BotoCoreError):
             return StoreError(f"cannot use S3 endpoint {self.endpoint_url} (bucket {self.bucket!r}): {exc}")
-        return StoreError(str(exc))
+        return StoreError(f"S3 request for {what} {at} failed: {exc}")
 
     @contextmanager
     def _errors(self, key: str | None = None) -> Iterator[None]:
         try:
             yield
-        except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+        except (ClientError, BotoCoreError, S3UploadFailedError, RetriesExceededError) as exc:
             raise self._translate(exc, key) from exc
 
     def _not_found(self, key: str) -> NotFound:
@@ -241,7 +268,8 @@ class S3Store(Store):
                 )
             if resp.get("Errors"):
                 first = resp["Errors"][0]
-                raise StoreError(
+                throttled = all(e.get("Code") in _TRANSIENT_CODES for e in resp["Errors"])
+                raise (TransientStoreError if throttled else StoreError)(
                     f"could not delete {len(resp['Errors'])} objects under {self._where(prefix)} "
                     f"at {self.endpoint_url}, e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message', '')}"
                 )

@@ -13,12 +13,24 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 
 class StoreError(RuntimeError):
-    """A storage operation failed in a way the caller should report, not retry."""
+    """A storage operation failed. Unless it is a :class:`TransientStoreError`, the same
+    request would fail the same way again: report it, do not retry it."""
+
+
+class TransientStoreError(StoreError):
+    """A fault that may clear by itself: throttling, a 5xx answer, a refused, dropped or timed-out
+    connection, an I/O error of a (network) filesystem. The only store error worth retrying."""
+
+
+class AccessDenied(StoreError):
+    """The store refused the request: wrong credentials, no permission, a read-only filesystem."""
 
 
 class OutOfSpace(StoreError):
@@ -30,6 +42,47 @@ class NotFound(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain
         return str(self.args[0]) if self.args else "not found"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying what raised ``exc`` can help: ``exc`` is a :class:`TransientStoreError`,
+    or a wrapper raised from one (a stage's own error type chains the store error it caught).
+
+    The outermost store error in the chain decides, so a permanent one raised while handling a
+    transient one (a retry that found the object gone) is not retried."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, StoreError):
+            return isinstance(cur, TransientStoreError)
+        seen.add(id(cur))
+        cur = cur.__cause__ if cur.__cause__ is not None or cur.__suppress_context__ else cur.__context__
+    return False
+
+
+# errnos of faults that pass (a disk or network filesystem hiccup, an NFS server restarting);
+# anything else an OSError carries is a property of the path or the request.
+_TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.ECONNRESET,
+                               errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH})
+_DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def os_store_error(exc: OSError, where: str) -> StoreError | None:
+    """The store error an OSError on ``where`` (a store URI and key) stands for, or None when its
+    errno says nothing about retrying (the caller re-raises the OSError then)."""
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, FileNotFoundError):
+        err: StoreError = NotFound(where)
+    elif exc.errno in _DENIED_ERRNOS:
+        err = AccessDenied(f"{where}: {reason}: check the folder's owner, mode and mount")
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        err = OutOfSpace(f"no space left on {where}: free some space or pick another store")
+    elif exc.errno in _TRANSIENT_ERRNOS:
+        err = TransientStoreError(f"{where}: {reason} (a filesystem fault that may pass: retrying can help)")
+    else:
+        return None
+    err.__cause__ = exc
+    return err
 
 
 class Store(abc.ABC):
@@ -117,23 +170,34 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
+    @contextmanager
+    def _os_errors(self, key: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            err = os_store_error(e, f"{self.uri}/{key}")
+            if err is None:
+                raise
+            raise err from e
+
     def _atomic_write(self, key: str, write) -> None:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException as e:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                free = shutil.disk_usage(self.root).free
-                raise OutOfSpace(f"no space left writing {self.uri}/{key} ({free / 2**30:.2f} GiB free): "
-                                 "free some space or pick another store, then rerun to resume") from e
-            raise
+        with self._os_errors(key):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, dest)
+            except BaseException as e:
+                Path(tmp).unlink(missing_ok=True)
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    free = shutil.disk_usage(self.root).free
+                    raise OutOfSpace(f"no space left writing {self.uri}/{key} ({free / 2**30:.2f} GiB free): "
+                                     "free some space or pick another store, then rerun to resume") from e
+                raise
 
     def put_bytes(self, key: str, data: bytes | memoryview) -> None:
         self._atomic_write(key, lambda f: f.write(data))
@@ -143,32 +207,26 @@ class LocalStore(Store):
             self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, 8 << 20))
 
     def get_bytes(self, key: str) -> bytes:
-        try:
+        with self._os_errors(key):
             return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise NotFound(f"{self.uri}/{key}") from None
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         if start < 0 or length < 0:
             raise ValueError("start and length must be non-negative")
-        try:
-            with open(self._path(key), "rb") as f:
-                f.seek(start)
-                data = f.read(length)
-        except FileNotFoundError:
-            raise NotFound(f"{self.uri}/{key}") from None
+        with self._os_errors(key), open(self._path(key), "rb") as f:
+            f.seek(start)
+            data = f.read(length)
         if len(data) != length:
             raise StoreError(f"range {start}+{length} runs past the end of {self.uri}/{key}")
         return data
 
     def size(self, key: str) -> int:
-        try:
+        with self._os_errors(key):
             return self._path(key).stat().st_size
-        except FileNotFoundError:
-            raise NotFound(f"{self.uri}/{key}") from None
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        with self._os_errors(key):
+            return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
         if not self.root.exists():
@@ -184,7 +242,8 @@ class LocalStore(Store):
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        with self._os_errors(key):
+            self._path(key).unlink(missing_ok=True)
 
     def discard_incomplete(self, prefix: str) -> int:
         base = self.root / prefix if prefix else self.root
@@ -197,10 +256,8 @@ class LocalStore(Store):
         return len(stale)
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
-        try:
+        with self._os_errors(key):
             shutil.copyfile(self._path(key), path)
-        except FileNotFoundError:
-            raise NotFound(f"{self.uri}/{key}") from None
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from vitscope.shards import ActivationSet, ShardRecord, from_storage, layer_file, storage_view
-from vitscope.store import StoreError
+from vitscope.store import StoreError, os_store_error
 
 
 def _libc_preadv():
@@ -274,8 +274,11 @@ class TokenStream:
             return
         try:
             self._scatter_read(path, shard, lo, hi, out, dest)
-        except OSError as e:
+        except StoreError as e:
             raise self._unreadable(shard, layer, lo, hi, e) from e
+        except OSError as e:  # classified as the store's own read would be: flows retry only I/O faults
+            cause = os_store_error(e, f"{self.aset.store.uri}/{self.aset.layer_key(shard, layer)}")
+            raise self._unreadable(shard, layer, lo, hi, e) from (cause or e)
 
     def _scatter_read(self, path, shard: ShardRecord, lo: int, hi: int, out: np.ndarray, dest: np.ndarray) -> None:
         """One vectored read of rows [lo, hi) of a local file, each selected token landing in its
@@ -300,7 +303,7 @@ class TokenStream:
         try:
             size = os.fstat(fd).st_size
             if size != m.layer_nbytes(shard):
-                raise OSError(errno.EIO, f"the file holds {size} bytes, the manifest says {m.layer_nbytes(shard)}")
+                raise StoreError(f"the file holds {size} bytes, the manifest says {m.layer_nbytes(shard)}")
             for token, rows in spans:
                 iov = np.empty((len(rows), 2), np.uint64)
                 iov[:, 0], iov[:, 1] = rows, bpt
@@ -311,7 +314,7 @@ class TokenStream:
                         if ctypes.get_errno() != errno.EINTR:
                             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
                     if got != n * bpt:
-                        raise OSError(errno.EIO, f"short read at byte {offset}: {got} of {n * bpt} bytes")
+                        raise StoreError(f"short read at byte {offset}: {got} of {n * bpt} bytes")
         finally:
             os.close(fd)
 
