@@ -1,5 +1,5 @@
 """Training configuration: one SAE (:class:`TrainConfig`, also the ``vitscope train`` CLI) and
-sweeps of many SAEs trained from one pass over the data (:class:`SweepConfig`, a TOML or YAML
+sweeps of many SAEs trained from one pass over the data (:class:`SweepConfig`, a TOML, YAML or JSON
 file and/or ``--grid`` axes)."""
 
 from __future__ import annotations
@@ -198,11 +198,11 @@ class SweepConfig:
     given to every SAE. Each SAE keeps its own seed, optimiser and schedule, and is published
     as its own checkpoint (skipped if already published).
 
-    The SAEs are those of --file (TOML or YAML: shared settings at the top level, a [grid]
+    The SAEs are those of --file (TOML, YAML or JSON: shared settings at the top level, a [grid]
     table of axes to cross, and/or a list [[sae]] of per-SAE settings), crossed with --grid."""
 
     file: str | None = None
-    """Sweep file (.toml, .yaml or .yml)."""
+    """Sweep file (.toml, .yaml, .yml or .json)."""
     activations: str | None = None
     """Activation set id, if the file does not name it (same as --set activations=<id>)."""
     store: str | None = None
