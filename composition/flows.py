@@ -8,9 +8,9 @@ stage whose output is already published is skipped, and the run says so.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -20,6 +20,8 @@ from vitscope.analyzer import AnalyzeConfig, AnalyzeResult, analyze
 from vitscope.extractor import ExtractConfig, ExtractResult, extract
 from vitscope.store import is_transient
 from vitscope.trainer import SweepConfig, TrainConfig, TrainResult, sweep_configs, train, train_sweep
+
+from .pipeline import PipelineConfig
 
 
 def _retry_on_transient_errors(task_, task_run, state) -> bool:
@@ -121,7 +123,7 @@ def sweep_task(cfgs: list[TrainConfig]) -> list[TrainResult]:
         _report("train", "SAE", r.sae_id, r.reused)
     create_table_artifact(
         key="sweep",
-        table=[{"sae_id": r.sae_id, "variant": c.variant, "layer": c.layer, "k": c.k, "lr": c.lr,
+        table=[{"sae_id": r.sae_id, "variant": c.variant, **asdict(c.sae), "layer": c.layer, "lr": c.lr,
                 "expansion": c.expansion, "seed": c.seed, "reused": r.reused,
                 **{m: r.metrics.get(m) for m in ("nmse", "l0", "dead", "dense", "tokens_per_s")}}
                for c, r in zip(cfgs, results, strict=True)],
@@ -145,74 +147,9 @@ def analyze_task(cfg: AnalyzeConfig) -> AnalyzeResult:
 
 
 @dataclass
-class PipelineConfig:
-    """Run extract -> train -> analyze under one Prefect flow.
-
-    With no --data, a small image set with a planted concept (red squares on real photos,
-    from scikit-image) is generated, so the pipeline runs offline on any machine."""
-
-    data: str | None = None
-    """Image folder (class folders or flat). Default: generate the demo set under <workdir>/demo-images."""
-    store: str = ".vitscope/store"
-    """Where every stage publishes: a folder, file:///path or s3://bucket/prefix."""
-    workdir: str = ".vitscope"
-    """Scratch space for generated demo data."""
-    model: str = "ViT-B-32"
-    """open_clip model name, hf-hub:org/repo or local-dir:/path."""
-    pretrained: str | None = "openai"
-    """Pretrained tag or checkpoint file for built-in model names."""
-    allow_random_weights: bool | None = None
-    """If pretrained weights cannot be fetched, warn and use random weights. Default: yes for the
-    generated demo set, no for your own data."""
-    layers: tuple[int | Literal["all"], ...] = (-2,)
-    """Blocks to extract; the SAE trains on the deepest of them."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    """Stored precision of activations."""
-    batch_size: int = 32
-    """Images per forward pass."""
-    workers: int | None = None
-    """Image-decoding processes (default: 1 on a CPU, up to 8 with a GPU); the stored bytes never depend on this."""
-    images_per_shard: int | None = None
-    """Images per shard; default: shards of about 256 MiB per layer."""
-    parts: int = 1
-    """Extract in this many parallel parts (Prefect tasks); the set is identical whatever the number."""
-    dask_address: str | None = None
-    """Run the parts on an existing Dask scheduler (tcp://host:8786) instead of local threads."""
-    dask_cluster_class: str | None = None
-    """Start a Dask cluster for the parts, e.g. dask_jobqueue.SLURMCluster or distributed.LocalCluster."""
-    dask_cluster_kwargs: str | None = None
-    """JSON keyword arguments for --dask-cluster-class, e.g. '{"cores": 8, "memory": "32GB", "processes": 1}'."""
-    tokens: tuple[str, ...] = ("patches",)
-    """Tokens the SAE trains on: cls, registers, patches or all."""
-    sae_variant: Literal["relu", "topk", "batchtopk", "matryoshka", "jumprelu"] = "relu"
-    """SAE family (see `vitscope train --help`)."""
-    sae_k: int = 32
-    """Active latents per token for topk, batchtopk and matryoshka SAEs."""
-    expansion: int = 8
-    """SAE width as a multiple of the ViT width."""
-    l1_coeff: float = 5.0
-    """L1 sparsity weight (larger = sparser)."""
-    lr: float = 4e-4
-    """Adam learning rate (with warmup and a final linear decay)."""
-    train_batch_size: int | None = None
-    """Tokens per optimiser step; default 4096 (1024 for the small demo set)."""
-    n_tokens: int | None = None
-    """Training tokens; default one epoch (for the small demo set: --demo-tokens)."""
-    seed: int = 0
-    """Seeds the SAE's initialisation and data order."""
-    k: int = 16
-    """Top images kept per latent."""
-    demo_images: int = 256
-    """Size of the generated demo set (when --data is not given)."""
-    demo_tokens: int = 200_000
-    """Training tokens for the demo set: many epochs, since one epoch of it is only ~12k tokens."""
-    device: str = "auto"
-    """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
-    progress: bool = True
-
-
-@dataclass
 class PipelineResult:
+    """What a pipeline run published (or found published), by id."""
+
     set_id: str
     sae_id: str
     analysis_id: str
@@ -239,20 +176,10 @@ def pipeline_flow(cfg: PipelineConfig) -> PipelineResult:
     data = prepare_data(cfg)
     runner = task_runner(cfg.parts, cfg.dask_address, cfg.dask_cluster_class,
                          json.loads(cfg.dask_cluster_kwargs) if cfg.dask_cluster_kwargs else None)
-    ex = extract_flow.with_options(task_runner=runner)(ExtractConfig(
-        data=data, store=cfg.store, model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers,
-        dtype=cfg.dtype, batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device,
-        images_per_shard=cfg.images_per_shard,
-        allow_random_weights=cfg.data is None if cfg.allow_random_weights is None else cfg.allow_random_weights,
-        progress=cfg.progress), parts=cfg.parts)
-    tr = train_task(TrainConfig(
-        activations=ex.set_id, store=cfg.store, tokens=cfg.tokens, variant=cfg.sae_variant, k=cfg.sae_k,
-        expansion=cfg.expansion, l1_coeff=cfg.l1_coeff, lr=cfg.lr,
-        batch_size=cfg.train_batch_size or (4096 if cfg.data else 1024),
-        n_tokens=cfg.n_tokens or (None if cfg.data else cfg.demo_tokens),
-        seed=cfg.seed, device=cfg.device, progress=cfg.progress))
-    an = analyze_task(AnalyzeConfig(sae=tr.sae_id, store=cfg.store, k=cfg.k, device=cfg.device,
-                                    progress=cfg.progress))
+    ex = extract_flow.with_options(task_runner=runner)(replace(cfg.extract, data=data, store=cfg.store),
+                                                       parts=cfg.parts)
+    tr = train_task(replace(cfg.train, activations=ex.set_id, store=cfg.store))
+    an = analyze_task(replace(cfg.analyze, sae=tr.sae_id, store=cfg.store))
     skipped = [name for name, r in (("extract", ex), ("train", tr), ("analyze", an)) if r.reused]
     if len(skipped) == 3:
         log.info("nothing to do: every stage's output is already published")
