@@ -351,12 +351,12 @@ def test_composition_layer_imports_only_each_stage_public_init():
 
 
 def _exported(stage: str, name: str) -> bool:
-    """Whether ``name`` is one of the public names of ``services/<stage>/__init__.py`` (the keys
-    of its ``_EXPORTS`` table)."""
+    """Whether ``name`` is one of the public names of ``services/<stage>/__init__.py`` (in its
+    ``_EXPORTS`` table of submodule -> names)."""
     tree = ast.parse((REPO / "services" / stage / "__init__.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_EXPORTS" for t in node.targets):
-            return name in ast.literal_eval(node.value)
+            return any(name in names for names in ast.literal_eval(node.value).values())
     return False
 
 

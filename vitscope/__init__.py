@@ -16,10 +16,8 @@ from vitscope.lazy import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ModelSpec": ".models",
-    "load_sae": ".sae",
-    "load_vit": ".models",
-    "open_activations": ".activations",
+    ".activations": ("open_activations",),
+    ".models": ("ModelSpec", "load_vit"),
+    ".sae": ("load_sae",),
 }
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

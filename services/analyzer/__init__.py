@@ -6,12 +6,8 @@ Public API: :class:`AnalyzeConfig` (``vitscope analyze``), :func:`analyze`, :cla
 from vitscope.lazy import lazy_exports
 
 _EXPORTS = {
-    "AnalyzeConfig": ".config",
-    "AnalyzeResult": ".analysis",
-    "ServeConfig": ".config",
-    "analyze": ".analysis",
-    "serve": ".server",
-    "serve_forever": ".server",
+    ".analysis": ("AnalyzeResult", "analyze"),
+    ".config": ("AnalyzeConfig", "ServeConfig"),
+    ".server": ("serve", "serve_forever"),
 }
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

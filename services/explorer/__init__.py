@@ -5,8 +5,6 @@ Public API: :func:`run_explorer` (``vitscope explore``) and :func:`explorer_comm
 from vitscope.lazy import lazy_exports
 
 _EXPORTS = {
-    "explorer_command": ".launch",
-    "run_explorer": ".launch",
+    ".launch": ("explorer_command", "run_explorer"),
 }
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

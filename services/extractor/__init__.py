@@ -5,10 +5,7 @@ Public API: :class:`ExtractConfig` (also ``vitscope extract``), :func:`extract`,
 from vitscope.lazy import lazy_exports
 
 _EXPORTS = {
-    "ExtractConfig": ".config",
-    "ExtractError": ".extraction",
-    "ExtractResult": ".extraction",
-    "extract": ".extraction",
+    ".config": ("ExtractConfig",),
+    ".extraction": ("ExtractError", "ExtractResult", "extract"),
 }
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

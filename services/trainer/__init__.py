@@ -8,18 +8,7 @@ a TrainConfig that the command line and sweep files use: :func:`train_config`,
 from vitscope.lazy import lazy_exports
 
 _EXPORTS = {
-    "ConfigError": ".config",
-    "FamilySetting": ".config",
-    "SweepConfig": ".config",
-    "TrainConfig": ".config",
-    "TrainResult": ".training",
-    "TrainingError": ".training",
-    "family_settings": ".config",
-    "sweep_configs": ".config",
-    "train": ".training",
-    "train_config": ".config",
-    "train_settings": ".config",
-    "train_sweep": ".training",
+    ".config": ("ConfigError", "FamilySetting", "SweepConfig", "TrainConfig", "family_settings", "sweep_configs", "train_config", "train_settings"),
+    ".training": ("TrainResult", "TrainingError", "train", "train_sweep"),
 }
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)
