@@ -8,7 +8,8 @@ import torch
 
 from vitscope.analyzer import AnalyzeConfig, analyze
 from vitscope.analyzer.analysis import TopK
-from vitscope.analyzer.results import load_analysis, log_frequency_histogram
+from vitscope.analyzer.results import load_analysis
+from vitscope.metrics import frequency_histogram
 from vitscope.sae import load_sae_from
 from vitscope.shards import ActivationSet
 from vitscope.store import open_store
@@ -57,7 +58,7 @@ def test_statistics_match_a_direct_computation(pipeline):
 
 def test_histogram_counts_every_latent():
     freq = np.array([0.0, 1e-9, 1e-3, 0.5, 1.0, 0.0])
-    edges, counts, dead = log_frequency_histogram(freq, bins=8)
+    edges, counts, dead = frequency_histogram(freq, bins=8)
     assert dead == 2 and counts.sum() == 4 and edges[0] == -8 and edges[-1] == 0
 
 

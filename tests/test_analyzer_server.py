@@ -72,11 +72,14 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_name: str) -> Se
     layer = aset.manifest.layers[0]
     patches = torch.cat([from_storage(a[:, aset.layout.patch_start:], aset.manifest.dtype).flatten(0, 1)
                          for _, a in aset.iter_shards(layer)])
+    # The unanalysed SAE's record is as published before dead and never_fired were told apart.
+    metrics = {SAE_ID: {"nmse": 0.25, "l0": 12.5, "dead": 3, "dead_window": 4096, "never_fired": 2,
+                        "freq_hist": [1, 2, 3]},
+               UNANALYSED_ID: {"nmse": 0.25, "l0": 12.5, "dead": 3}}
     for sae_id, seed in ((SAE_ID, 0), (UNANALYSED_ID, 1)):
         record = SaeRecord(sae_id=sae_id, config=SaeConfig.of("relu", patches.shape[1], D_SAE),
                            activation_set_id=res.set_id, layer=layer, tokens=["patches"],
-                           training={"lr": 1e-3, "l1_coeff": 3.0, "schedule": "cosine"},
-                           metrics={"nmse": 0.25, "l0": 12.5, "dead": 3, "freq_hist": [1, 2, 3]})
+                           training={"lr": 1e-3, "l1_coeff": 3.0, "schedule": "cosine"}, metrics=metrics[sae_id])
         save_sae(store, _random_sae(patches, seed), record)
     aid = analyze(AnalyzeConfig(sae=SAE_ID, store=store_uri, top_images=K, device="cpu", progress=False)).analysis_id
     return Served(store_uri, res.set_id, SAE_ID, aid, root, load_analysis(store, aid)[1], aset)
@@ -123,16 +126,21 @@ def test_list_saes_reports_metrics_and_analysis(stub, served: Served):
     assert sae.analyzed and sae.analysis_id == served.analysis_id
     assert (sae.variant, sae.d_in, sae.d_sae, sae.activation_set_id) == ("relu", 64, D_SAE, served.set_id)
     assert (sae.n_images, sae.grid_rows, sae.grid_cols) == (N_IMAGES, 7, 7)
-    assert dict(sae.metrics) == {"nmse": 0.25, "l0": 12.5, "dead": 3.0}  # the list is not a number
+    assert dict(sae.metrics) == {"nmse": 0.25, "l0": 12.5, "dead": 3.0, "dead_window": 4096.0,
+                                 "never_fired": 2.0}  # the list is not a number
     assert dict(sae.config) == {"lr": "0.001", "l1_coeff": "3.0", "schedule": "cosine"}
     assert list(sae.tokens) == ["patches"] and sae.model
     dead = int((served.table.frequency == 0).sum())
     assert dead > 0 and sae.dead_latents == dead
     assert len(sae.log_freq_edges) == len(sae.log_freq_counts) + 1
     assert sum(sae.log_freq_counts) + sae.dead_latents == D_SAE
+    assert sae.HasField("never_fired") and sae.never_fired == sae.dead_latents  # over the analysis pass
 
     other = saes[UNANALYSED_ID]
     assert not other.analyzed and other.analysis_id == "" and not other.log_freq_counts
+    assert not other.HasField("never_fired")
+    # An old record's "dead" counted latents that never fired in its evaluation pass.
+    assert dict(other.metrics) == {"nmse": 0.25, "l0": 12.5, "never_fired": 3.0}
 
 
 def test_get_sae_equals_its_listing(stub):

@@ -158,6 +158,10 @@ def test_a_sweep_trains_each_sae_as_if_alone_reading_each_chunk_once(gt_set, tmp
     assert {"mse", "nmse", "l0", "l1", "dead", "dense", "tokens_per_s", "sweep_size"} <= set(rec.metrics)
     assert rec.metrics["sweep_size"] == 3
     assert sum(rec.histogram["counts"]) + rec.histogram["never"] == rec.config.d_sae
+    # dead: over the training window (here every training token, fewer than dead_window);
+    # never_fired: over the evaluation pass, the histogram's
+    assert rec.metrics["dead_window"] == rec.metrics["tokens"] == 960 < cfgs[2].dead_window
+    assert rec.metrics["never_fired"] == rec.histogram["never"] and 0 <= rec.metrics["dead"] <= rec.config.d_sae
 
 
 # --- the stream -------------------------------------------------------------------------------

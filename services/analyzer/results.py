@@ -116,10 +116,3 @@ def list_analyses(store: Store) -> list[AnalysisManifest]:
             out.append(AnalysisManifest.from_json(json.loads(store.get_bytes(key))))
     return out
 
-
-def log_frequency_histogram(frequency: np.ndarray, bins: int = 20, low: float = -8.0) -> tuple[np.ndarray, np.ndarray, int]:
-    """(edges, counts, dead) of log10 firing frequencies; latents that never fired are 'dead'."""
-    alive = frequency[frequency > 0]
-    edges = np.linspace(low, 0.0, bins + 1)
-    counts, _ = np.histogram(np.clip(np.log10(alive), low, 0.0), bins=edges)
-    return edges, counts, int((frequency <= 0).sum())

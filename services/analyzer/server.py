@@ -38,6 +38,7 @@ from grpc_health.v1.health import HealthServicer
 
 from vitscope.datasets import DatasetError, load_image_by_id
 from vitscope.hashing import content_id
+from vitscope.metrics import FrequencyRange, frequency_histogram, scalar_metrics
 from vitscope.models import TransformInfo
 from vitscope.proto import pb, rpc
 from vitscope.sae import Sae, SaeRecord, list_saes, load_record, load_sae_from
@@ -45,7 +46,7 @@ from vitscope.shards import ActivationSet
 from vitscope.store import NotFound, Store, open_store
 
 from .config import ServeConfig
-from .results import AnalysisManifest, LatentTable, list_analyses, load_analysis, log_frequency_histogram
+from .results import AnalysisManifest, LatentTable, list_analyses, load_analysis
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
             sae_id=record.sae_id, variant=record.config.variant, d_in=record.config.d_in,
             d_sae=record.config.d_sae, layer=record.layer, activation_set_id=record.activation_set_id,
             model=record.model, analyzed=aid is not None, analysis_id=aid or "", tokens=record.tokens,
-            metrics={k: float(v) for k, v in record.metrics.items() if isinstance(v, (int, float))},
+            metrics=scalar_metrics(record.metrics),
             config={k: v if isinstance(v, str) else json.dumps(v) for k, v in record.training.items()},
         )
         try:
@@ -205,11 +206,10 @@ class AnalyzerService(rpc.AnalyzerServicer):
             msg.grid_rows, msg.grid_cols = m.layout.grid
             msg.model = msg.model or str(m.model.get("spec", ""))
         if aid is not None:
-            edges, counts, dead = self._histograms.get(
-                aid, lambda: log_frequency_histogram(load_analysis(self.store, aid)[1].frequency))
-            msg.log_freq_edges.extend(edges.tolist())
-            msg.log_freq_counts.extend(counts.tolist())
-            msg.dead_latents = dead
+            hist = self._histograms.get(aid, lambda: frequency_histogram(load_analysis(self.store, aid)[1].frequency))
+            msg.log_freq_edges.extend(hist.log10_edges.tolist())
+            msg.log_freq_counts.extend(hist.counts.tolist())
+            msg.never_fired = msg.dead_latents = hist.never_fired  # dead_latents: v1 clients' name for it
         return msg
 
     @staticmethod
@@ -238,11 +238,10 @@ class AnalyzerService(rpc.AnalyzerServicer):
         manifest, table = self._analysis(self._record(request.sae_id))
         page_size = _page_size(request.page_size)
         order = _order(request.order)
-        low, high = _frequency_bounds(request.min_frequency, request.max_frequency)
-        query = content_id({"analysis": manifest.analysis_id, "order": order, "min": low, "max": high})
+        kept = _frequency_range(request.min_frequency, request.max_frequency)
+        query = content_id({"analysis": manifest.analysis_id, "order": order, "min": kept.low, "max": kept.high})
         ordered = self._sorted(manifest, table, order)
-        freq = table.frequency[ordered]
-        selected = ordered[(freq >= low) & (freq <= high)]
+        selected = ordered[kept.mask(table.frequency[ordered])]
         offset = _decode_page_token(request.page_token, query, len(selected))
         page = selected[offset:offset + page_size]
         end = offset + len(page)
@@ -326,14 +325,11 @@ def _order(requested: int) -> int:
     return requested
 
 
-def _frequency_bounds(low: float, high: float) -> tuple[float, float]:
-    """Inclusive [low, high]; 0 means unbounded on that side."""
-    if not (low >= 0 and high >= 0):  # also rejects NaN
-        raise _invalid(f"frequency bounds must be non-negative (got min {low}, max {high})")
-    high = high or float("inf")
-    if low > high:
-        raise _invalid(f"min_frequency {low} is above max_frequency {high}")
-    return low, high
+def _frequency_range(low: float, high: float) -> FrequencyRange:
+    try:
+        return FrequencyRange.from_bounds(low, high)
+    except ValueError as e:
+        raise _invalid(str(e)) from None
 
 
 def _top_k(request: pb.GetLatentRequest, analysed_k: int) -> int:

@@ -1,15 +1,13 @@
 """Evaluation metrics of SAEs, accumulated in float64: MSE, normalised MSE (fraction of
-variance unexplained), L0, L1, dead and dense latents, and the log10 firing-frequency histogram."""
+variance unexplained), L0, L1, never-firing and dense latents, and the log10 firing-frequency
+histogram (definitions in :mod:`vitscope.metrics`)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from vitscope.metrics import dense_latents, frequency_histogram, never_fired
 from vitscope.sae import Sae
-
-DENSE_FREQUENCY = 1e-2
-LOG10_EDGES = np.arange(-8.0, 0.01, 0.5)  # frequencies down to 1e-8; 1.0 falls in the last bin
 
 
 class Accumulator:
@@ -37,20 +35,17 @@ class Accumulator:
         self.n += len(x_norm)
 
     def result(self) -> tuple[dict[str, float], dict]:
-        """(scalar metrics, log10 firing-frequency histogram)."""
+        """(scalar metrics, log10 firing-frequency histogram as the SAE record stores it)."""
         n = self.n
         total_var = self.sxx.item() - self.sx.pow(2).sum().item() / n  # squared deviations from the mean
         freq = (self.fires / n).cpu().numpy()
-        fired = freq[freq > 0]
-        counts, _ = np.histogram(np.log10(fired), bins=LOG10_EDGES)
         metrics = {
             "mse": self.sse.item() / (n * self.d_in),
             "nmse": self.sse.item() / max(total_var, 1e-12),
             "l0": self.l0.item() / n,
             "l1": self.l1.item() / n,
-            "dead": int((freq == 0).sum()),
-            "dense": int((freq > DENSE_FREQUENCY).sum()),
+            "never_fired": never_fired(freq),
+            "dense": dense_latents(freq),
             "eval_tokens": n,
         }
-        hist = {"log10_edges": LOG10_EDGES.tolist(), "counts": counts.tolist(), "never": metrics["dead"]}
-        return metrics, hist
+        return metrics, frequency_histogram(freq).to_json()

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from vitscope.device import resolve_device
 from vitscope.hashing import content_id
+from vitscope.metrics import dead_latents, dead_window, scalar_metrics
 from vitscope.sae import (
     LossContext,
     SaeConfig,
@@ -193,6 +194,11 @@ class SaeTrainer:
         self.since_fired.masked_fill_(result.fires > 0, 0)
         return {"loss": loss.detach(), "recon": result.recon.detach(), "l0": result.l0.detach()}
 
+    def dead(self, seen: int) -> int:
+        """Latents dead after ``seen`` training tokens (:func:`vitscope.metrics.dead_latents`
+        over :func:`vitscope.metrics.dead_window`); reads the device."""
+        return dead_latents(self.since_fired, dead_window(self.cfg.dead_window, seen))
+
     def flags(self, weights: bool = False) -> torch.Tensor:
         """On the device, for the host to read in one go with the other SAEs': [first non-finite
         step or -1, largest dead-latent counter, and with ``weights`` 1 if every parameter is
@@ -332,7 +338,7 @@ def train_sweep(cfgs: Sequence[TrainConfig]) -> list[TrainResult]:
         if store.exists(f"{sae_prefix(p.sae_id)}/cfg.json"):
             log.info("SAE %s already published in %s: reusing it", p.sae_id, store.uri)
             record = load_record(store, p.sae_id)
-            results[p.sae_id] = TrainResult(p.sae_id, _scalars(record.metrics), reused=True)
+            results[p.sae_id] = TrainResult(p.sae_id, scalar_metrics(record.metrics), reused=True)
         else:
             todo[p.sae_id] = p
     if todo:
@@ -340,10 +346,6 @@ def train_sweep(cfgs: Sequence[TrainConfig]) -> list[TrainResult]:
                       run_id=content_id({"sweep": sorted(p.sae_id for p in plans)})).execute():
             results[r.sae_id] = r
     return [results[p.sae_id] for p in plans]
-
-
-def _scalars(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 class _Run:
@@ -452,7 +454,7 @@ class _Run:
                     self._check(members, unchecked, weights=save)
                 if step % CHECK_EVERY == 0 or seen >= self.n_tokens:  # they read the device too
                     if not bar.disable:
-                        self._show(bar, members, batch)
+                        self._show(bar, members, batch, seen)
                     if logger:
                         logger.log(members, step, seen)
                 if save:  # _check has waited for the queued steps
@@ -504,14 +506,14 @@ class _Run:
         unchecked.clear()
         unchecked[last] = last_seen
 
-    def _show(self, bar, members: list[SaeTrainer], batch) -> None:
+    def _show(self, bar, members: list[SaeTrainer], batch, seen: int) -> None:
         """Live figures: per SAE, the batch's normalised MSE and L0 (and dead latents)."""
         figures = {}
         for mb in members[:4]:
             x = batch.xs[mb.plan.layer]
             var = (x.float() * mb.sae.norm_scale.cpu()).var(dim=0).sum().clamp_min(1e-12)
             nmse = (mb.live["recon"].cpu() / var).item()
-            dead = int((mb.since_fired >= mb.cfg.dead_window).sum())
+            dead = mb.dead(seen)
             name = mb.plan.sae_id[:6] if len(members) > 1 else "nmse"
             figures[name] = f"{nmse:.3f}" + (f"/L0 {mb.live['l0'].item():.1f}/dead {dead}" if len(members) > 1 else "")
             if len(members) == 1:
@@ -552,19 +554,21 @@ class _Run:
         results = []
         for mb, acc in zip(members, accs, strict=True):
             metrics, hist = acc.result()
+            metrics.update(dead=mb.dead(seen), dead_window=dead_window(mb.cfg.dead_window, seen))
             metrics.update(tokens=seen, steps=steps, tokens_per_s=seen / max(train_seconds, 1e-9),
                            train_seconds=train_seconds, sweep_size=len(members))
             p = mb.plan
-            log.info("SAE %s (%s, layer %d): nmse %.4f, L0 %.1f, dead %d, dense %d (%.0f tok/s)", p.sae_id,
-                     p.cfg.variant, p.layer, metrics["nmse"], metrics["l0"], metrics["dead"], metrics["dense"],
-                     metrics["tokens_per_s"])
+            log.info("SAE %s (%s, layer %d): nmse %.4f, L0 %.1f, dead %d (no firing in the last %d training tokens), "
+                     "never fired %d (evaluation), dense %d (%.0f tok/s)", p.sae_id, p.cfg.variant, p.layer,
+                     metrics["nmse"], metrics["l0"], metrics["dead"], metrics["dead_window"], metrics["never_fired"],
+                     metrics["dense"], metrics["tokens_per_s"])
             execution = {k: v for k, v in asdict(p.cfg).items()
                          if k in ("device", "autocast", "sparse", "cuda_graphs", "eval_tokens", "checkpoint_every")}
             record = SaeRecord(
                 sae_id=p.sae_id, config=p.sae_config, activation_set_id=m.set_id, layer=p.layer,
                 tokens=list(p.cfg.tokens), model=m.model.get("spec", ""),
                 model_record={k: m.model[k] for k in ("name", "pretrained", "options", "init_seed") if k in m.model},
-                training={**p.hyper, **execution}, metrics=_scalars(metrics), histogram=hist,
+                training={**p.hyper, **execution}, metrics=scalar_metrics(metrics), histogram=hist,
             )
             save_sae(self.store, mb.sae.cpu(), record)
             results.append(TrainResult(p.sae_id, record.metrics, reused=False))

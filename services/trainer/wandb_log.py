@@ -24,9 +24,8 @@ class WandbLogger:
     def log(self, members: list[SaeTrainer], step: int, tokens: int) -> None:
         """The live figures of the latest step."""
         for mb in members:
-            dead = int((mb.since_fired >= mb.cfg.dead_window).sum())
             live = {f"train/{k}": v.item() for k, v in mb.live.items()}
-            self.runs[mb.plan.sae_id].log({**live, "train/dead": dead, "tokens": tokens}, step=step)
+            self.runs[mb.plan.sae_id].log({**live, "train/dead": mb.dead(tokens), "tokens": tokens}, step=step)
 
     def finish(self, members: list[SaeTrainer], results: list[TrainResult]) -> None:
         """Final evaluation metrics as each run's summary, then close the runs."""
