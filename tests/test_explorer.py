@@ -145,7 +145,7 @@ def test_client_returns_typed_results(client, sae, pipeline):
     saes = {s.sae_id: s for s in client.list_saes()}
     assert pipeline.sae_id in saes and len(saes) == 2
     assert sae.analyzed and sae.analysis_id == pipeline.analysis_id
-    assert sum(sae.log_freq_counts) + sae.dead_latents == sae.d_sae
+    assert sum(sae.log_freq_counts) + sae.never_fired == sae.d_sae
     page = client.list_latents(pipeline.sae_id, page_size=10, order="INDEX_ASC")
     assert [s.index for s in page.latents] == list(range(10)) and page.total_size == sae.d_sae
     lat = client.get_latent(pipeline.sae_id, page.latents[0].index, k=3)
@@ -184,7 +184,11 @@ def test_saes_page_shows_the_linked_saes_health_and_the_sweep(app, target, sae, 
     assert at.sidebar.selectbox(key="sae").value == sae.sae_id
     m = _metrics(at)
     assert m["NMSE"] == f"{sae.metrics['nmse']:.4f}" and m["L0"] == f"{sae.metrics['l0']:.2f}"
-    assert m["Dead"] == str(sae.dead_latents) and m["Dense"] == str(int(sae.metrics["dense"]))
+    assert m["Never fired"] == str(sae.never_fired) and m["Dense"] == str(int(sae.metrics["dense"]))
+    assert m["Dead"] == str(int(sae.metrics["dead"]))  # the training window's, not the analysis'
+    helps = {x.label: x.proto.help for x in at.metric}
+    assert f"(here {int(sae.metrics['dead_window']):,} tokens)" in helps["Dead"]
+    assert "analysis pass" in helps["Never fired"]
     assert m["d_sae"] == str(sae.d_sae) and m["Layer"] == str(sae.layer) and m["Model"] == sae.model
 
     histogram, scatter = at.get("vega_lite_chart")

@@ -59,7 +59,7 @@ class SaeInfo:
     tokens: tuple[str, ...]
     log_freq_edges: tuple[float, ...]
     log_freq_counts: tuple[int, ...]
-    dead_latents: int
+    never_fired: int | None  # over the analysis pass; None until analysed
     config: dict[str, str] = field(default_factory=dict)
 
 
@@ -185,4 +185,4 @@ def _sae(s) -> SaeInfo:
         activation_set_id=s.activation_set_id, model=s.model, metrics=dict(s.metrics), analyzed=s.analyzed,
         analysis_id=s.analysis_id, n_images=s.n_images, grid_rows=s.grid_rows, grid_cols=s.grid_cols,
         tokens=tuple(s.tokens), log_freq_edges=tuple(s.log_freq_edges), log_freq_counts=tuple(s.log_freq_counts),
-        dead_latents=s.dead_latents, config=dict(s.config))
+        never_fired=s.never_fired if s.HasField("never_fired") else None, config=dict(s.config))

@@ -14,6 +14,7 @@ from vitscope.explorer.data import (
     require_analysis,
     selected_sae,
 )
+from vitscope.metrics import LOG10_LOW, FrequencyRange
 
 ORDERS = {
     "FREQUENCY_DESC": "Most frequent first",
@@ -22,18 +23,17 @@ ORDERS = {
     "MEAN_ACTIVATION_DESC": "Strongest mean activation",
     "INDEX_ASC": "Index",
 }
-LOG_FLOOR = -8.0  # the slider's lower end means "no lower bound"
 
 
 def filters() -> tuple[str, float, float, int]:
     """(order, min_frequency, max_frequency, page_size) from the controls above the table."""
     c1, c2, c3 = st.columns([2, 3, 1])
     order = c1.selectbox("Sort", list(ORDERS), format_func=ORDERS.get, key="latents_order")
-    lo, hi = c2.slider("log10 firing frequency", LOG_FLOOR, 0.0, (LOG_FLOOR, 0.0), step=0.25, key="latents_freq",
-                       help="Only latents firing on between 10^lo and 10^hi of all tokens")
+    lo, hi = c2.slider("log10 firing frequency", LOG10_LOW, 0.0, (LOG10_LOW, 0.0), step=0.25, key="latents_freq",
+                       help="Only latents firing on between 10^lo and 10^hi of all tokens (an end of the "
+                            "slider: no bound on that side)")
     page_size = c3.selectbox("Rows", [25, 50, 100, 250], index=1, key="latents_page_size")
-    # 0 means unbounded in the API; the ends of the slider mean the same.
-    return order, 0.0 if lo <= LOG_FLOOR else 10.0**lo, 0.0 if hi >= 0.0 else 10.0**hi, page_size
+    return order, *FrequencyRange.from_log10(lo, hi).bounds(), page_size
 
 
 def page_table(page: LatentPage) -> pd.DataFrame:

@@ -6,28 +6,44 @@ import streamlit as st
 
 from vitscope.explorer.client import SaeInfo
 from vitscope.explorer.data import analyzer_errors, connection, list_saes, selected_sae
+from vitscope.metrics import METRICS
 
 
-def dead_latents(s: SaeInfo) -> int | None:
-    """Dead latents over the whole activation set when analysed, else the training window's count."""
-    if s.analyzed:
-        return s.dead_latents
-    dead = s.metrics.get("dead")
-    return None if dead is None else int(dead)
+def metric_values(s: SaeInfo) -> dict[str, float | None]:
+    """The SAE's value of each of :data:`vitscope.metrics.METRICS` (None: not recorded), with
+    ``never_fired`` over the analysis pass once analysed, else over the trainer's evaluation."""
+    values: dict[str, float | None] = {key: s.metrics.get(key) for key in METRICS}
+    if s.never_fired is not None:
+        values["never_fired"] = s.never_fired
+    return values
+
+
+def definition(s: SaeInfo, key: str) -> str:
+    """What a metric means, with the window or pass this SAE's value was counted over."""
+    text = METRICS[key].definition
+    if key == "dead":
+        window = s.metrics.get("dead_window")
+        return text + (f" (here {int(window):,} tokens)" if window is not None else
+                       " (not recorded for SAEs trained before dead and never-fired latents were told apart)")
+    if key == "never_fired":
+        if s.never_fired is not None:
+            return text + f" (here the analysis pass: every token of the {s.n_images:,} images)"
+        tokens = s.metrics.get("eval_tokens")
+        return text + (f" (here {int(tokens):,} evaluation tokens)" if tokens is not None else "")
+    return text
 
 
 def fmt(value: float | int | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
+    if value is None:
+        return "–"
+    return format(int(value) if spec == "d" else value, spec)
 
 
 def health(s: SaeInfo) -> None:
-    m = s.metrics
-    dense = m.get("dense")
-    quality = st.columns(4)
-    quality[0].metric("NMSE", fmt(m.get("nmse"), ".4f"), help="Fraction of variance unexplained (lower is better)")
-    quality[1].metric("L0", fmt(m.get("l0"), ".2f"), help="Mean active latents per token")
-    quality[2].metric("Dead", fmt(dead_latents(s), "d"), help="Latents that never fired")
-    quality[3].metric("Dense", fmt(None if dense is None else int(dense), "d"), help="Latents firing on > 1% of tokens")
+    values = metric_values(s)
+    quality = st.columns(len(METRICS))
+    for col, (key, metric) in zip(quality, METRICS.items(), strict=True):
+        col.metric(metric.label, fmt(values[key], metric.format), help=definition(s, key))
     shape = st.columns([1, 1, 2])
     shape[0].metric("d_sae", s.d_sae)
     shape[1].metric("Layer", s.layer)
@@ -50,7 +66,8 @@ def frequency_histogram(s: SaeInfo) -> None:
                  "latents:Q"],
     )
     st.altair_chart(chart, width="stretch")
-    st.caption(f"{s.dead_latents} dead latents (never fired) are not in the histogram.")
+    st.caption(f"Over the analysis pass; the {s.never_fired} latents that never fired in it (no logarithm) "
+               "are not in the histogram.")
 
 
 def sweep_row(s: SaeInfo, selected: str) -> dict[str, object]:
@@ -61,10 +78,7 @@ def sweep_row(s: SaeInfo, selected: str) -> dict[str, object]:
         "variant": s.variant,
         "layer": s.layer,
         "d_sae": s.d_sae,
-        "nmse": s.metrics.get("nmse"),
-        "l0": s.metrics.get("l0"),
-        "dead": dead_latents(s),
-        "dense": s.metrics.get("dense"),
+        **metric_values(s),
         "analysed": s.analyzed,
     }
     # Hyper-parameters fill the remaining columns; the fixed ones above take precedence.
@@ -79,8 +93,8 @@ def sweep(saes: list[SaeInfo], selected: str) -> None:
     with left:
         st.dataframe(df, hide_index=True, width="stretch", key="sweep_table", column_config={
             "selected": st.column_config.CheckboxColumn("●", width="small"),
-            "nmse": st.column_config.NumberColumn("NMSE", format="%.4f"),
-            "l0": st.column_config.NumberColumn("L0", format="%.2f"),
+            **{key: st.column_config.NumberColumn(m.label, format=f"%{m.format}", help=m.definition)
+               for key, m in METRICS.items()},
         })
     with right:
         points = df.dropna(subset=["nmse", "l0"])
