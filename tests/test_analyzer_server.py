@@ -218,7 +218,7 @@ def test_get_latent_stats_and_examples(stub, served: Served):
         assert (ex.image_id, ex.label) == (info["id"], info["label"])
         assert (ex.patch_row, ex.patch_col) == divmod(ex.patch, 7)
         assert not ex.heatmap
-    fewer = stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent, k=3), timeout=10)
+    fewer = stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent, top_images=3), timeout=10)
     assert list(fewer.examples) == list(reply.examples[:3])
 
 
@@ -226,7 +226,7 @@ def test_empty_top_k_slots_are_skipped(stub, served: Served):
     used = (served.table.topk_image >= 0).sum(axis=1)
     partial = int(np.flatnonzero((used > 0) & (used < K))[0])
     dead = int(np.flatnonzero(used == 0)[0])
-    reply = stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=partial, k=K), timeout=10)
+    reply = stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=partial, top_images=K), timeout=10)
     assert len(reply.examples) == used[partial] and all(ex.image_index >= 0 for ex in reply.examples)
     assert not stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=dead, heatmaps=True), timeout=10).examples
 
@@ -280,10 +280,10 @@ BAD_REQUESTS = {
     "path as sae id": (lambda s: s.GetSae(pb.GetSaeRequest(sae_id="../saes/x")), Code.INVALID_ARGUMENT),
     "latent -1": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=-1)), Code.INVALID_ARGUMENT),
     "latent d_sae": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=D_SAE)), Code.INVALID_ARGUMENT),
-    "k 0": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, k=0)), Code.INVALID_ARGUMENT),
-    "k -3": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, k=-3)), Code.INVALID_ARGUMENT),
-    "k huge": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, k=10**6)), Code.INVALID_ARGUMENT),
-    "k above analysis": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, k=K + 1)), Code.INVALID_ARGUMENT),
+    "top_images 0": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, top_images=0)), Code.INVALID_ARGUMENT),
+    "top_images -3": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, top_images=-3)), Code.INVALID_ARGUMENT),
+    "top_images huge": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, top_images=10**6)), Code.INVALID_ARGUMENT),
+    "top_images above analysis": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, top_images=K + 1)), Code.INVALID_ARGUMENT),
     "garbage token": (lambda s: s.ListLatents(pb.ListLatentsRequest(sae_id=SAE_ID, page_token="garbage!")),
                       Code.INVALID_ARGUMENT),
     "token of another query": (

@@ -148,7 +148,7 @@ def test_client_returns_typed_results(client, sae, pipeline):
     assert sum(sae.log_freq_counts) + sae.never_fired == sae.d_sae
     page = client.list_latents(pipeline.sae_id, page_size=10, order="INDEX_ASC")
     assert [s.index for s in page.latents] == list(range(10)) and page.total_size == sae.d_sae
-    lat = client.get_latent(pipeline.sae_id, page.latents[0].index, k=3)
+    lat = client.get_latent(pipeline.sae_id, page.latents[0].index, top_images=3)
     assert len(lat.examples) <= 3 and all(len(e.heatmap) == lat.grid_rows * lat.grid_cols for e in lat.examples)
     img = client.get_image(pipeline.sae_id, 0)
     assert Image.open(io.BytesIO(img.data)).size == (img.width, img.height)
@@ -159,8 +159,8 @@ def test_client_errors_carry_status(client, pipeline, sweep_store):
         client.get_sae("0" * 20)
     assert e.value.code == grpc.StatusCode.NOT_FOUND and not e.value.unreachable
     with pytest.raises(AnalyzerError) as e:
-        client.get_latent(pipeline.sae_id, 0, k=10_000)
-    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "k must be" in e.value.details
+        client.get_latent(pipeline.sae_id, 0, top_images=10_000)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "top_images must be" in e.value.details
 
     server = serve(ServeConfig(store=sweep_store[0], port=0, token=TOKEN))
     try:
@@ -254,7 +254,7 @@ def test_latent_page_from_a_link_renders_top_k_heatmaps(app, target, client, sae
     captions = [img.proto.imgs[0].caption for img in at.image]
     assert captions == [f"{e.label} · {e.score:.3g} · #{e.image_index}" for e in lat.examples]
 
-    at.selectbox(key="latent_k").set_value(4).run()
+    at.selectbox(key="latent_top_images").set_value(4).run()
     assert len(at.image) == 4
     at.button[1].click().run()  # next latent
     assert at.title[0].value == f"Latent {square_latent + 1}"

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Analyzer"].full_name
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-DEFAULT_K = 16
+DEFAULT_TOP_IMAGES = 16
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 T = TypeVar("T")
@@ -257,7 +257,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
         manifest, table = self._analysis(record)
         if not 0 <= request.latent < manifest.d_sae:
             raise _invalid(f"latent {request.latent} out of range: SAE {record.sae_id} has {manifest.d_sae} latents")
-        k = _top_k(request, manifest.top_images)
+        k = _top_images(request, manifest.top_images)
         aset = self._set(manifest.activation_set_id)
         rows, cols = aset.layout.grid
         latent = request.latent
@@ -332,12 +332,13 @@ def _frequency_range(low: float, high: float) -> FrequencyRange:
         raise _invalid(str(e)) from None
 
 
-def _top_k(request: pb.GetLatentRequest, analysed_k: int) -> int:
-    if not request.HasField("k"):
-        return min(DEFAULT_K, analysed_k)
-    if not 1 <= request.k <= analysed_k:
-        raise _invalid(f"k must be between 1 and {analysed_k} (the analysis kept {analysed_k}), got {request.k}")
-    return request.k
+def _top_images(request: pb.GetLatentRequest, analysed: int) -> int:
+    if not request.HasField("top_images"):
+        return min(DEFAULT_TOP_IMAGES, analysed)
+    if not 1 <= request.top_images <= analysed:
+        raise _invalid(f"top_images must be between 1 and {analysed} (the analysis kept {analysed}), "
+                       f"got {request.top_images}")
+    return request.top_images
 
 
 def _encode_page_token(offset: int, query: str) -> str:

@@ -148,12 +148,12 @@ class AnalyzerClient:
             min_frequency=min_frequency, max_frequency=max_frequency))
         return LatentPage(tuple(_stats(s) for s in resp.latents), resp.next_page_token, resp.total_size)
 
-    def get_latent(self, sae_id: str, latent: int, k: int | None = None, heatmaps: bool = True) -> Latent:
-        """A latent's statistics and its top-k images (with per-patch heatmaps if asked).
-        ``k=None`` lets the server choose (16, or fewer if the analysis kept fewer)."""
+    def get_latent(self, sae_id: str, latent: int, top_images: int | None = None, heatmaps: bool = True) -> Latent:
+        """A latent's statistics and its top images (with per-patch heatmaps if asked).
+        ``top_images=None`` lets the server choose (16, or fewer if the analysis kept fewer)."""
         request = pb.GetLatentRequest(sae_id=sae_id, latent=latent, heatmaps=heatmaps)
-        if k is not None:
-            request.k = k
+        if top_images is not None:
+            request.top_images = top_images
         resp = self._call("GetLatent", request)
         examples = tuple(
             Example(e.image_index, e.image_id, e.label, e.score, e.patch, e.patch_row, e.patch_col, tuple(e.heatmap))

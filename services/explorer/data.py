@@ -62,12 +62,12 @@ def list_latents(conn: Connection, sae_id: str, page_size: int, page_token: str,
 
 # Tiles are ~100 kB each, so keep only the latents looked at most recently.
 @st.cache_data(ttl=600, show_spinner=False, max_entries=32)
-def latent_tiles(conn: Connection, sae_id: str, latent: int, k: int | None) -> tuple[Latent, list[Tile]]:
+def latent_tiles(conn: Connection, sae_id: str, latent: int, top_images: int | None) -> tuple[Latent, list[Tile]]:
     """A latent with its top-k images, each overlaid with its patch heatmap, as PNG tiles.
 
     All tiles share one colour scale (the strongest activation among them), so tiles compare."""
     client = _client(conn)
-    lat = client.get_latent(sae_id, latent, k=k, heatmaps=True)
+    lat = client.get_latent(sae_id, latent, top_images=top_images, heatmaps=True)
     # Images are independent calls; fetching them concurrently hides a remote analyzer's latency.
     with ThreadPoolExecutor(max_workers=8) as pool:
         images = list(pool.map(lambda e: client.get_image(sae_id, e.image_index), lat.examples))

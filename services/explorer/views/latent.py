@@ -49,7 +49,7 @@ def controls(d_sae: int) -> None:
               help="next latent")
     n = c3.number_input("Latent", min_value=0, max_value=d_sae - 1, step=1, key="latent")
     # The analysis' k is not in the API, so the default defers to the server (16, or all kept).
-    c4.selectbox("Top images", [None, 4, 8, 16, 32, 64], key="latent_k",
+    c4.selectbox("Top images", [None, 4, 8, 16, 32, 64], key="latent_top_images",
                  format_func=lambda k: "default" if k is None else str(k))
     publish_to_url("latent", n)
 
@@ -71,7 +71,7 @@ st.title(f"Latent {latent}")
 st.caption(f"SAE `{sae.sae_id}` · layer {sae.layer} · {sae.model}")
 controls(sae.d_sae)
 with analyzer_errors(conn), st.spinner("Rendering heatmaps…"):
-    lat, tiles = latent_tiles(conn, sae.sae_id, latent, st.session_state["latent_k"])
+    lat, tiles = latent_tiles(conn, sae.sae_id, latent, st.session_state["latent_top_images"])
 stats_row(lat.stats, len(tiles))
 if not tiles:
     st.info("This latent never fired on the analysed images: it has no top images.")
