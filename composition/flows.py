@@ -18,6 +18,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from vitscope.analyzer import AnalyzeConfig, AnalyzeResult, analyze
 from vitscope.extractor import ExtractConfig, ExtractResult, extract
+from vitscope.metrics import METRICS
 from vitscope.store import is_transient
 from vitscope.trainer import SweepConfig, TrainConfig, TrainResult, sweep_configs, train, train_sweep
 
@@ -125,7 +126,7 @@ def sweep_task(cfgs: list[TrainConfig]) -> list[TrainResult]:
         key="sweep",
         table=[{"sae_id": r.sae_id, "variant": c.variant, **asdict(c.sae), "layer": c.layer, "lr": c.lr,
                 "expansion": c.expansion, "seed": c.seed, "reused": r.reused,
-                **{m: r.metrics.get(m) for m in ("nmse", "l0", "dead", "dense", "tokens_per_s")}}
+                **{m: r.metrics.get(m) for m in (*METRICS, "tokens_per_s")}}
                for c, r in zip(cfgs, results, strict=True)],
         description="SAE sweep: one row per SAE (NMSE against L0 is the trade-off to read)",
     )

@@ -55,15 +55,20 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
 """The metrics every SAE is summarised by, in display order."""
 
 
-def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The numeric entries of an SAE record's metrics, as floats, in today's names: a record
-    published before ``dead`` and ``never_fired`` were told apart (``dead`` without
-    ``never_fired``) counted never-firing latents of its evaluation pass as ``dead``, so that
-    count is read as ``never_fired`` and the record has no ``dead``."""
-    out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+def current_names(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """An SAE record's metrics in today's names: a record published before ``dead`` and
+    ``never_fired`` were told apart (``dead`` without ``never_fired``) counted never-firing
+    latents of its evaluation pass as ``dead``, so that count is read as ``never_fired`` and the
+    record has no ``dead``."""
+    out = dict(metrics)
     if "dead" in out and "never_fired" not in out:
         out["never_fired"] = out.pop("dead")
     return out
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of an SAE record's metrics, as floats, in today's names."""
+    return {k: float(v) for k, v in current_names(metrics).items() if isinstance(v, (int, float))}
 
 
 def dead_latents(since_fired: Any, window: int) -> int:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitscope.metrics import current_names
 from vitscope.store import NotFound, Store, open_store
 
 FORMAT = "vitscope.sae"
@@ -731,6 +732,7 @@ class SaeRecord:
             )
         kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         kw["config"] = SaeConfig.from_json(d["config"], d.get("training"))
+        kw["metrics"] = current_names(kw.get("metrics", {}))
         return cls(**kw)
 
 
