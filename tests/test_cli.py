@@ -174,3 +174,27 @@ def test_pipeline_config_round_trips_through_json_as_prefect_parameters():
     assert cfg.train == PipelineConfig().train
     custom = dataclasses.replace(PipelineConfig(), train=TrainStage(sae=TopKHyper(k=8)))
     assert adapter.validate_python(custom).train.sae == TopKHyper(k=8)  # an instance keeps its family
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `vitscope ...` command line of the README's shell blocks, continuation lines joined,
+    comments dropped, ``<placeholders>`` filled in."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["vitscope"] or words[:1] == [".venv/bin/vitscope"]:
+                out.append([re.sub(r"<[^>]+>", "x", w) for w in words[1:]])
+    return out
+
+
+def test_every_command_in_the_readme_parses():
+    commands = readme_commands()
+    assert {c[0] for c in commands} >= {"pipeline", "extract", "train", "sweep", "analyze", "serve", "explore", "verify"}
+    for words in commands:
+        parse(words[0], words[1:])  # raises (SystemExit from tyro, or ConfigError) on an unknown option
