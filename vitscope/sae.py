@@ -75,7 +75,7 @@ class SaeHyper:
     def from_json(cls, d: dict[str, Any]) -> SaeHyper:
         """The settings in ``d`` that this family has (others are ignored: older checkpoints
         recorded every family's training settings side by side)."""
-        names = {f.name: f for f in fields(cls)}
+        names = {f.name for f in fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
 
