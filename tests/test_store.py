@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vitscope.store import LocalStore, NotFound, Store, StoreError, open_store
+from vitscope.store import MAX_KEY_PART_BYTES, LocalStore, NotFound, Store, StoreError, open_store
 
 MiB = 1 << 20
 
@@ -166,7 +166,8 @@ def test_get_file_missing(store, tmp_path):
         store.get_file("nope", tmp_path / "out")
 
 
-@pytest.mark.parametrize("key", ["../x", "/abs", "a//b", "a/./b", "a/../b", "", "a/"])
+@pytest.mark.parametrize("key", ["../x", "/abs", "a//b", "a/./b", "a/../b", "", "a/",
+                                 "x" * 241, "saes/" + "\u00e9" * 121 + "/record.json"])
 def test_invalid_keys(store, key):
     with pytest.raises(ValueError):
         store.put_bytes(key, b"x")
@@ -176,6 +177,13 @@ def test_invalid_keys(store, key):
         store.exists(key)
     with pytest.raises(ValueError):
         store.delete(key)
+
+
+def test_longest_key_component_fits_a_folder(tmp_path):
+    store = LocalStore(tmp_path)  # the limit is the filesystem's, with the temporary file's name
+    key = "saes/" + "x" * MAX_KEY_PART_BYTES
+    store.put_bytes(key, b"x")
+    assert store.get_bytes(key) == b"x"
 
 
 # -- URIs ----------------------------------------------------------------------------------------
