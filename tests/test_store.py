@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vitscope.store import MAX_KEY_PART_BYTES, LocalStore, NotFound, Store, StoreError, open_store
+from vitscope.store import MAX_KEY_PART_BYTES, InvalidKey, LocalStore, NotFound, Store, StoreError, open_store
 
 MiB = 1 << 20
 
@@ -169,13 +169,13 @@ def test_get_file_missing(store, tmp_path):
 @pytest.mark.parametrize("key", ["../x", "/abs", "a//b", "a/./b", "a/../b", "", "a/",
                                  "x" * 241, "saes/" + "\u00e9" * 121 + "/record.json"])
 def test_invalid_keys(store, key):
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidKey):
         store.put_bytes(key, b"x")
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidKey):
         store.get_bytes(key)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidKey):
         store.exists(key)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidKey):
         store.delete(key)
 
 

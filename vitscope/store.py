@@ -152,6 +152,10 @@ class Store(abc.ABC):
         return f"{type(self).__name__}({self.uri!r})"
 
 
+class InvalidKey(ValueError):
+    """A key no store can hold: absolute, with empty, '.' or '..' parts, or a part too long."""
+
+
 # Filesystems take file names of 255 bytes (NAME_MAX), and LocalStore writes through a
 # temporary ".<name>.<8 random>.part" file, 15 bytes longer. S3 allows longer keys, but a store
 # must be copyable between backends, so both refuse what a folder could not hold.
@@ -161,10 +165,10 @@ MAX_KEY_PART_BYTES = 240
 def _check_key(key: str) -> str:
     shown = repr(key) if len(key) <= 80 else f"{key[:80]!r}... ({len(key)} characters)"
     if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
-        raise ValueError(f"invalid store key {shown}: use a relative '/'-separated path")
+        raise InvalidKey(f"invalid store key {shown}: use a relative '/'-separated path")
     if any(len(part.encode()) > MAX_KEY_PART_BYTES for part in key.split("/")):
         # Refused here, before the filesystem answers ENAMETOOLONG, an OSError no caller expects.
-        raise ValueError(f"invalid store key {shown}: a path component is over {MAX_KEY_PART_BYTES} bytes")
+        raise InvalidKey(f"invalid store key {shown}: a path component is over {MAX_KEY_PART_BYTES} bytes")
     return key
 
 
