@@ -215,10 +215,15 @@ def run_analyze(cfg) -> None:
     print(analyze(cfg).analysis_id)
 
 
-def run_serve(cfg) -> None:
-    from vitscope.analyzer import serve_forever
+def run_serve(cfg) -> int | None:
+    from vitscope.analyzer import InsecureBindError, serve_forever
 
-    serve_forever(cfg)
+    try:
+        serve_forever(cfg)
+    except InsecureBindError as e:
+        print(f"vitscope serve: error: {e}", file=sys.stderr)
+        return 2
+    return None
 
 
 RUNNERS = {"pipeline": run_pipeline, "extract": run_extract, "train": run_train, "sweep": run_sweep,

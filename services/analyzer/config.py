@@ -40,3 +40,11 @@ class ServeConfig:
     """PEM private key file for tls_cert."""
     workers: int = 8
     """Threads answering calls concurrently."""
+    max_queued_calls: int = 128
+    """Calls that may wait for a free thread; beyond that a call gets RESOURCE_EXHAUSTED at once
+    rather than queueing without bound."""
+    max_message_mb: int = 16
+    """Largest request accepted, in MiB (room for uploaded images); bigger ones get RESOURCE_EXHAUSTED."""
+    insecure: bool = False
+    """Allow listening on a non-loopback interface without a bearer token, so that anyone who can
+    reach the port can read the store. Without this flag, `serve` refuses to start that way."""

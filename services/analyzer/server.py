@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import functools
 import hmac
 import io
+import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import signal
 import threading
+import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -43,7 +48,7 @@ from vitscope.models import TransformInfo
 from vitscope.proto import pb, rpc
 from vitscope.sae import Sae, SaeRecord, list_saes, load_record, load_sae_from
 from vitscope.shards import ActivationSet
-from vitscope.store import NotFound, Store, open_store
+from vitscope.store import InvalidKey, NotFound, Store, open_store
 
 from .config import ServeConfig
 from .results import AnalysisManifest, LatentTable, list_analyses, load_analysis
@@ -55,6 +60,11 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 DEFAULT_TOP_IMAGES = 16
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_ID_LENGTH = 128
+MAX_PAGE_TOKEN_LENGTH = 512  # the tokens this server issues are under 100 characters
+MAX_STRING_LENGTH = 4096
+"""The longest string any request field may hold, whatever the RPC (ids and tokens have their own,
+shorter limits): nothing longer is a real id, path or name."""
 
 T = TypeVar("T")
 
@@ -72,6 +82,67 @@ def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def _shown(value: str, limit: int = 60) -> str:
+    """``value`` quoted for a message, cut short: a hostile 10,000-character id must neither come
+    back whole in the status details (grpc limits their size) nor fill the log."""
+    quoted = repr(value)
+    return quoted if len(quoted) <= limit else f"{quoted[:limit]}... ({len(value)} characters)"
+
+
+class _RateLimitedLog:
+    """Logs at most ``per_second`` lines a second and drops the rest, counting them in the next
+    line it lets through: a flood of bad requests costs a few log lines, not one each."""
+
+    def __init__(self, logger: logging.Logger, per_second: int):
+        self._logger = logger
+        self._per_second = per_second
+        self._lock = threading.Lock()
+        self._window_start = -math.inf
+        self._lines = self._dropped = 0
+
+    def log(self, level: int, msg: str, *args: Any, exc_info: bool = False) -> None:
+        """``logger.log(level, msg, *args)``, unless this second's lines are used up."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._window_start >= 1.0:
+                self._window_start, self._lines = now, 0
+            if self._lines >= self._per_second:
+                self._dropped += 1
+                return
+            self._lines += 1
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            msg, args = f"{msg} (%d similar lines dropped before this one)", (*args, dropped)
+        self._logger.log(level, msg, *args, exc_info=exc_info)
+
+
+_rejections = _RateLimitedLog(log, per_second=10)
+_failures = _RateLimitedLog(log, per_second=5)  # apart, so that rejections cannot hide a failure
+
+
+def _refuse(context: grpc.ServicerContext, method: str, code: grpc.StatusCode, message: str) -> NoReturn:
+    """End the call with ``code``: a client's mistake, logged as one rate-limited line, no traceback."""
+    _rejections.log(logging.INFO, "rejected %s from %s: %s: %s", method, context.peer(), code.name, message)
+    context.abort(code, message)
+
+
+_call: contextvars.ContextVar[grpc.ServicerContext | None] = contextvars.ContextVar("call", default=None)
+"""The call the current thread is answering, so that loading code deep down can honour its deadline."""
+
+
+def _check_deadline() -> None:
+    """Stop work on the current call once its client has stopped waiting (deadline passed or
+    call cancelled): called before each expensive step, since grpc itself never interrupts a handler."""
+    context = _call.get()
+    if context is None:
+        return
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before it was answered")
+    if not context.is_active():
+        raise RequestError(grpc.StatusCode.CANCELLED, "the client cancelled the call")
+
+
 class _Lru:
     """A small thread-safe least-recently-used cache of immutable things keyed by id."""
 
@@ -87,6 +158,7 @@ class _Lru:
                 return self._items[key]
         # Loaded outside the lock so one slow load does not stall every other call; two
         # threads may load the same id at once, which is harmless for immutable things.
+        _check_deadline()
         value = load()
         with self._lock:
             self._items[key] = value
@@ -97,30 +169,62 @@ class _Lru:
 
 
 def _rpc(method: Callable[..., T]) -> Callable[..., T]:
-    """Answer every failure with a status code: request errors and missing things as such,
-    anything unexpected as INTERNAL (logged), so that no exception ever reaches grpc."""
+    """Check the request's field limits (:func:`_check_fields`) and deadline, then answer every
+    failure with a status code, so that no exception ever reaches grpc: request errors and
+    missing things as such, in one rate-limited log line; anything unexpected as INTERNAL with
+    a generic message, its traceback logged under an incident id the message names."""
 
     @functools.wraps(method)
     def wrapper(self: AnalyzerService, request: Any, context: grpc.ServicerContext) -> T:
+        name = method.__name__
+        current = _call.set(context)
         try:
+            _check_fields(request)
+            _check_deadline()
             return method(self, request, context)
         except RequestError as e:
             code, message = e.code, e.message
         except NotFound as e:
             code, message = grpc.StatusCode.NOT_FOUND, str(e)
-        except Exception as e:
-            log.exception("%s failed", method.__name__)
-            code, message = grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(e).__name__}: {e}"
-        context.abort(code, message)
+        except InvalidKey as e:  # a field no check above caught, stopped by the store itself
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            _failures.log(logging.ERROR, "%s failed (incident %s)", name, incident, exc_info=True)
+            # The exception's text stays in the log: it can name paths and internals.
+            context.abort(grpc.StatusCode.INTERNAL, f"{name} failed: internal error (incident {incident} in the server log)")
+        finally:
+            _call.reset(current)
+        _refuse(context, name, code, message)
 
     return wrapper
+
+
+def _check_fields(message: Any, prefix: str = "") -> None:
+    """The limits every request field obeys whatever its RPC, nested messages and map entries
+    included: strings of at most MAX_STRING_LENGTH characters without NUL, finite floats. What
+    a field means (an id's charset, an index's range) is checked where it is used."""
+    for field, value in message.ListFields():
+        name = prefix + field.name
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            items = [x for pair in value.items() for x in pair]
+        else:
+            items = list(value) if field.is_repeated else [value]
+        for item in items:
+            if isinstance(item, str) and (len(item) > MAX_STRING_LENGTH or "\0" in item):
+                raise _invalid(f"{name} {_shown(item)} is over {MAX_STRING_LENGTH} characters or holds a NUL")
+            if isinstance(item, float) and not math.isfinite(item):
+                raise _invalid(f"{name} must be a finite number, not {item}")
+            if hasattr(item, "ListFields"):
+                _check_fields(item, f"{name}.")
 
 
 def _check_id(value: str, what: str) -> str:
     if not value:
         raise _invalid(f"{what} is required")
-    if not _ID.fullmatch(value):
-        raise _invalid(f"malformed {what} {value!r}")
+    if len(value) > MAX_ID_LENGTH or not _ID.fullmatch(value):
+        raise _invalid(f"malformed {what} {_shown(value)}: an id is up to {MAX_ID_LENGTH} letters, digits, "
+                       "'.', '_' and '-', starting with a letter or digit")
     return value
 
 
@@ -235,10 +339,10 @@ class AnalyzerService(rpc.AnalyzerServicer):
 
     @_rpc
     def ListLatents(self, request: pb.ListLatentsRequest, context: grpc.ServicerContext) -> pb.ListLatentsResponse:
-        manifest, table = self._analysis(self._record(request.sae_id))
         page_size = _page_size(request.page_size)
         order = _order(request.order)
         kept = _frequency_range(request.min_frequency, request.max_frequency)
+        manifest, table = self._analysis(self._record(request.sae_id))
         query = content_id({"analysis": manifest.analysis_id, "order": order, "min": kept.low, "max": kept.high})
         ordered = self._sorted(manifest, table, order)
         selected = ordered[kept.mask(table.frequency[ordered])]
@@ -281,6 +385,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
                   images: list[int]) -> list[list[float]]:
         """The latent's activation on every patch of each image, recomputed from the stored rows
         (the full encoder runs because some variants' activations depend on all latents)."""
+        _check_deadline()
         start = aset.layout.patch_start
         tokens = torch.stack([aset.image_tokens(layer, i)[start:] for i in images])
         with torch.inference_mode():
@@ -326,6 +431,8 @@ def _order(requested: int) -> int:
 
 
 def _frequency_range(low: float, high: float) -> FrequencyRange:
+    if low > 1 or high > 1:
+        raise _invalid(f"frequencies are fractions of tokens, at most 1 (got min {low}, max {high})")
     try:
         return FrequencyRange.from_bounds(low, high)
     except ValueError as e:
@@ -350,6 +457,8 @@ def _decode_page_token(token: str, query: str, total: int) -> int:
     """The offset a token stands for; it must come from the same query (SAE, order, filter)."""
     if not token:
         return 0
+    if len(token) > MAX_PAGE_TOKEN_LENGTH:
+        raise _invalid("page_token is not one this server issued")
     try:
         data = json.loads(base64.urlsafe_b64decode(token.encode() + b"=" * (-len(token) % 4)))
         offset, token_query = data["offset"], data["query"]
@@ -363,21 +472,59 @@ def _decode_page_token(token: str, query: str, total: int) -> int:
 
 
 # --- serving -----------------------------------------------------------------------------------
-class _BearerAuth(grpc.ServerInterceptor):
-    """Every call but health checks must carry ``authorization: Bearer <token>``."""
+_UNDECODABLE = object()
+"""What a request that does not parse decodes to, so that its handler can refuse it."""
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
-        self._deny = grpc.unary_unary_rpc_method_handler(
-            lambda _request, context: context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"))
+
+def _rebuilt(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any],
+             deserializer: Callable[[bytes], Any] | None) -> grpc.RpcMethodHandler:
+    """``handler`` with another behaviour and request deserializer, of the same streaming kind."""
+    kind = f"{'stream' if handler.request_streaming else 'unary'}_{'stream' if handler.response_streaming else 'unary'}"
+    make = getattr(grpc, f"{kind}_rpc_method_handler")
+    return make(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+
+class _Guard(grpc.ServerInterceptor):
+    """Runs before every handler. With a token, every call but health checks must carry
+    ``authorization: Bearer <token>`` (its body is not even parsed otherwise). A request body
+    that does not parse is answered INVALID_ARGUMENT in one log line, where grpc would answer
+    INTERNAL and log a traceback."""
+
+    def __init__(self, token: str | None):
+        self._expected = f"Bearer {token}".encode() if token else None
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        if self._expected is None or details.method.startswith(f"/{HEALTH_SERVICE}/"):
+            return True
+        metadata = dict(details.invocation_metadata or ())
+        return hmac.compare_digest(str(metadata.get("authorization", "")).encode(), self._expected)
 
     def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith(f"/{HEALTH_SERVICE}/"):
-            return continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        if hmac.compare_digest(str(metadata.get("authorization", "")).encode(), self._expected):
-            return continuation(handler_call_details)
-        return self._deny
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None:  # grpc answers UNIMPLEMENTED
+            return None
+        if not self._authorized(handler_call_details):
+            return _rebuilt(handler, lambda _request, context: _refuse(
+                context, method, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"), None)
+        if handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+        behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+        def decoded(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception:  # whatever the parser raises, the bytes are the client's fault
+                return _UNDECODABLE
+
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            if request is _UNDECODABLE:
+                _refuse(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                        "the request body is not a valid protobuf message of this method's request type")
+            return behavior(request, context)
+
+        return _rebuilt(handler, checked, decoded)
 
 
 @dataclass
@@ -409,6 +556,23 @@ def _token(cfg: ServeConfig) -> str | None:
     return cfg.token or os.environ.get("VITSCOPE_TOKEN") or None
 
 
+class InsecureBindError(ValueError):
+    """:func:`serve` was asked to listen beyond this machine with neither a bearer token nor
+    ``insecure``."""
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only. Any host name but localhost counts
+    as not: it may resolve to a public interface."""
+    name = host.strip("[]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _bind(server: grpc.Server, cfg: ServeConfig) -> int:
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ValueError("TLS needs both tls_cert and tls_key")
@@ -421,14 +585,23 @@ def _bind(server: grpc.Server, cfg: ServeConfig) -> int:
 
 def serve(cfg: ServeConfig) -> RunningServer:
     """Start the analyzer (non-blocking) and return it; ``.port`` is the bound port."""
-    if cfg.workers <= 0:
-        raise ValueError("workers must be positive")
+    if cfg.workers <= 0 or cfg.max_message_mb <= 0 or cfg.max_queued_calls < 0:
+        raise ValueError("workers and max_message_mb must be positive, max_queued_calls not negative")
     token = _token(cfg)
+    if not token and not cfg.insecure and not _loopback(cfg.host):
+        raise InsecureBindError(
+            f"refusing to serve on {cfg.host} without a bearer token: anyone who can reach the port could "
+            "read the store. Set VITSCOPE_TOKEN (or --token), listen on 127.0.0.1, or pass --insecure "
+            "to serve without authentication anyway")
     server = grpc.server(
         ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="analyzer"),
-        interceptors=[_BearerAuth(token)] if token else [],
-        # Without this, grpc shares a busy port with another process instead of failing.
-        options=[("grpc.so_reuseport", 0)],
+        interceptors=[_Guard(token)],
+        options=[
+            # Without this, grpc shares a busy port with another process instead of failing.
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", cfg.max_message_mb << 20),
+        ],
+        maximum_concurrent_rpcs=cfg.workers + cfg.max_queued_calls,
     )
     rpc.add_AnalyzerServicer_to_server(AnalyzerService(open_store(cfg.store)), server)
     health = HealthServicer()
@@ -445,6 +618,8 @@ def serve_forever(cfg: ServeConfig) -> None:
     running = serve(cfg)
     log.info("analyzer listening on %s (store %s%s%s)", running.address, cfg.store,
              ", TLS" if cfg.tls_cert else "", ", bearer-token auth" if _token(cfg) else "")
+    if not _token(cfg) and not _loopback(cfg.host):
+        log.warning("no bearer token (--insecure): anyone who can reach %s can read the store", running.address)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
