@@ -29,7 +29,7 @@ class ServeConfig:
     store: str = ".vitscope/store"
     """Store holding the SAEs and analyses: a folder path, file:///path or s3://bucket/prefix."""
     host: str = "127.0.0.1"
-    """Interface to listen on (0.0.0.0 or [::] for every interface)."""
+    """Interface to listen on (0.0.0.0 or [::] for every interface: then a token, or --insecure, is required)."""
     port: int = 50051
     """Port to listen on; 0 picks a free one."""
     token: str | None = None
