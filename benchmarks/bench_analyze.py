@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
 
 def publish_sae(store: LocalStore, manifest: Manifest, x: torch.Tensor, d_sae: int) -> Sae:
     """A random ReLU SAE with the set's normalisation, sparse like a trained one, saved as a checkpoint."""
-    sae = build_sae(SaeConfig("relu", D_MODEL, d_sae))
+    sae = build_sae(SaeConfig.of("relu", D_MODEL, d_sae))
     sample = x[:, manifest.layout.patch_start:].reshape(-1, D_MODEL)[: 1 << 15]
     mean, scale = fit_normalizer(sample)
     with torch.no_grad():

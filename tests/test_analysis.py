@@ -53,7 +53,34 @@ def test_statistics_match_a_direct_computation(pipeline):
     # Latent 0's top image really is its best image by best patch.
     per_image = z[:, 0].reshape(len(aset), -1).max(dim=1).values
     if per_image.max() > 0:
-        assert int(table.topk_image[0, 0]) == int(per_image.argmax())
+        assert int(table.top["best_patch"].image[0, 0]) == int(per_image.argmax())
+    # The other views rank images by the patch mean and by the CLS token; every view keeps the
+    # image's best patch.
+    assert manifest.version == 2 and manifest.views == ["best_patch", "cls", "mean"]
+    assert manifest.default_view == "best_patch"  # the SAE trained on patches
+    cls_z = torch.stack([sae.encode(aset.image_tokens(record.layer, i)[0]) for i in range(len(aset))])
+    by_view = {"mean": z.reshape(len(aset), -1, z.shape[1]).mean(dim=1), "cls": cls_z}
+    best_patch = z.reshape(len(aset), -1, z.shape[1]).argmax(dim=1)
+    for view, scores in by_view.items():
+        top = table.top[view]
+        for latent in range(0, z.shape[1], 37):
+            want = scores[:, latent]
+            fired = int((want > 0).sum())
+            n = min(fired, top.image.shape[1])
+            got = top.image[latent, :n]
+            np.testing.assert_allclose(top.score[latent, :n], want[got].numpy(), rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(np.sort(top.score[latent, :n])[::-1],
+                                       np.sort(want.numpy())[::-1][:n], rtol=1e-3, atol=1e-4)
+            assert (top.image[latent, n:] == -1).all()
+            np.testing.assert_array_equal(top.patch[latent, :n], best_patch[got, latent].numpy())
+    # The activation histogram counts every firing token once, in its log10 bin.
+    edges = np.asarray(manifest.histogram_log10_edges)
+    assert table.histogram.shape == (z.shape[1], len(edges) - 1)
+    np.testing.assert_array_equal(table.histogram.sum(axis=1), (z > 0).sum(0).numpy())
+    for latent in range(0, z.shape[1], 53):
+        values = z[:, latent][z[:, latent] > 0].double().log10().numpy()
+        want, _ = np.histogram(np.clip(values, edges[0], edges[-1] - 1e-9), bins=edges)
+        np.testing.assert_array_equal(table.histogram[latent], want)
 
 
 def test_histogram_counts_every_latent():

@@ -213,8 +213,8 @@ def test_get_latent_stats_and_examples(stub, served: Served):
     assert len(reply.examples) == K  # default min(16, the analysis' k)
     for j, ex in enumerate(reply.examples):
         info = served.aset.image_record(ex.image_index)
-        assert (ex.image_index, ex.patch) == (t.topk_image[latent, j], t.topk_patch[latent, j])
-        assert ex.score == pytest.approx(float(t.topk_score[latent, j]))
+        assert (ex.image_index, ex.patch) == (t.top["best_patch"].image[latent, j], t.top["best_patch"].patch[latent, j])
+        assert ex.score == pytest.approx(float(t.top["best_patch"].score[latent, j]))
         assert (ex.image_id, ex.label) == (info["id"], info["label"])
         assert (ex.patch_row, ex.patch_col) == divmod(ex.patch, 7)
         assert not ex.heatmap
@@ -222,8 +222,76 @@ def test_get_latent_stats_and_examples(stub, served: Served):
     assert list(fewer.examples) == list(reply.examples[:3])
 
 
+@pytest.mark.parametrize(("view", "name"), [(pb.TOP_IMAGES_VIEW_BEST_PATCH, "best_patch"),
+                                            (pb.TOP_IMAGES_VIEW_CLS, "cls"), (pb.TOP_IMAGES_VIEW_MEAN, "mean")])
+def test_get_latent_ranks_top_images_in_the_view_asked_for(stub, served: Served, view, name):
+    t, latent = served.table, _busiest_latent(served.table)
+    reply = stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent, view=view, heatmaps=True), timeout=10)
+    assert reply.view == view
+    top = t.top[name]
+    used = int((top.image[latent] >= 0).sum())
+    assert [e.image_index for e in reply.examples] == top.image[latent, :min(used, K)].tolist()
+    scores = [e.score for e in reply.examples]
+    assert scores == sorted(scores, reverse=True)
+    for e in reply.examples:  # every view's example points at the image's best patch
+        assert int(np.argmax(e.heatmap)) == e.patch
+    if name == "mean":
+        for e in reply.examples:
+            assert e.score == pytest.approx(float(np.mean(e.heatmap)), rel=1e-4, abs=1e-6)
+    # The default is the best-patch view (the SAE trained on patches), as GetSae says.
+    sae = stub.GetSae(pb.GetSaeRequest(sae_id=SAE_ID), timeout=10)
+    assert sae.default_view == pb.TOP_IMAGES_VIEW_BEST_PATCH
+    assert set(sae.views) == {pb.TOP_IMAGES_VIEW_BEST_PATCH, pb.TOP_IMAGES_VIEW_CLS, pb.TOP_IMAGES_VIEW_MEAN}
+
+
+def test_get_latent_carries_the_activation_histogram(stub, served: Served):
+    t, latent = served.table, _busiest_latent(served.table)
+    reply = stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent), timeout=10)
+    assert list(reply.activation_histogram) == t.histogram[latent].tolist()
+    assert len(reply.activation_log10_edges) == len(reply.activation_histogram) + 1
+    n_tokens = len(served.aset) * served.aset.layout.n_patches
+    assert sum(reply.activation_histogram) == round(t.frequency[latent] * n_tokens)
+
+
+def test_a_version_1_analysis_still_loads_and_serves_its_one_view(served: Served, tmp_path):
+    """An analysis published before views and histograms: best-patch examples only."""
+    import json
+    import shutil
+
+    from safetensors.torch import save
+
+    from vitscope.analyzer.results import analysis_prefix
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(served.store_uri, store_dir)
+    store = open_store(store_dir)
+    prefix = analysis_prefix(served.analysis_id)
+    manifest = json.loads(store.get_bytes(f"{prefix}/manifest.json"))
+    v1 = {k: v for k, v in manifest.items() if k not in ("views", "default_view", "histogram_log10_edges")}
+    v1.update(version=1, k=v1.pop("top_images"))
+    t, best = served.table, served.table.top["best_patch"]
+    tensors = {"frequency": t.frequency, "mean_activation": t.mean_activation, "max_activation": t.max_activation,
+               "topk_score": best.score, "topk_image": best.image, "topk_patch": best.patch}
+    store.put_bytes(f"{prefix}/stats.safetensors", save({k: torch.from_numpy(v) for k, v in tensors.items()}))
+    store.put_bytes(f"{prefix}/manifest.json", json.dumps(v1).encode())
+    running = serve(ServeConfig(store=str(store_dir), port=0, workers=2))
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            old = rpc.AnalyzerStub(channel)
+            latent = _busiest_latent(t)
+            reply = old.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent), timeout=10)
+            assert [e.image_index for e in reply.examples] == best.image[latent, :K].tolist()
+            assert reply.view == pb.TOP_IMAGES_VIEW_BEST_PATCH and not reply.activation_histogram
+            with pytest.raises(grpc.RpcError) as e:
+                old.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent, view=pb.TOP_IMAGES_VIEW_CLS),
+                              timeout=10)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no cls view" in e.value.details()
+    finally:
+        running.stop(grace=None)
+
+
 def test_empty_top_k_slots_are_skipped(stub, served: Served):
-    used = (served.table.topk_image >= 0).sum(axis=1)
+    used = (served.table.top["best_patch"].image >= 0).sum(axis=1)
     partial = int(np.flatnonzero((used > 0) & (used < K))[0])
     dead = int(np.flatnonzero(used == 0)[0])
     reply = stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=partial, top_images=K), timeout=10)
@@ -280,6 +348,7 @@ BAD_REQUESTS = {
     "path as sae id": (lambda s: s.GetSae(pb.GetSaeRequest(sae_id="../saes/x")), Code.INVALID_ARGUMENT),
     "latent -1": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=-1)), Code.INVALID_ARGUMENT),
     "latent d_sae": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=D_SAE)), Code.INVALID_ARGUMENT),
+    "view unknown": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, view=99)), Code.INVALID_ARGUMENT),
     "top_images 0": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, top_images=0)), Code.INVALID_ARGUMENT),
     "top_images -3": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, top_images=-3)), Code.INVALID_ARGUMENT),
     "top_images huge": (lambda s: s.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, top_images=10**6)), Code.INVALID_ARGUMENT),

@@ -4,6 +4,7 @@ latent finds the concept, in the right images and at the right place."""
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ def test_a_latent_finds_the_planted_square(pipeline):
 
     found = []
     for latent in range(table.d_sae):
-        images = table.topk_image[latent]
+        images = table.top["best_patch"].image[latent]
         if (images < 0).any() or not all(boxes[image_ids[i]] for i in images):
             continue  # top-k not entirely made of planted images
         hits = 0
@@ -50,21 +51,21 @@ def test_a_latent_finds_the_planted_square(pipeline):
     best_hits, best = max(found)
     assert best_hits == manifest.top_images, f"latent {best}: heatmap peak on the square in {best_hits}/{manifest.top_images} images"
     # The stored best patch agrees with the recomputed heatmap peak.
-    first = int(table.topk_image[best, 0])
+    first = int(table.top["best_patch"].image[best, 0])
     heat = sae.encode(aset.image_tokens(record.layer, first)[aset.layout.patch_start:])[:, best]
-    assert int(heat.argmax()) == int(table.topk_patch[best, 0])
-    np.testing.assert_allclose(float(heat.max()), float(table.topk_score[best, 0]), rtol=1e-4)
+    assert int(heat.argmax()) == int(table.top["best_patch"].patch[best, 0])
+    np.testing.assert_allclose(float(heat.max()), float(table.top["best_patch"].score[best, 0]), rtol=1e-4)
 
 
 def test_topk_images_are_unique_and_sorted(pipeline):
     _, table = load_analysis(open_store(pipeline.store_uri), pipeline.analysis_id)
     for latent in range(table.d_sae):
-        used = table.topk_image[latent][table.topk_image[latent] >= 0]
+        used = table.top["best_patch"].image[latent][table.top["best_patch"].image[latent] >= 0]
         assert len(np.unique(used)) == len(used)
-        scores = table.topk_score[latent][: len(used)]
+        scores = table.top["best_patch"].score[latent][: len(used)]
         assert (np.diff(scores) <= 0).all()
     # Batch-local indices would put every latent's examples in the first batch.
-    assert table.topk_image.max() > 16
+    assert table.top["best_patch"].image.max() > 16
 
 
 def test_sae_metrics_are_published_and_sane(pipeline):
@@ -80,7 +81,7 @@ def test_sae_metrics_are_published_and_sane(pipeline):
     torch.testing.assert_close(by_uri.encode(x), sae.encode(x))
 
 
-def test_rerun_skips_every_finished_stage(pipeline, caplog):
+def test_rerun_skips_every_finished_stage(pipeline, caplog, tmp_path):
     from vitscope.composition.flows import pipeline_flow
 
     assert pipeline.skipped == []
@@ -99,8 +100,10 @@ def test_rerun_skips_every_finished_stage(pipeline, caplog):
                  "nothing to do: every stage's output is already published"):
         assert line in said
     assert (again.set_id, again.sae_id, again.analysis_id) == (pipeline.set_id, pipeline.sae_id, pipeline.analysis_id)
-    # A changed training setting retrains and re-analyses but reuses the extracted set.
-    changed = pipeline_flow(pipeline_config(pipeline.store_uri, pipeline.data_root, pipeline.model_name,
+    # A changed training setting retrains and re-analyses but reuses the extracted set (in a copy
+    # of the store: other tests count the shared store's SAEs).
+    shutil.copytree(pipeline.store_uri, tmp_path / "store")
+    changed = pipeline_flow(pipeline_config(str(tmp_path / "store"), pipeline.data_root, pipeline.model_name,
                                             train={"l1_coeff": 4.0, "n_tokens": 20_000}))
     assert changed.skipped == ["extract"]
     assert changed.set_id == pipeline.set_id and changed.sae_id != pipeline.sae_id

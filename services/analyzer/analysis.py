@@ -16,7 +16,17 @@ from vitscope.shards import ActivationSet, from_storage
 from vitscope.store import open_store
 
 from .config import AnalyzeConfig
-from .results import AnalysisManifest, LatentTable, analysis_exists, analysis_id, save_analysis
+from .results import (
+    ACTIVATION_LOG10_EDGES,
+    VIEWS,
+    AnalysisManifest,
+    LatentTable,
+    TopImages,
+    analysis_exists,
+    analysis_id,
+    default_view,
+    save_analysis,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,34 @@ class TopK:
         self.image = all_image.gather(1, top)
         self.patch = torch.cat([self.patch, patch], dim=1).gather(1, top)
 
+    def result(self) -> TopImages:
+        """The top images as published: an image where the latent never fired is no example of it."""
+        unused = self.score <= 0
+        return TopImages(self.score.masked_fill(unused, 0).cpu().numpy().astype(np.float32),
+                         self.image.masked_fill(unused, -1).cpu().numpy(),
+                         self.patch.masked_fill(unused, -1).cpu().numpy())
+
+
+class ActivationHistogram:
+    """Per latent, how many tokens it fired on in each activation bin
+    (:data:`ACTIVATION_LOG10_EDGES`): counts add up across batches and parts."""
+
+    def __init__(self, d_sae: int, device: torch.device):
+        self.inner = torch.as_tensor(ACTIVATION_LOG10_EDGES[1:-1], dtype=torch.float64, device=device)
+        self.bins = len(ACTIVATION_LOG10_EDGES) - 1
+        self.counts = torch.zeros(d_sae * self.bins, dtype=torch.int64, device=device)
+
+    def add(self, z: torch.Tensor) -> None:
+        """Count the positive entries of codes ``z`` [tokens, d_sae]."""
+        rows, cols = z.nonzero(as_tuple=True)  # codes are sparse: far fewer entries than z
+        # float64 and [a, b) bins, so that a value on an edge lands where numpy.histogram puts it
+        bins = torch.bucketize(z[rows, cols].double().log10(), self.inner, right=True)
+        self.counts += torch.bincount(cols * self.bins + bins, minlength=len(self.counts))
+
+    def result(self) -> np.ndarray:
+        """int64 [d_sae, bins], as published."""
+        return self.counts.view(-1, self.bins).cpu().numpy()
+
 
 
 @torch.no_grad()
@@ -74,7 +112,9 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     fires = torch.zeros(d_sae, dtype=torch.float64, device=device)
     act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
     act_max = torch.zeros(d_sae, device=device)
-    topk = TopK(d_sae, min(cfg.top_images, len(aset)), device)
+    histogram = ActivationHistogram(d_sae, device)
+    views = [v for v in VIEWS if v != "cls" or m.layout.n_cls]
+    tops = {v: TopK(d_sae, min(cfg.top_images, len(aset)), device) for v in views}
     n_tokens = 0
     t0 = time.perf_counter()
     with tqdm(total=len(aset), unit="img", desc=f"analyze {record.sae_id[:8]}", disable=not cfg.progress) as bar:
@@ -90,27 +130,32 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
                 act_sum += zs.sum(dim=0).double()
                 # Reducing over tokens within each image first avoids a slow long column max.
                 act_max = torch.maximum(act_max, z[:, stat_positions].amax(dim=1).amax(dim=0))
+                histogram.add(zs)
                 n_tokens += len(zs)
-                # Best patch per image: each image enters a latent's top-k at most once.
-                best, where = z[:, patch_slice].max(dim=1)  # [B, d_sae]
-                images = torch.arange(shard.first_image + lo, shard.first_image + hi, device=device)
-                topk.merge(best.T, images[None].expand(d_sae, -1), where.T.int())
+                # One score per image and view, so each image enters a latent's top-k at most
+                # once; every view keeps the image's best patch, where its heatmap peaks.
+                patches = z[:, patch_slice]
+                best, where = patches.max(dim=1)  # [B, d_sae]
+                scores = {"best_patch": best, "mean": patches.mean(dim=1), "cls": z[:, 0] if m.layout.n_cls else None}
+                images = torch.arange(shard.first_image + lo, shard.first_image + hi, device=device)[None].expand(d_sae, -1)
+                for view, top in tops.items():
+                    top.merge(scores[view].T, images, where.T.int())
                 bar.update(hi - lo)
     freq = (fires / max(n_tokens, 1)).cpu().numpy()
     mean_when_firing = (act_sum / fires.clamp_min(1)).cpu().numpy()
-    unused = topk.score <= 0  # an image where the latent never fired is no example of it
     table = LatentTable(
         frequency=freq,
         mean_activation=mean_when_firing,
         max_activation=act_max.cpu().numpy().astype(np.float32),
-        topk_score=topk.score.masked_fill(unused, 0).cpu().numpy().astype(np.float32),
-        topk_image=topk.image.masked_fill(unused, -1).cpu().numpy(),
-        topk_patch=topk.patch.masked_fill(unused, -1).cpu().numpy(),
+        top={view: top.result() for view, top in tops.items()},
+        histogram=histogram.result(),
     )
     manifest = AnalysisManifest(
         analysis_id=aid, sae_id=record.sae_id, activation_set_id=m.set_id, layer=record.layer,
-        top_images=topk.score.shape[1], d_sae=d_sae, n_images=len(aset), n_tokens=n_tokens, tokens=list(record.tokens),
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        top_images=min(cfg.top_images, len(aset)), d_sae=d_sae, n_images=len(aset), n_tokens=n_tokens,
+        tokens=list(record.tokens), created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        views=views, default_view=default_view(record.tokens),
+        histogram_log10_edges=ACTIVATION_LOG10_EDGES.tolist(),
     )
     save_analysis(store, manifest, table)
     log.info("published analysis %s (%d latents over %d images, %.1fs)", aid, d_sae, len(aset),

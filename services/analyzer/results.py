@@ -1,17 +1,23 @@
-"""Analysis results format v1: per-latent statistics and top-k examples of one SAE over one
-activation set, under ``analyses/<analysis_id>/``::
+"""Analysis results format v2: per-latent statistics, activation histograms and top images in
+several views of one SAE over one activation set, under ``analyses/<analysis_id>/``::
 
-    stats.safetensors   frequency, mean/max activation, top-k (score, image, patch) per latent
+    stats.safetensors   frequency, mean/max activation, activation histogram, and per view the
+                        top images (score, image, patch) of each latent
     manifest.json       written last
 
-Top-k stores (score, image index, patch index) only. Heatmaps are recomputed on demand from the
-stored shard rows, never kept as a dense d_sae x k x patches tensor.
+The views rank an image by the latent's activation at its best patch (``best_patch``), on its
+CLS token (``cls``, sets that store one) or averaged over its patches (``mean``). Each example
+stores (score, image index, patch index) only, the patch being the image's best one in every
+view; heatmaps are recomputed on demand from the stored shard rows, never kept as a dense
+d_sae x k x patches tensor.
+
+Version 1 analyses (the best-patch view only, no histogram) still load.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,8 +27,22 @@ from vitscope.hashing import content_id
 from vitscope.store import NotFound, Store
 
 FORMAT = "vitscope.analysis"
-VERSION = 1
+VERSION = 2
 PREFIX = "analyses"
+
+VIEWS = ("best_patch", "cls", "mean")
+"""Ways to rank a latent's top images: the activation at the image's best patch (each image
+once), on its CLS token, or the mean over its patches."""
+ACTIVATION_LOG10_EDGES = np.linspace(-4.0, 4.0, 41)
+"""Bins of the per-latent activation histogram, log10-spaced (0.2 decade each) and the same for
+every analysis, so that partial histograms add up. Codes live in the SAE's normalised space,
+where activations span ~1e-3 to ~1e2; values outside fall into the first or last bin."""
+
+
+def default_view(tokens: list[str]) -> str:
+    """The view a latent's top images are shown in by default: CLS for an SAE trained on CLS
+    tokens only, the best patch otherwise."""
+    return "cls" if list(tokens) == ["cls"] else "best_patch"
 
 
 @dataclass
@@ -38,6 +58,11 @@ class AnalysisManifest:
     n_tokens: int  # tokens the statistics are over (the kinds the SAE was trained on)
     tokens: list[str]
     created_at: str = ""
+    views: list[str] = field(default_factory=lambda: ["best_patch"])
+    """The views whose top images the analysis keeps (version 1: best_patch only)."""
+    default_view: str = "best_patch"
+    histogram_log10_edges: list[float] = field(default_factory=list)
+    """Bin edges of the activation histograms (empty for version 1, which has none)."""
     format: str = FORMAT
     version: int = VERSION
 
@@ -52,27 +77,50 @@ class AnalysisManifest:
 
 
 @dataclass
+class TopImages:
+    """One view's top images of every latent: rows sorted by score, descending; unused slots
+    (fewer than k images ever made the latent fire) have image index -1 and score 0."""
+
+    score: np.ndarray  # float32 [d_sae, k]
+    image: np.ndarray  # int64 [d_sae, k]: row in the activation set
+    patch: np.ndarray  # int32 [d_sae, k]: the image's best patch, row-major in the grid
+
+
+@dataclass
 class LatentTable:
-    """Per-latent arrays, all with d_sae rows. Top-k rows are sorted by score, descending;
-    unused slots (fewer than k images ever fired) have image index -1 and score 0."""
+    """Per-latent arrays, all with d_sae rows."""
 
     frequency: np.ndarray  # float64 [d_sae]: fraction of tokens where the latent is > 0
     mean_activation: np.ndarray  # float64 [d_sae]: mean over the tokens where it fires
     max_activation: np.ndarray  # float32 [d_sae]
-    topk_score: np.ndarray  # float32 [d_sae, k]
-    topk_image: np.ndarray  # int64 [d_sae, k]
-    topk_patch: np.ndarray  # int32 [d_sae, k]
+    top: dict[str, TopImages]
+    """Top images per view (see :data:`VIEWS`)."""
+    histogram: np.ndarray | None = None
+    """int64 [d_sae, bins]: tokens on which the latent fired, per activation bin
+    (:data:`ACTIVATION_LOG10_EDGES`); None for version 1 analyses."""
 
     @property
     def d_sae(self) -> int:
         return len(self.frequency)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in asdict(self).items()}
+        arrays = {"frequency": self.frequency, "mean_activation": self.mean_activation,
+                  "max_activation": self.max_activation}
+        if self.histogram is not None:
+            arrays["histogram"] = self.histogram
+        for view, t in self.top.items():
+            arrays.update({f"top.{view}.score": t.score, f"top.{view}.image": t.image, f"top.{view}.patch": t.patch})
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> LatentTable:
-        return cls(**{k: t[k].numpy() for k in cls.__dataclass_fields__})
+        a = {k: v.numpy() for k, v in t.items()}
+        if "topk_score" in a:  # version 1: the best-patch view only
+            top = {"best_patch": TopImages(a["topk_score"], a["topk_image"], a["topk_patch"])}
+        else:
+            views = sorted({k.split(".")[1] for k in a if k.startswith("top.")}, key=VIEWS.index)
+            top = {v: TopImages(a[f"top.{v}.score"], a[f"top.{v}.image"], a[f"top.{v}.patch"]) for v in views}
+        return cls(a["frequency"], a["mean_activation"], a["max_activation"], top, a.get("histogram"))
 
 
 def analysis_id(sae_id: str, activation_set_id: str, top_images: int) -> str:

@@ -261,7 +261,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
                 if m.sae_id == record.sae_id and m.activation_set_id == record.activation_set_id]
         if not mine:
             return None
-        aid = max(mine, key=lambda m: (m.top_images, m.created_at)).analysis_id
+        aid = max(mine, key=lambda m: (m.version, m.top_images, m.created_at)).analysis_id
         self._analysis_of[record.sae_id] = aid
         return aid
 
@@ -314,6 +314,9 @@ class AnalyzerService(rpc.AnalyzerServicer):
             msg.log_freq_edges.extend(hist.log10_edges.tolist())
             msg.log_freq_counts.extend(hist.counts.tolist())
             msg.never_fired = msg.dead_latents = hist.never_fired  # dead_latents: v1 clients' name for it
+            manifest = self._analyses.get(aid, lambda: load_analysis(self.store, aid))[0]
+            msg.views.extend(VIEW_ENUM[v] for v in manifest.views)
+            msg.default_view = VIEW_ENUM[manifest.default_view]
         return msg
 
     @staticmethod
@@ -362,12 +365,14 @@ class AnalyzerService(rpc.AnalyzerServicer):
         if not 0 <= request.latent < manifest.d_sae:
             raise _invalid(f"latent {request.latent} out of range: SAE {record.sae_id} has {manifest.d_sae} latents")
         k = _top_images(request, manifest.top_images)
+        view = _view(request.view, manifest)
+        top = table.top[view]
         aset = self._set(manifest.activation_set_id)
         rows, cols = aset.layout.grid
         latent = request.latent
         examples = []
-        for image, patch, score in zip(table.topk_image[latent, :k], table.topk_patch[latent, :k],
-                                       table.topk_score[latent, :k], strict=True):
+        for image, patch, score in zip(top.image[latent, :k], top.patch[latent, :k], top.score[latent, :k],
+                                       strict=True):
             if image < 0:  # fewer than k images ever made this latent fire
                 continue
             info = self._image_record(aset, int(image))
@@ -379,7 +384,12 @@ class AnalyzerService(rpc.AnalyzerServicer):
             maps = self._heatmaps(record, aset, manifest.layer, latent, [e.image_index for e in examples])
             for example, heatmap in zip(examples, maps, strict=True):
                 example.heatmap.extend(heatmap)
-        return pb.Latent(stats=self._stats(table, latent), examples=examples, grid_rows=rows, grid_cols=cols)
+        reply = pb.Latent(stats=self._stats(table, latent), examples=examples, grid_rows=rows, grid_cols=cols,
+                          view=VIEW_ENUM[view])
+        if table.histogram is not None:
+            reply.activation_histogram.extend(table.histogram[latent].tolist())
+            reply.activation_log10_edges.extend(manifest.histogram_log10_edges)
+        return reply
 
     def _heatmaps(self, record: SaeRecord, aset: ActivationSet, layer: int, latent: int,
                   images: list[int]) -> list[list[float]]:
@@ -437,6 +447,25 @@ def _frequency_range(low: float, high: float) -> FrequencyRange:
         return FrequencyRange.from_bounds(low, high)
     except ValueError as e:
         raise _invalid(str(e)) from None
+
+
+VIEW_ENUM = {"best_patch": pb.TOP_IMAGES_VIEW_BEST_PATCH, "cls": pb.TOP_IMAGES_VIEW_CLS,
+             "mean": pb.TOP_IMAGES_VIEW_MEAN}
+"""The analysis' view names and the API's enum values, one to one."""
+
+
+def _view(requested: int, manifest: AnalysisManifest) -> str:
+    """The analysis view a request asks for (unspecified: the analysis' default)."""
+    if requested == pb.TOP_IMAGES_VIEW_UNSPECIFIED:
+        return manifest.default_view
+    names = {v: k for k, v in VIEW_ENUM.items()}
+    if requested not in names:
+        raise _invalid(f"unknown top-images view {requested}")
+    if names[requested] not in manifest.views:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"analysis {manifest.analysis_id} has no {names[requested]} view "
+                           f"(it has {', '.join(manifest.views)})")
+    return names[requested]
 
 
 def _top_images(request: pb.GetLatentRequest, analysed: int) -> int:
