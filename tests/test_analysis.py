@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vitscope.analyzer import AnalyzeConfig, analyze
-from vitscope.analyzer.analysis import TopK
+from vitscope.analyzer.analysis import BandSamples, TopK, sample_priority
 from vitscope.analyzer.results import load_analysis
 from vitscope.metrics import frequency_histogram
 from vitscope.sae import load_sae_from
@@ -35,6 +35,37 @@ def test_topk_merge_is_order_and_split_independent():
         torch.testing.assert_close(split.image, one_pass.image)
     expected = np.argsort(-score, axis=1, kind="stable")[:, :6]
     np.testing.assert_array_equal(one_pass.image.numpy(), expected)
+
+
+def _band_samples(score: np.ndarray, parts, per_band: int = 3) -> BandSamples:
+    samples = BandSamples(score.shape[0], per_band, torch.device("cpu"))
+    for images in parts:
+        s = torch.as_tensor(score[:, images], dtype=torch.float32)
+        samples.merge(s, torch.as_tensor(images)[None].expand_as(s), torch.zeros_like(s, dtype=torch.int32))
+    return samples
+
+
+def test_band_samples_are_a_reproducible_uniform_draw_per_band_in_any_order():
+    from vitscope.analyzer.results import SAMPLE_LOG10_EDGES
+
+    rng = np.random.default_rng(2)
+    score = np.where(rng.random((7, 60)) < 0.7, 10 ** rng.uniform(-3.5, 3.5, (7, 60)), 0.0).astype(np.float32)
+    one = _band_samples(score, [np.arange(60)])
+    perm = rng.permutation(60)
+    for parts in ([np.arange(30), np.arange(30, 60)], [perm[i::4] for i in range(4)], [perm]):
+        split = _band_samples(score, parts)
+        for name in ("key", "image", "score"):
+            torch.testing.assert_close(getattr(split, name), getattr(one, name))
+    got = one.result()
+    band = np.digitize(np.log10(np.where(score > 0, score, 1e-30)), SAMPLE_LOG10_EDGES[1:-1], right=False)
+    for latent in range(7):
+        prio = sample_priority(torch.arange(60), torch.full((60,), latent)).numpy()
+        for b in range(len(SAMPLE_LOG10_EDGES) - 1):
+            members = np.flatnonzero((band[latent] == b) & (score[latent] > 0))
+            want = members[np.argsort(prio[members], kind="stable")][:3]
+            kept = got.image[latent, b][got.image[latent, b] >= 0]
+            np.testing.assert_array_equal(kept, want)
+            np.testing.assert_array_equal(got.score[latent, b, :len(want)], score[latent, want])
 
 
 def test_statistics_match_a_direct_computation(pipeline):
@@ -73,6 +104,24 @@ def test_statistics_match_a_direct_computation(pipeline):
                                        np.sort(want.numpy())[::-1][:n], rtol=1e-3, atol=1e-4)
             assert (top.image[latent, n:] == -1).all()
             np.testing.assert_array_equal(top.patch[latent, :n], best_patch[got, latent].numpy())
+    # Band samples: images of each band of best-patch activation, each really in its band.
+    per_image_best = z.reshape(len(aset), -1, z.shape[1]).max(dim=1).values  # [images, d_sae]
+    samples, sample_edges = table.samples, np.asarray(manifest.sample_log10_edges)
+    assert samples.image.shape[:2] == (z.shape[1], len(sample_edges) - 1)
+    for latent in range(0, z.shape[1], 41):
+        for band in range(len(sample_edges) - 1):
+            kept = samples.image[latent, band]
+            kept = kept[kept >= 0]
+            if not len(kept):
+                continue
+            values = np.log10(per_image_best[kept, latent].double().numpy())
+            lo = -np.inf if band == 0 else sample_edges[band]
+            hi = np.inf if band == len(sample_edges) - 2 else sample_edges[band + 1]
+            assert ((values >= lo - 1e-6) & (values < hi + 1e-6)).all()
+            in_band = ((np.log10(per_image_best[:, latent].double().clamp_min(1e-30).numpy()) >= lo)
+                       & (np.log10(per_image_best[:, latent].double().clamp_min(1e-30).numpy()) < hi)
+                       & (per_image_best[:, latent] > 0).numpy())
+            assert len(kept) == min(int(in_band.sum()), samples.image.shape[2])
     # The activation histogram counts every firing token once, in its log10 bin.
     edges = np.asarray(manifest.histogram_log10_edges)
     assert table.histogram.shape == (z.shape[1], len(edges) - 1)

@@ -253,6 +253,21 @@ def test_get_latent_carries_the_activation_histogram(stub, served: Served):
     assert sum(reply.activation_histogram) == round(t.frequency[latent] * n_tokens)
 
 
+def test_get_latent_carries_band_samples_of_typical_activations(stub, served: Served):
+    t, latent = served.table, _busiest_latent(served.table)
+    reply = stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent), timeout=10)
+    assert reply.bands, "the busiest latent has images in some band"
+    lows = [b.log10_low for b in reply.bands]
+    assert lows == sorted(lows)
+    for band in reply.bands:
+        assert 0 < len(band.examples) <= t.samples.image.shape[2]
+        for e in band.examples:
+            assert not e.heatmap and e.image_id == served.aset.image_record(e.image_index)["id"]
+            inner = band.log10_low > -4 and band.log10_high < 4  # the end bands are open
+            if inner:
+                assert band.log10_low - 1e-6 <= np.log10(e.score) < band.log10_high + 1e-6
+
+
 def test_a_version_1_analysis_still_loads_and_serves_its_one_view(served: Served, tmp_path):
     """An analysis published before views and histograms: best-patch examples only."""
     import json
@@ -281,7 +296,7 @@ def test_a_version_1_analysis_still_loads_and_serves_its_one_view(served: Served
             latent = _busiest_latent(t)
             reply = old.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent), timeout=10)
             assert [e.image_index for e in reply.examples] == best.image[latent, :K].tolist()
-            assert reply.view == pb.TOP_IMAGES_VIEW_BEST_PATCH and not reply.activation_histogram
+            assert reply.view == pb.TOP_IMAGES_VIEW_BEST_PATCH and not reply.activation_histogram and not reply.bands
             with pytest.raises(grpc.RpcError) as e:
                 old.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent, view=pb.TOP_IMAGES_VIEW_CLS),
                               timeout=10)

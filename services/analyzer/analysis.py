@@ -18,6 +18,8 @@ from vitscope.store import open_store
 from .config import AnalyzeConfig
 from .results import (
     ACTIVATION_LOG10_EDGES,
+    SAMPLE_LOG10_EDGES,
+    SAMPLES_PER_BAND,
     VIEWS,
     AnalysisManifest,
     LatentTable,
@@ -65,6 +67,62 @@ class TopK:
         return TopImages(self.score.masked_fill(unused, 0).cpu().numpy().astype(np.float32),
                          self.image.masked_fill(unused, -1).cpu().numpy(),
                          self.patch.masked_fill(unused, -1).cpu().numpy())
+
+
+_NO_KEY = torch.iinfo(torch.int64).max  # an empty slot sorts after every candidate
+
+
+def sample_priority(images: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """A pseudo-random priority in [0, 2^31) per (image, latent), the same in every run, part
+    and order: the band samples keep the images of smallest priority, a uniform draw that
+    needs no random state to merge."""
+    h = (images.to(torch.int64) * 0x9E3779B1) ^ (latents.to(torch.int64) * 0x85EBCA77)
+    h = (h ^ (h >> 15)) * 0x2C1B3C6D
+    return (h ^ (h >> 12)) & 0x7FFFFFFF
+
+
+class BandSamples:
+    """Per latent, a few images from each band of activation (:data:`SAMPLE_LOG10_EDGES`, by
+    the image's best-patch activation): typical examples at every strength, not only the top.
+    Each band keeps the ``per_band`` images of smallest :func:`sample_priority`, so the result
+    is a uniform, reproducible draw that merges associatively whatever the batches' order."""
+
+    def __init__(self, d_sae: int, per_band: int, device: torch.device):
+        self.per_band = per_band
+        self.bands = len(SAMPLE_LOG10_EDGES) - 1
+        self.inner = torch.as_tensor(SAMPLE_LOG10_EDGES[1:-1], dtype=torch.float64, device=device)
+        slots = self.bands * per_band
+        self.key = torch.full((d_sae, slots), _NO_KEY, dtype=torch.int64, device=device)
+        self.image = torch.full((d_sae, slots), -1, dtype=torch.int64, device=device)
+        self.score = torch.zeros(d_sae, slots, device=device)
+        self.patch = torch.full((d_sae, slots), -1, dtype=torch.int32, device=device)
+
+    def merge(self, score: torch.Tensor, image: torch.Tensor, patch: torch.Tensor) -> None:
+        """Merge candidates [d_sae, n] (each image at most once per latent across all merges)."""
+        d_sae, n = score.shape
+        band = torch.bucketize(score.double().clamp_min(1e-30).log10().contiguous(), self.inner, right=True)
+        prio = sample_priority(image, torch.arange(d_sae, device=score.device)[:, None].expand(d_sae, n))
+        key = torch.where(score > 0, (band << 32) | prio, torch.full_like(prio, _NO_KEY))
+        keys, order = torch.cat([self.key, key], dim=1).sort(dim=1)
+        # A candidate's rank within its band: its position after the band's first candidate.
+        band_of = keys >> 32
+        rank = torch.arange(keys.shape[1], device=keys.device) - torch.searchsorted(band_of, band_of)
+        keep = (rank < self.per_band) & (keys != _NO_KEY)
+        slots = self.key.shape[1]
+        slot = torch.where(keep, band_of * self.per_band + rank, torch.full_like(rank, slots))  # slots: dropped
+        candidates = {"key": keys, "image": torch.cat([self.image, image], 1).gather(1, order),
+                      "score": torch.cat([self.score, score], 1).gather(1, order),
+                      "patch": torch.cat([self.patch, patch], 1).gather(1, order)}
+        for name, empty in (("key", _NO_KEY), ("image", -1), ("score", 0), ("patch", -1)):
+            old = getattr(self, name)
+            out = torch.full((d_sae, slots + 1), empty, dtype=old.dtype, device=old.device)
+            setattr(self, name, out.scatter_(1, slot, candidates[name].to(old.dtype))[:, :slots])
+
+    def result(self) -> TopImages:
+        """The samples as published, [d_sae, bands, per_band] each; empty slots have image -1."""
+        shape = (-1, self.bands, self.per_band)
+        return TopImages(self.score.cpu().numpy().astype(np.float32).reshape(shape),
+                         self.image.cpu().numpy().reshape(shape), self.patch.cpu().numpy().reshape(shape))
 
 
 class ActivationHistogram:
@@ -115,6 +173,7 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     histogram = ActivationHistogram(d_sae, device)
     views = [v for v in VIEWS if v != "cls" or m.layout.n_cls]
     tops = {v: TopK(d_sae, min(cfg.top_images, len(aset)), device) for v in views}
+    bands = BandSamples(d_sae, SAMPLES_PER_BAND, device)
     n_tokens = 0
     t0 = time.perf_counter()
     with tqdm(total=len(aset), unit="img", desc=f"analyze {record.sae_id[:8]}", disable=not cfg.progress) as bar:
@@ -140,6 +199,7 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
                 images = torch.arange(shard.first_image + lo, shard.first_image + hi, device=device)[None].expand(d_sae, -1)
                 for view, top in tops.items():
                     top.merge(scores[view].T, images, where.T.int())
+                bands.merge(best.T, images, where.T.int())
                 bar.update(hi - lo)
     freq = (fires / max(n_tokens, 1)).cpu().numpy()
     mean_when_firing = (act_sum / fires.clamp_min(1)).cpu().numpy()
@@ -149,13 +209,14 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
         max_activation=act_max.cpu().numpy().astype(np.float32),
         top={view: top.result() for view, top in tops.items()},
         histogram=histogram.result(),
+        samples=bands.result(),
     )
     manifest = AnalysisManifest(
         analysis_id=aid, sae_id=record.sae_id, activation_set_id=m.set_id, layer=record.layer,
         top_images=min(cfg.top_images, len(aset)), d_sae=d_sae, n_images=len(aset), n_tokens=n_tokens,
         tokens=list(record.tokens), created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         views=views, default_view=default_view(record.tokens),
-        histogram_log10_edges=ACTIVATION_LOG10_EDGES.tolist(),
+        histogram_log10_edges=ACTIVATION_LOG10_EDGES.tolist(), sample_log10_edges=SAMPLE_LOG10_EDGES.tolist(),
     )
     save_analysis(store, manifest, table)
     log.info("published analysis %s (%d latents over %d images, %.1fs)", aid, d_sae, len(aset),

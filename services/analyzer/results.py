@@ -39,6 +39,12 @@ every analysis, so that partial histograms add up. Codes live in the SAE's norma
 where activations span ~1e-3 to ~1e2; values outside fall into the first or last bin."""
 
 
+SAMPLE_LOG10_EDGES = np.linspace(-4.0, 4.0, 21)
+"""Activation bands (log10, 0.4 decade each) of the band samples: a few images of each band
+show what a latent's typical activations look like, not only its strongest."""
+SAMPLES_PER_BAND = 4
+
+
 def default_view(tokens: list[str]) -> str:
     """The view a latent's top images are shown in by default: CLS for an SAE trained on CLS
     tokens only, the best patch otherwise."""
@@ -63,6 +69,8 @@ class AnalysisManifest:
     default_view: str = "best_patch"
     histogram_log10_edges: list[float] = field(default_factory=list)
     """Bin edges of the activation histograms (empty for version 1, which has none)."""
+    sample_log10_edges: list[float] = field(default_factory=list)
+    """Band edges of the band samples (empty for version 1)."""
     format: str = FORMAT
     version: int = VERSION
 
@@ -98,6 +106,10 @@ class LatentTable:
     histogram: np.ndarray | None = None
     """int64 [d_sae, bins]: tokens on which the latent fired, per activation bin
     (:data:`ACTIVATION_LOG10_EDGES`); None for version 1 analyses."""
+    samples: TopImages | None = None
+    """[d_sae, bands, per_band]: images drawn uniformly (reproducibly) from each band of
+    best-patch activation (:data:`SAMPLE_LOG10_EDGES`), by priority within a band; empty slots
+    have image -1. None for version 1 analyses."""
 
     @property
     def d_sae(self) -> int:
@@ -110,6 +122,9 @@ class LatentTable:
             arrays["histogram"] = self.histogram
         for view, t in self.top.items():
             arrays.update({f"top.{view}.score": t.score, f"top.{view}.image": t.image, f"top.{view}.patch": t.patch})
+        if self.samples is not None:
+            t = self.samples
+            arrays.update({"samples.score": t.score, "samples.image": t.image, "samples.patch": t.patch})
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
     @classmethod
@@ -120,7 +135,9 @@ class LatentTable:
         else:
             views = sorted({k.split(".")[1] for k in a if k.startswith("top.")}, key=VIEWS.index)
             top = {v: TopImages(a[f"top.{v}.score"], a[f"top.{v}.image"], a[f"top.{v}.patch"]) for v in views}
-        return cls(a["frequency"], a["mean_activation"], a["max_activation"], top, a.get("histogram"))
+        samples = (TopImages(a["samples.score"], a["samples.image"], a["samples.patch"])
+                   if "samples.image" in a else None)
+        return cls(a["frequency"], a["mean_activation"], a["max_activation"], top, a.get("histogram"), samples)
 
 
 def analysis_id(sae_id: str, activation_set_id: str, top_images: int) -> str:

@@ -370,16 +370,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
         aset = self._set(manifest.activation_set_id)
         rows, cols = aset.layout.grid
         latent = request.latent
-        examples = []
-        for image, patch, score in zip(top.image[latent, :k], top.patch[latent, :k], top.score[latent, :k],
-                                       strict=True):
-            if image < 0:  # fewer than k images ever made this latent fire
-                continue
-            info = self._image_record(aset, int(image))
-            examples.append(pb.Example(
-                image_index=int(image), image_id=str(info["id"]), label=_label(info), score=float(score),
-                patch=int(patch), patch_row=int(patch) // cols, patch_col=int(patch) % cols,
-            ))
+        examples = self._examples(aset, top.image[latent, :k], top.patch[latent, :k], top.score[latent, :k])
         if request.heatmaps and examples:
             maps = self._heatmaps(record, aset, manifest.layer, latent, [e.image_index for e in examples])
             for example, heatmap in zip(examples, maps, strict=True):
@@ -389,7 +380,28 @@ class AnalyzerService(rpc.AnalyzerServicer):
         if table.histogram is not None:
             reply.activation_histogram.extend(table.histogram[latent].tolist())
             reply.activation_log10_edges.extend(manifest.histogram_log10_edges)
+        if table.samples is not None:
+            edges, t = manifest.sample_log10_edges, table.samples
+            for band in range(t.image.shape[1]):
+                drawn = self._examples(aset, t.image[latent, band], t.patch[latent, band], t.score[latent, band])
+                if drawn:
+                    reply.bands.append(pb.ActivationBand(log10_low=edges[band], log10_high=edges[band + 1],
+                                                         examples=drawn))
         return reply
+
+    def _examples(self, aset: ActivationSet, images: np.ndarray, patches: np.ndarray,
+                  scores: np.ndarray) -> list[pb.Example]:
+        """Examples of stored (image, patch, score) rows; unused slots (image -1) are skipped."""
+        cols = aset.layout.grid[1]
+        out = []
+        for image, patch, score in zip(images, patches, scores, strict=True):
+            if image < 0:  # fewer images than slots ever made this latent fire
+                continue
+            info = self._image_record(aset, int(image))
+            out.append(pb.Example(image_index=int(image), image_id=str(info["id"]), label=_label(info),
+                                  score=float(score), patch=int(patch), patch_row=int(patch) // cols,
+                                  patch_col=int(patch) % cols))
+        return out
 
     def _heatmaps(self, record: SaeRecord, aset: ActivationSet, layer: int, latent: int,
                   images: list[int]) -> list[list[float]]:
