@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from vitscope.analyzer import AnalyzeConfig, analyze
-from vitscope.analyzer.analysis import BandSamples, TopK, sample_priority
-from vitscope.analyzer.results import load_analysis
+from vitscope.analyzer.analysis import BandSamples, TopK, cofiring_images, sample_priority
+from vitscope.analyzer.results import COFIRE_PER_TOKEN, load_analysis
 from vitscope.metrics import frequency_histogram
 from vitscope.sae import load_sae_from
 from vitscope.shards import ActivationSet
@@ -122,6 +122,26 @@ def test_statistics_match_a_direct_computation(pipeline):
                        & (np.log10(per_image_best[:, latent].double().clamp_min(1e-30).numpy()) < hi)
                        & (per_image_best[:, latent] > 0).numpy())
             assert len(kept) == min(int(in_band.sum()), samples.image.shape[2])
+    # Co-firing: Jaccard of the firing sets over the sampled images' tokens, partners ranked.
+    chosen = cofiring_images(len(aset), aset.layout.n_patches)
+    assert manifest.cofiring_tokens == int(chosen.sum()) * aset.layout.n_patches
+    sampled = z.reshape(len(aset), -1, z.shape[1])[chosen].reshape(-1, z.shape[1])
+    # Each token counts its COFIRE_PER_TOKEN strongest latents (here some tokens have more).
+    vals, idx = sampled.topk(COFIRE_PER_TOKEN, dim=1)
+    fired = torch.zeros_like(sampled, dtype=torch.float64).scatter_(1, idx, (vals > 0).double())
+    assert (fired.sum(1) < (sampled > 0).sum(1)).any() and fired.sum() > 0  # the bound was exercised
+    both = fired.T @ fired
+    either = fired.sum(0)[:, None] + fired.sum(0)[None] - both
+    jaccard = torch.where(either > 0, both / either.clamp_min(1), torch.zeros_like(both))
+    c = table.cofiring
+    for latent in range(0, z.shape[1], 29):
+        row = jaccard[latent].clone()
+        row[latent] = 0
+        partners = [j for j in np.lexsort((np.arange(len(row)), -row.numpy())) if both[latent, j] > 0][:c.latent.shape[1]]
+        got = c.latent[latent][c.latent[latent] >= 0].tolist()
+        assert got == partners
+        np.testing.assert_allclose(c.jaccard[latent, :len(got)], row[got].numpy(), rtol=1e-6)
+        np.testing.assert_array_equal(c.count[latent, :len(got)], both[latent, got].numpy())
     # The activation histogram counts every firing token once, in its log10 bin.
     edges = np.asarray(manifest.histogram_log10_edges)
     assert table.histogram.shape == (z.shape[1], len(edges) - 1)

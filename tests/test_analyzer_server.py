@@ -268,6 +268,16 @@ def test_get_latent_carries_band_samples_of_typical_activations(stub, served: Se
                 assert band.log10_low - 1e-6 <= np.log10(e.score) < band.log10_high + 1e-6
 
 
+def test_get_latent_lists_the_latents_that_co_fire_with_it(stub, served: Served):
+    t, latent = served.table, _busiest_latent(served.table)
+    reply = stub.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent), timeout=10)
+    want = [int(j) for j in t.cofiring.latent[latent] if j >= 0]
+    assert want and [c.latent for c in reply.cofiring] == want and latent not in want
+    jaccards = [c.jaccard for c in reply.cofiring]
+    assert jaccards == sorted(jaccards, reverse=True) and all(0 < j <= 1 for j in jaccards)
+    assert all(c.count > 0 for c in reply.cofiring)
+
+
 def test_a_version_1_analysis_still_loads_and_serves_its_one_view(served: Served, tmp_path):
     """An analysis published before views and histograms: best-patch examples only."""
     import json
@@ -297,6 +307,7 @@ def test_a_version_1_analysis_still_loads_and_serves_its_one_view(served: Served
             reply = old.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent), timeout=10)
             assert [e.image_index for e in reply.examples] == best.image[latent, :K].tolist()
             assert reply.view == pb.TOP_IMAGES_VIEW_BEST_PATCH and not reply.activation_histogram and not reply.bands
+            assert not reply.cofiring
             with pytest.raises(grpc.RpcError) as e:
                 old.GetLatent(pb.GetLatentRequest(sae_id=SAE_ID, latent=latent, view=pb.TOP_IMAGES_VIEW_CLS),
                               timeout=10)

@@ -18,10 +18,14 @@ from vitscope.store import open_store
 from .config import AnalyzeConfig
 from .results import (
     ACTIVATION_LOG10_EDGES,
+    COFIRE_PER_TOKEN,
+    COFIRE_TOKENS,
+    COFIRE_TOP,
     SAMPLE_LOG10_EDGES,
     SAMPLES_PER_BAND,
     VIEWS,
     AnalysisManifest,
+    CoFiringTable,
     LatentTable,
     TopImages,
     analysis_exists,
@@ -125,6 +129,69 @@ class BandSamples:
                          self.image.cpu().numpy().reshape(shape), self.patch.cpu().numpy().reshape(shape))
 
 
+def cofiring_images(n_images: int, tokens_per_image: int, budget: int = COFIRE_TOKENS) -> torch.Tensor:
+    """The images whose tokens co-firing is counted on: a fixed pseudo-random choice (the images
+    of smallest :func:`sample_priority`) of about ``budget`` tokens' worth, the same however the
+    pass is split. A bool mask over the set's images."""
+    prio = sample_priority(torch.arange(n_images), torch.full((n_images,), -1))
+    keep = torch.zeros(n_images, dtype=torch.bool)
+    keep[prio.argsort(stable=True)[: max(1, budget // max(tokens_per_image, 1))]] = True
+    return keep
+
+
+class CoFiring:
+    """Pair counts of latents firing on the same token, over the tokens of the co-firing images
+    (:func:`cofiring_images`). Each token counts the pairs among its ``per_token`` strongest
+    latents (bounding the work for dense codes); counts add up across batches and parts."""
+
+    def __init__(self, d_sae: int, per_token: int = COFIRE_PER_TOKEN):
+        self.d_sae, self.per_token = d_sae, per_token
+        self.keys: list[torch.Tensor] = []
+        self.fires = torch.zeros(d_sae, dtype=torch.int64)
+
+    def add(self, z: torch.Tensor) -> None:
+        """Count the firing latents of codes ``z`` [tokens, d_sae] and their pairs."""
+        if not len(z):
+            return
+        vals, idx = z.topk(min(self.per_token, self.d_sae), dim=1)
+        idx = torch.where(vals > 0, idx, torch.full_like(idx, -1)).cpu()
+        fired = idx[idx >= 0]
+        self.fires += torch.bincount(fired, minlength=self.d_sae)
+        a, b = idx[:, :, None], idx[:, None, :]
+        pair = (a >= 0) & (b > a)  # each unordered pair once
+        # Kept as they come: the sample bounds them (COFIRE_TOKENS x per_token^2 / 2 keys at most),
+        # and one count at the end is cheaper than one per batch.
+        self.keys.append((a * self.d_sae + b).expand(pair.shape)[pair])
+
+    def result(self, top: int = COFIRE_TOP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per latent, its ``top`` co-firing latents by Jaccard index (ties: the lower index):
+        (latent int32 [d_sae, top], jaccard float32, count int64); unused slots have latent -1."""
+        d = self.d_sae
+        out_latent = np.full((d, top), -1, dtype=np.int32)
+        out_jaccard = np.zeros((d, top), dtype=np.float32)
+        out_count = np.zeros((d, top), dtype=np.int64)
+        if not self.keys:
+            return out_latent, out_jaccard, out_count
+        keys, counts = torch.unique(torch.cat(self.keys), return_counts=True)
+        # Both orders of each pair: a latent's partners are on either side.
+        i, j = torch.cat([keys // d, keys % d]), torch.cat([keys % d, keys // d])
+        counts = torch.cat([counts, counts])
+        jaccard = counts.double() / (self.fires[i] + self.fires[j] - counts).double()
+        # Sort by latent, then Jaccard descending, then partner ascending (stable sorts, last key
+        # first): the first `top` of each latent are its partners.
+        order = torch.argsort(j, stable=True)
+        order = order[torch.argsort(-jaccard[order], stable=True)]
+        order = order[torch.argsort(i[order], stable=True)]
+        i, j, jac, cnt = i[order].numpy(), j[order].numpy(), jaccard[order].numpy(), counts[order].numpy()
+        first = np.searchsorted(i, i)
+        rank = np.arange(len(i)) - first
+        keep = rank < top
+        out_latent[i[keep], rank[keep]] = j[keep]
+        out_jaccard[i[keep], rank[keep]] = jac[keep]
+        out_count[i[keep], rank[keep]] = cnt[keep]
+        return out_latent, out_jaccard, out_count
+
+
 class ActivationHistogram:
     """Per latent, how many tokens it fired on in each activation bin
     (:data:`ACTIVATION_LOG10_EDGES`): counts add up across batches and parts."""
@@ -174,6 +241,8 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     views = [v for v in VIEWS if v != "cls" or m.layout.n_cls]
     tops = {v: TopK(d_sae, min(cfg.top_images, len(aset)), device) for v in views}
     bands = BandSamples(d_sae, SAMPLES_PER_BAND, device)
+    cofiring = CoFiring(d_sae)
+    cofire_images = cofiring_images(len(aset), len(stat_positions)).to(device)
     n_tokens = 0
     t0 = time.perf_counter()
     with tqdm(total=len(aset), unit="img", desc=f"analyze {record.sae_id[:8]}", disable=not cfg.progress) as bar:
@@ -190,6 +259,8 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
                 # Reducing over tokens within each image first avoids a slow long column max.
                 act_max = torch.maximum(act_max, z[:, stat_positions].amax(dim=1).amax(dim=0))
                 histogram.add(zs)
+                chosen = cofire_images[shard.first_image + lo:shard.first_image + hi]
+                cofiring.add(z[chosen][:, stat_positions].reshape(-1, d_sae))
                 n_tokens += len(zs)
                 # One score per image and view, so each image enters a latent's top-k at most
                 # once; every view keeps the image's best patch, where its heatmap peaks.
@@ -210,6 +281,7 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
         top={view: top.result() for view, top in tops.items()},
         histogram=histogram.result(),
         samples=bands.result(),
+        cofiring=CoFiringTable(*cofiring.result()),
     )
     manifest = AnalysisManifest(
         analysis_id=aid, sae_id=record.sae_id, activation_set_id=m.set_id, layer=record.layer,
@@ -217,6 +289,7 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
         tokens=list(record.tokens), created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         views=views, default_view=default_view(record.tokens),
         histogram_log10_edges=ACTIVATION_LOG10_EDGES.tolist(), sample_log10_edges=SAMPLE_LOG10_EDGES.tolist(),
+        cofiring_tokens=int(cofire_images.sum()) * len(stat_positions),
     )
     save_analysis(store, manifest, table)
     log.info("published analysis %s (%d latents over %d images, %.1fs)", aid, d_sae, len(aset),

@@ -43,6 +43,13 @@ SAMPLE_LOG10_EDGES = np.linspace(-4.0, 4.0, 21)
 """Activation bands (log10, 0.4 decade each) of the band samples: a few images of each band
 show what a latent's typical activations look like, not only its strongest."""
 SAMPLES_PER_BAND = 4
+COFIRE_TOKENS = 1 << 13
+"""Tokens (of whole images, chosen reproducibly) that co-firing is counted on: enough to rank a
+latent's frequent partners, bounded whatever the set's size."""
+COFIRE_PER_TOKEN = 16
+"""A token's strongest latents among which pairs are counted (all of them for sparse codes)."""
+COFIRE_TOP = 8
+"""Co-firing partners kept per latent."""
 
 
 def default_view(tokens: list[str]) -> str:
@@ -71,6 +78,8 @@ class AnalysisManifest:
     """Bin edges of the activation histograms (empty for version 1, which has none)."""
     sample_log10_edges: list[float] = field(default_factory=list)
     """Band edges of the band samples (empty for version 1)."""
+    cofiring_tokens: int = 0
+    """Tokens co-firing was counted on (0 for version 1)."""
     format: str = FORMAT
     version: int = VERSION
 
@@ -95,6 +104,16 @@ class TopImages:
 
 
 @dataclass
+class CoFiringTable:
+    """Per latent, the latents that fire most often on the same tokens, by Jaccard index
+    (shared tokens / tokens where either fires) over the co-firing sample; unused slots -1."""
+
+    latent: np.ndarray  # int32 [d_sae, top]
+    jaccard: np.ndarray  # float32 [d_sae, top], descending
+    count: np.ndarray  # int64 [d_sae, top]: sampled tokens where both fire
+
+
+@dataclass
 class LatentTable:
     """Per-latent arrays, all with d_sae rows."""
 
@@ -110,6 +129,8 @@ class LatentTable:
     """[d_sae, bands, per_band]: images drawn uniformly (reproducibly) from each band of
     best-patch activation (:data:`SAMPLE_LOG10_EDGES`), by priority within a band; empty slots
     have image -1. None for version 1 analyses."""
+    cofiring: CoFiringTable | None = None
+    """The latents that co-fire most with each (:data:`COFIRE_TOKENS`); None for version 1."""
 
     @property
     def d_sae(self) -> int:
@@ -125,6 +146,9 @@ class LatentTable:
         if self.samples is not None:
             t = self.samples
             arrays.update({"samples.score": t.score, "samples.image": t.image, "samples.patch": t.patch})
+        if self.cofiring is not None:
+            c = self.cofiring
+            arrays.update({"cofiring.latent": c.latent, "cofiring.jaccard": c.jaccard, "cofiring.count": c.count})
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
     @classmethod
@@ -137,7 +161,10 @@ class LatentTable:
             top = {v: TopImages(a[f"top.{v}.score"], a[f"top.{v}.image"], a[f"top.{v}.patch"]) for v in views}
         samples = (TopImages(a["samples.score"], a["samples.image"], a["samples.patch"])
                    if "samples.image" in a else None)
-        return cls(a["frequency"], a["mean_activation"], a["max_activation"], top, a.get("histogram"), samples)
+        cofiring = (CoFiringTable(a["cofiring.latent"], a["cofiring.jaccard"], a["cofiring.count"])
+                    if "cofiring.latent" in a else None)
+        return cls(a["frequency"], a["mean_activation"], a["max_activation"], top, a.get("histogram"), samples,
+                   cofiring)
 
 
 def analysis_id(sae_id: str, activation_set_id: str, top_images: int) -> str:

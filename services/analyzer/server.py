@@ -387,6 +387,11 @@ class AnalyzerService(rpc.AnalyzerServicer):
                 if drawn:
                     reply.bands.append(pb.ActivationBand(log10_low=edges[band], log10_high=edges[band + 1],
                                                          examples=drawn))
+        if table.cofiring is not None:
+            c = table.cofiring
+            reply.cofiring.extend(pb.CoFiring(latent=int(j), jaccard=float(jac), count=int(n))
+                                  for j, jac, n in zip(c.latent[latent], c.jaccard[latent], c.count[latent], strict=True)
+                                  if j >= 0)
         return reply
 
     def _examples(self, aset: ActivationSet, images: np.ndarray, patches: np.ndarray,
