@@ -147,6 +147,28 @@ def analyze_task(cfg: AnalyzeConfig) -> AnalyzeResult:
     return result
 
 
+@task(name="analyze-part", **_RETRY)
+def analyze_part_task(cfg: AnalyzeConfig, part: int, parts: int) -> str:
+    """Analyse one contiguous block of shards and publish its partial state (a retry or a rerun
+    finds a finished part and skips it)."""
+    result = analyze(replace(cfg, part=part, parts=parts, finish=False))
+    get_run_logger().info("part %d/%d of analysis %s done", part + 1, parts, result.analysis_id)
+    return result.analysis_id
+
+
+@flow(name="vitscope-analyze")
+def analyze_flow(cfg: AnalyzeConfig, parts: int = 1) -> AnalyzeResult:
+    """The analysis pass as ``parts`` tasks mapped over contiguous blocks of shards, then a task
+    that merges their states and publishes (the same bytes as one pass). Run it with a Dask task
+    runner (:func:`task_runner`) to spread the parts over a cluster."""
+    if parts <= 1:
+        return analyze_task(cfg)
+    ids = {f.result() for f in analyze_part_task.map(unmapped(cfg), range(parts), unmapped(parts))}
+    if len(ids) != 1:
+        raise RuntimeError(f"parts disagree on the analysis id: {sorted(ids)}")
+    return analyze_task(replace(cfg, parts=parts, finish=True))
+
+
 @dataclass
 class PipelineResult:
     """What a pipeline run published (or found published), by id."""
@@ -180,7 +202,8 @@ def pipeline_flow(cfg: PipelineConfig) -> PipelineResult:
     ex = extract_flow.with_options(task_runner=runner)(replace(cfg.extract, data=data, store=cfg.store),
                                                        parts=cfg.parts)
     tr = train_task(replace(cfg.train, activations=ex.set_id, store=cfg.store))
-    an = analyze_task(replace(cfg.analyze, sae=tr.sae_id, store=cfg.store))
+    an = analyze_flow.with_options(task_runner=runner)(replace(cfg.analyze, sae=tr.sae_id, store=cfg.store),
+                                                       parts=cfg.parts)
     skipped = [name for name, r in (("extract", ex), ("train", tr), ("analyze", an)) if r.reused]
     if len(skipped) == 3:
         log.info("nothing to do: every stage's output is already published")

@@ -62,7 +62,8 @@ class PipelineConfig:
     demo_images: int = 256
     """Size of the generated demo set (when --data is not given)."""
     parts: int = 1
-    """Extract in this many parallel parts (Prefect tasks); the set is identical whatever the number."""
+    """Extract and analyse in this many parallel parts (Prefect tasks over blocks of shards); the set
+    and the analysis are identical whatever the number."""
     dask_address: str | None = None
     """Run the parts on an existing Dask scheduler (tcp://host:8786) instead of local threads."""
     dask_cluster_class: str | None = None

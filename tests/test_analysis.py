@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +168,31 @@ def test_rerun_is_reused_and_bad_k_is_refused(pipeline):
         analyze(AnalyzeConfig(sae=pipeline.sae_id, store=pipeline.store_uri, top_images=0, progress=False))
     with pytest.raises(KeyError, match="no published SAE"):
         analyze(AnalyzeConfig(sae="nope", store=pipeline.store_uri, progress=False))
+
+
+def test_a_split_pass_in_any_order_publishes_the_same_bytes_and_resumes_its_parts(pipeline, tmp_path):
+    import shutil
+
+    from vitscope.analyzer.results import analysis_prefix
+
+    stores = {}
+    for name in ("whole", "split"):
+        stores[name] = tmp_path / name
+        shutil.copytree(pipeline.store_uri, stores[name])
+        shutil.rmtree(stores[name] / "analyses")
+    whole = analyze(AnalyzeConfig(sae=pipeline.sae_id, store=str(stores["whole"]), top_images=8, progress=False))
+    cfg = AnalyzeConfig(sae=pipeline.sae_id, store=str(stores["split"]), top_images=8, parts=3, progress=False)
+    for part in (2, 0):  # out of order; part 1 is left for the finish step to run
+        res = analyze(dataclasses.replace(cfg, part=part))
+        assert not res.published and res.analysis_id == whole.analysis_id
+    split_store = open_store(stores["split"])
+    prefix = analysis_prefix(whole.analysis_id)
+    assert split_store.exists(f"{prefix}/parts/3/2.safetensors") and not split_store.exists(f"{prefix}/manifest.json")
+    done = analyze(dataclasses.replace(cfg, finish=True))
+    assert done.published and done.analysis_id == whole.analysis_id
+    assert (stores["split"] / prefix / "stats.safetensors").read_bytes() == \
+        (stores["whole"] / prefix / "stats.safetensors").read_bytes()
+    a, b = (json.loads((stores[n] / prefix / "manifest.json").read_text()) for n in ("whole", "split"))
+    a.pop("created_at"), b.pop("created_at")
+    assert a == b
+    assert not split_store.list(f"{prefix}/parts/")  # the scratch state is gone once published

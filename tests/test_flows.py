@@ -50,3 +50,27 @@ def test_sweep_flow_trains_each_sae_once_and_publishes_a_table(pipeline):
 
     tables = [a for a in asyncio.run(latest_artifacts()) if a.key == "sweep"]
     assert tables and all(r.sae_id in str(tables[0].data) for r in results)
+
+
+@pytest.mark.parametrize("engine", ["threads", "dask"])
+def test_analysis_parts_as_mapped_tasks_match_one_pass(pipeline, tmp_path, engine):
+    import shutil
+
+    from vitscope.analyzer import AnalyzeConfig, analyze
+    from vitscope.analyzer.results import analysis_prefix
+    from vitscope.composition.flows import analyze_flow
+
+    stores = {name: tmp_path / name for name in ("one", engine)}
+    for store in stores.values():
+        shutil.copytree(pipeline.store_uri, store)
+        shutil.rmtree(store / "analyses")
+    one = analyze(AnalyzeConfig(sae=pipeline.sae_id, store=str(stores["one"]), top_images=8, progress=False))
+    runner = (task_runner(3, dask_cluster_class="distributed.LocalCluster",
+                          dask_cluster_kwargs={"n_workers": 2, "processes": False, "threads_per_worker": 1})
+              if engine == "dask" else task_runner(3))
+    cfg = AnalyzeConfig(sae=pipeline.sae_id, store=str(stores[engine]), top_images=8, progress=False)
+    result = analyze_flow.with_options(task_runner=runner)(cfg, parts=3)
+    assert result.analysis_id == one.analysis_id and result.published and not result.reused
+    stats = f"{analysis_prefix(one.analysis_id)}/stats.safetensors"
+    assert (stores[engine] / stats).read_bytes() == (stores["one"] / stats).read_bytes()
+    assert analyze_flow(cfg, parts=3).reused

@@ -11,9 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 from vitscope.device import resolve_device
-from vitscope.sae import load_sae_from
+from vitscope.sae import Sae, SaeRecord, load_sae_from
 from vitscope.shards import ActivationSet, from_storage
-from vitscope.store import open_store
+from vitscope.store import Store, open_store
 
 from .config import AnalyzeConfig
 from .results import (
@@ -30,6 +30,7 @@ from .results import (
     TopImages,
     analysis_exists,
     analysis_id,
+    analysis_prefix,
     default_view,
     save_analysis,
 )
@@ -39,8 +40,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AnalyzeResult:
+    """An analysis by id: ``reused`` when it was already published, ``published`` False for a
+    part of a split analysis (published by the ``finish`` step)."""
+
     analysis_id: str
     reused: bool
+    published: bool = True
 
 
 class TopK:
@@ -214,11 +219,98 @@ class ActivationHistogram:
 
 
 
-@torch.no_grad()
-def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
-    """Analyse (or find, if already published) the SAE ``cfg.sae`` over its activation set."""
+SUM_SCALE = 2.0 ** 20
+"""Activation sums are kept as integers in units of 2^-20 (each shard's float64 sum, rounded):
+integer addition is associative, so the mean is bit for bit the same however the pass is split
+into parts and in whatever order they merge; 2^-20 is far below float32's resolution of a
+typical activation, and int64 holds sums up to ~8.8e12."""
+
+
+class PassState:
+    """What an analysis pass has accumulated over some of a set's shards, all of it mergeable
+    exactly and in any order: firing counts, fixed-point activation sums, maxima, histograms,
+    the top images of every view, band samples and co-firing pairs."""
+
+    def __init__(self, d_sae: int, top_images: int, views: list[str], device: torch.device):
+        self.fires = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.act_sum = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.act_max = torch.zeros(d_sae, device=device)
+        self.n_tokens = 0
+        self.histogram = ActivationHistogram(d_sae, device)
+        self.tops = {v: TopK(d_sae, top_images, device) for v in views}
+        self.bands = BandSamples(d_sae, SAMPLES_PER_BAND, device)
+        self.cofiring = CoFiring(d_sae)
+
+    def merge(self, other: PassState) -> None:
+        """Add another part's state (over other shards) to this one."""
+        self.fires += other.fires
+        self.act_sum += other.act_sum
+        self.act_max = torch.maximum(self.act_max, other.act_max)
+        self.n_tokens += other.n_tokens
+        self.histogram.counts += other.histogram.counts
+        for view, top in self.tops.items():
+            top.merge(other.tops[view].score, other.tops[view].image, other.tops[view].patch)
+        self.bands.merge(other.bands.score, other.bands.image, other.bands.patch)
+        self.cofiring.keys += other.cofiring.keys
+        self.cofiring.fires += other.cofiring.fires
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        t = {"fires": self.fires, "act_sum": self.act_sum, "act_max": self.act_max,
+             "n_tokens": torch.tensor(self.n_tokens), "histogram": self.histogram.counts,
+             "cofiring.keys": torch.cat(self.cofiring.keys) if self.cofiring.keys else torch.zeros(0, dtype=torch.int64),
+             "cofiring.fires": self.cofiring.fires}
+        for view, top in self.tops.items():
+            t.update({f"top.{view}.score": top.score, f"top.{view}.image": top.image, f"top.{view}.patch": top.patch})
+        t.update({"bands.score": self.bands.score, "bands.image": self.bands.image, "bands.patch": self.bands.patch,
+                  "bands.key": self.bands.key})
+        return {k: v.detach().cpu().contiguous() for k, v in t.items()}
+
+    def load(self, t: dict[str, torch.Tensor]) -> None:
+        """Take the state :meth:`to_tensors` wrote."""
+        device = self.fires.device
+        self.fires, self.act_sum, self.act_max = (t[k].to(device) for k in ("fires", "act_sum", "act_max"))
+        self.n_tokens = int(t["n_tokens"])
+        self.histogram.counts = t["histogram"].to(device)
+        self.cofiring.keys, self.cofiring.fires = [t["cofiring.keys"]], t["cofiring.fires"]
+        for view, top in self.tops.items():
+            top.score, top.image, top.patch = (t[f"top.{view}.{k}"].to(device) for k in ("score", "image", "patch"))
+        for k in ("score", "image", "patch", "key"):
+            setattr(self.bands, k, t[f"bands.{k}"].to(device))
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One analysis, resolved: the SAE, its set, and where its parts and results go."""
+
+    store: Store
+    sae: Sae
+    record: SaeRecord
+    aset: ActivationSet
+    analysis_id: str
+    top_images: int
+    views: list[str]
+    device: torch.device
+
+    def part_key(self, part: int, parts: int) -> str:
+        return f"{analysis_prefix(self.analysis_id)}/parts/{parts}/{part}.safetensors"
+
+    def part_shards(self, part: int, parts: int) -> range:
+        """The contiguous block of shards that ``part`` of ``parts`` covers."""
+        n = len(self.aset.manifest.shards)
+        if not 0 <= part < parts:
+            raise ValueError(f"part {part} is not in 0..{parts - 1}")
+        per = -(-n // parts)
+        return range(min(part * per, n), min((part + 1) * per, n))
+
+    def new_state(self) -> PassState:
+        return PassState(self.sae.cfg.d_sae, self.top_images, self.views, self.device)
+
+
+def _resolve(cfg: AnalyzeConfig) -> _Pass | AnalyzeResult:
     if cfg.top_images <= 0:
         raise ValueError("top_images must be positive")
+    if not 0 <= cfg.part < cfg.parts:
+        raise ValueError(f"part {cfg.part} is not in 0..{cfg.parts - 1}")
     store = open_store(cfg.store)
     device = resolve_device(cfg.device)
     sae, record = load_sae_from(store, cfg.sae, device)
@@ -230,23 +322,32 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
         return AnalyzeResult(aid, reused=True)
     if m.d_model != sae.cfg.d_in:
         raise ValueError(f"SAE expects d_in={sae.cfg.d_in} but activation set {m.set_id} has d={m.d_model}")
+    views = [v for v in VIEWS if v != "cls" or m.layout.n_cls]
+    return _Pass(store, sae, record, aset, aid, min(cfg.top_images, len(aset)), views, device)
 
+
+@torch.no_grad()
+def _run_part(p: _Pass, cfg: AnalyzeConfig, part: int, parts: int) -> PassState:
+    """Analyse the shards of one part (or load them, if a previous run published them)."""
+    from safetensors.torch import load, save
+
+    state = p.new_state()
+    key = p.part_key(part, parts)
+    if p.store.exists(key):  # a killed or earlier run finished this part
+        state.load(load(p.store.get_bytes(key)))
+        return state
+    m, record, sae = p.aset.manifest, p.record, p.sae
+    device = p.device
     d_sae = sae.cfg.d_sae
     stat_positions = torch.as_tensor(m.layout.token_indices(record.tokens), device=device)
     patch_slice = slice(m.layout.patch_start, m.layout.tokens_per_image)
-    fires = torch.zeros(d_sae, dtype=torch.float64, device=device)
-    act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
-    act_max = torch.zeros(d_sae, device=device)
-    histogram = ActivationHistogram(d_sae, device)
-    views = [v for v in VIEWS if v != "cls" or m.layout.n_cls]
-    tops = {v: TopK(d_sae, min(cfg.top_images, len(aset)), device) for v in views}
-    bands = BandSamples(d_sae, SAMPLES_PER_BAND, device)
-    cofiring = CoFiring(d_sae)
-    cofire_images = cofiring_images(len(aset), len(stat_positions)).to(device)
-    n_tokens = 0
-    t0 = time.perf_counter()
-    with tqdm(total=len(aset), unit="img", desc=f"analyze {record.sae_id[:8]}", disable=not cfg.progress) as bar:
-        for shard, arr in aset.iter_shards(record.layer):
+    cofire_images = cofiring_images(len(p.aset), len(stat_positions)).to(device)
+    shards = [m.shards[i] for i in p.part_shards(part, parts)]
+    with tqdm(total=sum(s.n_images for s in shards), unit="img", disable=not cfg.progress,
+              desc=f"analyze {record.sae_id[:8]}" + (f" part {part + 1}/{parts}" if parts > 1 else "")) as bar:
+        for shard in shards:
+            arr = p.aset.shard_array(shard, record.layer)
+            shard_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
             for lo in range(0, shard.n_images, cfg.batch_images):
                 hi = min(lo + cfg.batch_images, shard.n_images)
                 x = from_storage(arr[lo:hi], m.dtype).to(device)  # [B, T, d]
@@ -254,44 +355,74 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
                 zs = z[:, stat_positions].reshape(-1, d_sae)
                 # Latents are non-negative, so sign() counts firings; on CPU it is ~2x faster
                 # than a boolean comparison followed by a column sum.
-                fires += zs.sign().sum(dim=0).double()
-                act_sum += zs.sum(dim=0).double()
+                state.fires += zs.sign().sum(dim=0).long()
+                shard_sum += zs.sum(dim=0).double()
                 # Reducing over tokens within each image first avoids a slow long column max.
-                act_max = torch.maximum(act_max, z[:, stat_positions].amax(dim=1).amax(dim=0))
-                histogram.add(zs)
+                state.act_max = torch.maximum(state.act_max, z[:, stat_positions].amax(dim=1).amax(dim=0))
+                state.histogram.add(zs)
                 chosen = cofire_images[shard.first_image + lo:shard.first_image + hi]
-                cofiring.add(z[chosen][:, stat_positions].reshape(-1, d_sae))
-                n_tokens += len(zs)
+                state.cofiring.add(z[chosen][:, stat_positions].reshape(-1, d_sae))
+                state.n_tokens += len(zs)
                 # One score per image and view, so each image enters a latent's top-k at most
                 # once; every view keeps the image's best patch, where its heatmap peaks.
                 patches = z[:, patch_slice]
                 best, where = patches.max(dim=1)  # [B, d_sae]
                 scores = {"best_patch": best, "mean": patches.mean(dim=1), "cls": z[:, 0] if m.layout.n_cls else None}
                 images = torch.arange(shard.first_image + lo, shard.first_image + hi, device=device)[None].expand(d_sae, -1)
-                for view, top in tops.items():
+                for view, top in state.tops.items():
                     top.merge(scores[view].T, images, where.T.int())
-                bands.merge(best.T, images, where.T.int())
+                state.bands.merge(best.T, images, where.T.int())
                 bar.update(hi - lo)
-    freq = (fires / max(n_tokens, 1)).cpu().numpy()
-    mean_when_firing = (act_sum / fires.clamp_min(1)).cpu().numpy()
+            state.act_sum += (shard_sum * SUM_SCALE).round().long()
+    if parts > 1:
+        p.store.put_bytes(key, save(state.to_tensors()))
+    return state
+
+
+def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
+    """Analyse (or find, if already published) the SAE ``cfg.sae`` over its activation set.
+
+    With ``cfg.parts`` > 1 and no ``cfg.finish``, only part ``cfg.part`` runs and publishes its
+    partial state (a rerun finds it and skips the part); ``cfg.finish`` merges every part's
+    state (running the parts still missing) and publishes the analysis. The result is the same,
+    bit for bit, whatever the number of parts and the order they ran in."""
+    resolved = _resolve(cfg)
+    if isinstance(resolved, AnalyzeResult):
+        return resolved
+    p = resolved
+    t0 = time.perf_counter()
+    if cfg.parts > 1 and not cfg.finish:
+        _run_part(p, cfg, cfg.part, cfg.parts)
+        return AnalyzeResult(p.analysis_id, reused=False, published=False)
+    state = p.new_state()
+    for part in range(cfg.parts):
+        state.merge(_run_part(p, cfg, part, cfg.parts))
+    _publish(p, state)
+    p.store.delete_prefix(f"{analysis_prefix(p.analysis_id)}/parts/")
+    log.info("published analysis %s (%d latents over %d images, %.1fs)", p.analysis_id, p.sae.cfg.d_sae,
+             len(p.aset), time.perf_counter() - t0)
+    return AnalyzeResult(p.analysis_id, reused=False)
+
+
+def _publish(p: _Pass, state: PassState) -> None:
+    m, record = p.aset.manifest, p.record
+    fires = state.fires.double()
     table = LatentTable(
-        frequency=freq,
-        mean_activation=mean_when_firing,
-        max_activation=act_max.cpu().numpy().astype(np.float32),
-        top={view: top.result() for view, top in tops.items()},
-        histogram=histogram.result(),
-        samples=bands.result(),
-        cofiring=CoFiringTable(*cofiring.result()),
+        frequency=(fires / max(state.n_tokens, 1)).cpu().numpy(),
+        mean_activation=(state.act_sum.double() / SUM_SCALE / fires.clamp_min(1)).cpu().numpy(),
+        max_activation=state.act_max.cpu().numpy().astype(np.float32),
+        top={view: top.result() for view, top in state.tops.items()},
+        histogram=state.histogram.result(),
+        samples=state.bands.result(),
+        cofiring=CoFiringTable(*state.cofiring.result()),
     )
+    n_stat = len(m.layout.token_indices(record.tokens))
     manifest = AnalysisManifest(
-        analysis_id=aid, sae_id=record.sae_id, activation_set_id=m.set_id, layer=record.layer,
-        top_images=min(cfg.top_images, len(aset)), d_sae=d_sae, n_images=len(aset), n_tokens=n_tokens,
+        analysis_id=p.analysis_id, sae_id=record.sae_id, activation_set_id=m.set_id, layer=record.layer,
+        top_images=p.top_images, d_sae=p.sae.cfg.d_sae, n_images=len(p.aset), n_tokens=state.n_tokens,
         tokens=list(record.tokens), created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        views=views, default_view=default_view(record.tokens),
+        views=p.views, default_view=default_view(record.tokens),
         histogram_log10_edges=ACTIVATION_LOG10_EDGES.tolist(), sample_log10_edges=SAMPLE_LOG10_EDGES.tolist(),
-        cofiring_tokens=int(cofire_images.sum()) * len(stat_positions),
+        cofiring_tokens=int(cofiring_images(len(p.aset), n_stat).sum()) * n_stat,
     )
-    save_analysis(store, manifest, table)
-    log.info("published analysis %s (%d latents over %d images, %.1fs)", aid, d_sae, len(aset),
-             time.perf_counter() - t0)
-    return AnalyzeResult(aid, reused=False)
+    save_analysis(p.store, manifest, table)

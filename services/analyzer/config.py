@@ -16,6 +16,14 @@ class AnalyzeConfig:
     """Store holding the SAE and its activation set; results are published there too."""
     top_images: int = 32
     """Top images kept per latent (unique images, each with its best patch)."""
+    part: int = 0
+    """Which part of the pass this process runs (0-based), when it is split into --parts."""
+    parts: int = 1
+    """Split the pass into this many contiguous blocks of shards, for separate processes or
+    machines: each publishes its partial state, and `vitscope analyze --parts N --finish` merges
+    them (running any still missing). The result is identical whatever the number of parts."""
+    finish: bool = False
+    """Merge the parts' states and publish the analysis."""
     batch_images: int = 256
     """Images encoded at once (bounds memory: batch_images x patches x d_sae floats)."""
     device: str = "auto"
