@@ -21,7 +21,7 @@ from vitscope.analyzer.results import LatentTable, load_analysis
 from vitscope.analyzer.server import AnalyzerService
 from vitscope.extractor import ExtractConfig, extract
 from vitscope.proto import pb, rpc
-from vitscope.sae import SaeConfig, SaeRecord, build_sae, fit_normalizer, save_sae
+from vitscope.sae import SaeConfig, SaeRecord, build_sae, fit_normalizer, load_sae_from, save_sae
 from vitscope.shards import ActivationSet, from_storage
 from vitscope.store import open_store
 from vitscope.synthetic import make_planted_dataset
@@ -276,6 +276,49 @@ def test_get_latent_lists_the_latents_that_co_fire_with_it(stub, served: Served)
     jaccards = [c.jaccard for c in reply.cofiring]
     assert jaccards == sorted(jaccards, reverse=True) and all(0 < j <= 1 for j in jaccards)
     assert all(c.count > 0 for c in reply.cofiring)
+
+
+def test_encode_image_of_an_upload_agrees_with_the_stored_activations(stub, served: Served):
+    """The live path (bytes -> the SAE's ViT, layer and transform -> the SAE) against the
+    stored rows of the same dataset image."""
+    t = served.table
+    latent = _busiest_latent(t)
+    image = int(t.top["best_patch"].image[latent, 0])
+    path = served.data_root / served.aset.image_record(image)["id"]
+    stored = stub.EncodeImage(pb.EncodeImageRequest(sae_id=SAE_ID, image=pb.ImageSource(image_index=image)),
+                              timeout=30)
+    live = stub.EncodeImage(pb.EncodeImageRequest(sae_id=SAE_ID, image=pb.ImageSource(image_data=path.read_bytes()),
+                                                  top_latents=4), timeout=60)
+    assert (live.grid_rows, live.grid_cols) == (stored.grid_rows, stored.grid_cols) == (7, 7)
+    assert len(live.patches) == len(stored.patches) == 49 and all(len(p.latents) <= 4 for p in live.patches)
+    # The stored path is exactly the SAE on the stored rows.
+    sae = load_sae_from(open_store(served.store_uri), SAE_ID)[0]
+    codes = sae.encode(served.aset.image_tokens(served.aset.manifest.layers[0], image))
+    best = codes[served.aset.layout.patch_start:].amax(dim=0)
+    assert [a.latent for a in stored.image_latents] == best.topk(len(stored.image_latents)).indices.tolist()
+    assert stored.image_latents[0].activation == pytest.approx(float(best.max()))
+    assert [a.latent for a in stored.cls_latents] == [i for i in codes[0].topk(8).indices.tolist() if codes[0, i] > 0]
+    # The live encode agrees with the stored one up to the float16 the set is stored in.
+    maps = [stub.GetHeatmap(pb.GetHeatmapRequest(sae_id=SAE_ID, latent=latent, image=source), timeout=60).activation
+            for source in (pb.ImageSource(image_index=image), pb.ImageSource(image_data=path.read_bytes()))]
+    np.testing.assert_allclose(maps[1], maps[0], atol=0.02 * max(maps[0]) + 1e-4, rtol=0.02)
+    np.testing.assert_allclose(maps[0], codes[served.aset.layout.patch_start:, latent].numpy(), rtol=1e-5, atol=1e-6)
+    assert live.image_latents[0].latent == stored.image_latents[0].latent
+
+
+@pytest.mark.parametrize(("request_", "code"), [
+    (pb.EncodeImageRequest(sae_id=SAE_ID, image=pb.ImageSource(image_data=b"not an image")), "INVALID_ARGUMENT"),
+    (pb.EncodeImageRequest(sae_id=SAE_ID), "INVALID_ARGUMENT"),
+    (pb.EncodeImageRequest(sae_id=SAE_ID, image=pb.ImageSource(image_index=10**9)), "INVALID_ARGUMENT"),
+    (pb.EncodeImageRequest(sae_id=SAE_ID, image=pb.ImageSource(image_index=0), top_latents=0), "INVALID_ARGUMENT"),
+    (pb.EncodeImageRequest(sae_id="nope", image=pb.ImageSource(image_index=0)), "NOT_FOUND"),
+])
+def test_encode_image_refuses_bad_requests_clearly(stub, request_, code):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.EncodeImage(request_, timeout=10)
+    assert e.value.code().name == code
+    assert stub.EncodeImage(pb.EncodeImageRequest(sae_id=SAE_ID, image=pb.ImageSource(image_index=0)),
+                            timeout=10).patches  # and a good call still works
 
 
 def test_a_version_1_analysis_still_loads_and_serves_its_one_view(served: Served, tmp_path):

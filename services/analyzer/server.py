@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,11 +41,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import HealthServicer
+from PIL import Image
 
 from vitscope.datasets import DatasetError, load_image_by_id
 from vitscope.hashing import content_id
 from vitscope.metrics import FrequencyRange, frequency_histogram, scalar_metrics
-from vitscope.models import TransformInfo
+from vitscope.models import ModelSpec, TransformInfo, ViT, load_vit
 from vitscope.proto import pb, rpc
 from vitscope.sae import Sae, SaeRecord, list_saes, load_record, load_sae_from
 from vitscope.shards import ActivationSet
@@ -59,6 +61,13 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Analyzer"].full_name
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 DEFAULT_TOP_IMAGES = 16
+DEFAULT_TOP_LATENTS = 8
+MAX_TOP_LATENTS = 64
+LIVE_ENCODES = 2
+"""Uploaded images encoded at once (each holds a ViT's activations); more wait, up to their deadline."""
+LIVE_WAIT_S = 30.0
+"""How long an upload waits for its turn when its call has no deadline."""
+MAX_IMAGE_PIXELS = 50_000_000
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_ID_LENGTH = 128
 MAX_PAGE_TOKEN_LENGTH = 512  # the tokens this server issues are under 100 characters
@@ -128,6 +137,13 @@ def _refuse(context: grpc.ServicerContext, method: str, code: grpc.StatusCode, m
 
 _call: contextvars.ContextVar[grpc.ServicerContext | None] = contextvars.ContextVar("call", default=None)
 """The call the current thread is answering, so that loading code deep down can honour its deadline."""
+
+
+def _time_left() -> float:
+    """Seconds until the current call's deadline (LIVE_WAIT_S when it has none)."""
+    context = _call.get()
+    remaining = context.time_remaining() if context is not None else None
+    return LIVE_WAIT_S if remaining is None else min(remaining, LIVE_WAIT_S)
 
 
 def _check_deadline() -> None:
@@ -241,6 +257,10 @@ class AnalyzerService(rpc.AnalyzerServicer):
         self._image_records = _Lru(256)  # per shard
         self._orders = _Lru(32)  # sorted latent indices per (analysis, order)
         self._analysis_of: dict[str, str] = {}  # sae id -> analysis id, once one is published
+        self._vits = _Lru(2)  # per model, shared by every SAE that reads it
+        self._vit_lock = threading.Lock()
+        self._codes = _Lru(16)  # per (SAE, image): a probe's patches and heatmaps reuse one encode
+        self._live = threading.BoundedSemaphore(LIVE_ENCODES)
 
     # --- loading, cached ---------------------------------------------------------------------
     def _record(self, sae_id: str) -> SaeRecord:
@@ -436,6 +456,102 @@ class AnalyzerService(rpc.AnalyzerServicer):
         image.save(png, format="PNG")
         return pb.Image(data=png.getvalue(), mime_type="image/png", width=image.width, height=image.height,
                         image_id=str(info["id"]), label=_label(info))
+
+
+    # --- live calls ------------------------------------------------------------------------------
+    def _vit(self, aset: ActivationSet, record: SaeRecord) -> ViT:
+        """The SAE's ViT, loaded once per model (the lock keeps two first calls from loading it twice)."""
+        spec = ModelSpec.from_record(record.model_record or aset.manifest.model)
+        with self._vit_lock:
+            return self._vits.get(json.dumps(spec.record(), sort_keys=True), lambda: load_vit(spec))
+
+    def _image_codes(self, record: SaeRecord, source: pb.ImageSource) -> tuple[ActivationSet, torch.Tensor]:
+        """The SAE's codes [tokens, d_sae] of an image, in the activation set's token layout: a
+        dataset image from its stored rows, an upload through the ViT (cached by content)."""
+        aset = self._set(record.activation_set_id)
+        kind = source.WhichOneof("source")
+        if kind == "image_index":
+            if not 0 <= source.image_index < len(aset):
+                raise _invalid(f"image index {source.image_index} out of range: the activation set has {len(aset)} images")
+            key = (record.sae_id, "index", source.image_index)
+            load = lambda: self._sae(record.sae_id).encode(aset.image_tokens(record.layer, source.image_index))  # noqa: E731
+        elif kind == "image_data":
+            if not source.image_data:
+                raise _invalid("image.image_data is empty")
+            key = (record.sae_id, "upload", content_id({"bytes": source.image_data.hex()}))
+
+            def load() -> torch.Tensor:
+                image = _decode_image(source.image_data)
+                # Bounded: each encode holds a ViT's activations; more callers wait their turn.
+                if not self._live.acquire(timeout=max(0.0, _time_left())):
+                    raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many images being encoded: retry")
+                try:
+                    _check_deadline()
+                    vit = self._vit(aset, record)
+                    x = vit.activations(image, record.layer, aset.layout)[record.layer][0]
+                    return self._sae(record.sae_id).encode(x.float().cpu())
+                finally:
+                    self._live.release()
+        else:
+            raise _invalid("image: give image_data or image_index")
+        with torch.inference_mode():
+            return aset, self._codes.get(key, load)
+
+    @_rpc
+    def EncodeImage(self, request: pb.EncodeImageRequest, context: grpc.ServicerContext) -> pb.EncodedImage:
+        record = self._record(request.sae_id)
+        top = _top_latents(request)
+        aset, codes = self._image_codes(record, request.image)
+        layout = aset.layout
+        patches = codes[layout.patch_start:]
+        rows, cols = layout.grid
+        reply = pb.EncodedImage(grid_rows=rows, grid_cols=cols,
+                                image_latents=_strongest(patches.amax(dim=0), top))
+        for patch in range(len(patches)):
+            reply.patches.add(patch=patch, latents=_strongest(patches[patch], top))
+        if layout.n_cls:
+            reply.cls_latents.extend(_strongest(codes[0], top))
+        return reply
+
+    @_rpc
+    def GetHeatmap(self, request: pb.GetHeatmapRequest, context: grpc.ServicerContext) -> pb.Heatmap:
+        record = self._record(request.sae_id)
+        if not 0 <= request.latent < record.config.d_sae:
+            raise _invalid(f"latent {request.latent} out of range: SAE {record.sae_id} has {record.config.d_sae} latents")
+        aset, codes = self._image_codes(record, request.image)
+        rows, cols = aset.layout.grid
+        return pb.Heatmap(grid_rows=rows, grid_cols=cols,
+                          activation=codes[aset.layout.patch_start:, request.latent].tolist())
+
+
+def _strongest(values: torch.Tensor, top: int) -> list[pb.LatentActivation]:
+    """The ``top`` largest of a latent vector that are positive, strongest first."""
+    vals, idx = values.topk(min(top, len(values)))
+    return [pb.LatentActivation(latent=int(i), activation=float(v)) for v, i in zip(vals, idx, strict=True) if v > 0]
+
+
+def _top_latents(request: pb.EncodeImageRequest) -> int:
+    if not request.HasField("top_latents"):
+        return DEFAULT_TOP_LATENTS
+    if not 1 <= request.top_latents <= MAX_TOP_LATENTS:
+        raise _invalid(f"top_latents must be between 1 and {MAX_TOP_LATENTS}, got {request.top_latents}")
+    return request.top_latents
+
+
+def _decode_image(data: bytes) -> Image.Image:
+    """An uploaded image, refused cleanly when it is not one or is implausibly large."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise _invalid(f"image is {image.width}x{image.height}: at most {MAX_IMAGE_PIXELS:,} pixels")
+            image.load()
+    except RequestError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise _invalid(f"image_data is not an image this server can read ({type(e).__name__})") from None
+    return image
 
 
 # --- request validation ------------------------------------------------------------------------
