@@ -336,3 +336,14 @@ def analyzer_server(pipeline):
         yield f"127.0.0.1:{server.port}"
     finally:
         server.stop(grace=None)
+
+
+def grpc_code(call) -> object:
+    """The status code a gRPC call ends with (``grpc.StatusCode.OK`` when it returns)."""
+    import grpc
+
+    try:
+        call()
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK

@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,6 +26,7 @@ import pytest
 import torch
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message_factory import GetMessageClass
+from support import grpc_code
 
 from vitscope.analyzer import AnalyzeConfig, InsecureBindError, ServeConfig, analyze, serve
 from vitscope.analyzer.server import AnalyzerService, _loopback
@@ -90,14 +91,6 @@ def token_server(store_uri: str):
 @pytest.fixture
 def quiet_env(monkeypatch):
     monkeypatch.delenv("VITSCOPE_TOKEN", raising=False)
-
-
-def _code(call: Callable[[], object]) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as e:
-        return e.code()
-    return Code.OK
 
 
 def _good_call(address: str, metadata=()) -> None:
@@ -218,7 +211,7 @@ def _fuzz_calls(seed: int, n: int) -> Iterator[tuple[str, bytes]]:
 
 def _send(channel: grpc.Channel, method: str, data: bytes, metadata=()) -> grpc.StatusCode:
     call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
-    return _code(lambda: call(data, timeout=20, metadata=metadata))
+    return grpc_code(lambda: call(data, timeout=20, metadata=metadata))
 
 
 def _fuzz(address: str, calls: list[tuple[str, bytes]], metadata=()) -> Counter:
@@ -267,14 +260,14 @@ def test_the_store_refuses_an_id_the_server_let_through(open_server, monkeypatch
     monkeypatch.setattr(server, "MAX_STRING_LENGTH", 10**6)
     with grpc.insecure_channel(open_server.address) as channel:
         request = pb.GetSaeRequest(sae_id="x" * 10_000)
-        assert _code(lambda: rpc.AnalyzerStub(channel).GetSae(request, timeout=10)) == Code.INVALID_ARGUMENT
+        assert grpc_code(lambda: rpc.AnalyzerStub(channel).GetSae(request, timeout=10)) == Code.INVALID_ARGUMENT
 
 
 @pytest.mark.parametrize(("low", "high"), [(math.nan, 0.0), (0.0, math.inf), (-math.inf, 0.5), (0.0, 1.5)])
 def test_non_finite_or_impossible_frequencies_are_invalid(open_server, low, high):
     with grpc.insecure_channel(open_server.address) as channel:
         request = pb.ListLatentsRequest(sae_id=SAE_ID, min_frequency=low, max_frequency=high)
-        assert _code(lambda: rpc.AnalyzerStub(channel).ListLatents(request, timeout=10)) == Code.INVALID_ARGUMENT
+        assert grpc_code(lambda: rpc.AnalyzerStub(channel).ListLatents(request, timeout=10)) == Code.INVALID_ARGUMENT
 
 
 def test_bad_tokens_are_unauthenticated_and_the_right_one_still_works(token_server, caplog):
@@ -320,7 +313,7 @@ def test_calls_beyond_the_queue_are_refused_at_once(store_uri, monkeypatch):
             stub = rpc.AnalyzerStub(channel)
             busy = stub.GetSae.future(pb.GetSaeRequest(sae_id=SAE_ID), timeout=20)
             assert entered.wait(10)
-            assert _code(lambda: stub.GetSae(pb.GetSaeRequest(sae_id=SAE_ID), timeout=10)) == Code.RESOURCE_EXHAUSTED
+            assert grpc_code(lambda: stub.GetSae(pb.GetSaeRequest(sae_id=SAE_ID), timeout=10)) == Code.RESOURCE_EXHAUSTED
             release.set()
             assert busy.result().sae_id == SAE_ID
     finally:
@@ -333,7 +326,7 @@ def test_tiny_deadline_is_deadline_exceeded(open_server):
     with grpc.insecure_channel(open_server.address) as channel:
         request = pb.GetLatentRequest(sae_id=SAE_ID, latent=D_SAE - 1, heatmaps=True)
         start = time.monotonic()
-        assert _code(lambda: rpc.AnalyzerStub(channel).GetLatent(request, timeout=1e-6)) == Code.DEADLINE_EXCEEDED
+        assert grpc_code(lambda: rpc.AnalyzerStub(channel).GetLatent(request, timeout=1e-6)) == Code.DEADLINE_EXCEEDED
         assert time.monotonic() - start < 5
     _good_call(open_server.address)
 

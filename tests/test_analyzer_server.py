@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from support import grpc_code
 
 from vitscope.analyzer import AnalyzeConfig, ServeConfig, analyze, serve
 from vitscope.analyzer.results import LatentTable, load_analysis
@@ -96,14 +97,6 @@ def server(served: Served):
 def stub(server) -> Iterator[rpc.AnalyzerStub]:
     with grpc.insecure_channel(server.address) as channel:
         yield rpc.AnalyzerStub(channel)
-
-
-def _code(call: Callable[[], object]) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as e:
-        return e.code()
-    return Code.OK
 
 
 def _alive(stub: rpc.AnalyzerStub) -> None:
@@ -395,7 +388,7 @@ def test_missing_image_file_is_not_found(stub, served: Served):
     moved = path.with_name(path.name + ".moved")
     path.rename(moved)
     try:
-        assert _code(lambda: stub.GetImage(pb.GetImageRequest(sae_id=SAE_ID, image_index=0), timeout=10)) \
+        assert grpc_code(lambda: stub.GetImage(pb.GetImageRequest(sae_id=SAE_ID, image_index=0), timeout=10)) \
             == Code.NOT_FOUND
     finally:
         moved.rename(path)
@@ -447,7 +440,7 @@ BAD_REQUESTS = {
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))
 def test_bad_request_gets_its_status_and_the_server_keeps_serving(stub, name: str):
     call, code = BAD_REQUESTS[name]
-    assert _code(lambda: call(stub)) == code
+    assert grpc_code(lambda: call(stub)) == code
     _alive(stub)
 
 
@@ -471,7 +464,7 @@ def test_unanalysed_sae_still_serves_its_images(stub):
 
 def test_tiny_deadline_fails_fast_or_succeeds(stub, served: Served):
     request = pb.GetLatentRequest(sae_id=SAE_ID, latent=_busiest_latent(served.table), heatmaps=True)
-    assert _code(lambda: stub.GetLatent(request, timeout=0.001)) in (Code.OK, Code.DEADLINE_EXCEEDED)
+    assert grpc_code(lambda: stub.GetLatent(request, timeout=0.001)) in (Code.OK, Code.DEADLINE_EXCEEDED)
     _alive(stub)
 
 
@@ -492,9 +485,9 @@ def test_bearer_token_auth(token_server):
     with grpc.insecure_channel(running.address) as channel:
         stub = rpc.AnalyzerStub(channel)
         request = pb.GetSaeRequest(sae_id=SAE_ID)
-        assert _code(lambda: stub.GetSae(request, timeout=10)) == Code.UNAUTHENTICATED
+        assert grpc_code(lambda: stub.GetSae(request, timeout=10)) == Code.UNAUTHENTICATED
         wrong = [("authorization", "Bearer not-it")]
-        assert _code(lambda: stub.GetSae(request, timeout=10, metadata=wrong)) == Code.UNAUTHENTICATED
+        assert grpc_code(lambda: stub.GetSae(request, timeout=10, metadata=wrong)) == Code.UNAUTHENTICATED
         right = [("authorization", f"Bearer {token}")]
         assert stub.GetSae(request, timeout=10, metadata=right).sae_id == SAE_ID
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
@@ -533,7 +526,7 @@ def test_tls(served: Served, tmp_path: Path):
         with grpc.secure_channel(running.address, creds, options=options) as channel:
             assert rpc.AnalyzerStub(channel).GetSae(pb.GetSaeRequest(sae_id=SAE_ID), timeout=10).sae_id == SAE_ID
         with grpc.insecure_channel(running.address) as channel:  # plaintext is refused
-            assert _code(lambda: rpc.AnalyzerStub(channel).GetSae(pb.GetSaeRequest(sae_id=SAE_ID), timeout=5)) \
+            assert grpc_code(lambda: rpc.AnalyzerStub(channel).GetSae(pb.GetSaeRequest(sae_id=SAE_ID), timeout=5)) \
                 == Code.UNAVAILABLE
     finally:
         running.stop(grace=None)
@@ -560,3 +553,45 @@ def test_serves_the_pipeline_run(pipeline, analyzer_server: str):
         assert max(best.heatmap) == pytest.approx(best.score, rel=1e-2)
         image = stub.GetImage(pb.GetImageRequest(sae_id=pipeline.sae_id, image_index=best.image_index), timeout=10)
         assert image.image_id == best.image_id and (pipeline.data_root / image.image_id).is_file()
+
+
+def test_search_latents_finds_the_planted_square_from_a_few_examples(pipeline, analyzer_server):
+    """Three planted images (their square's patches) against three plain ones: the best match
+    is a latent whose top images are planted ones, and each score is explained by its figures."""
+    aset = ActivationSet.open(open_store(pipeline.store_uri), pipeline.set_id)
+    index = {aset.image_record(i)["id"]: i for i in range(len(aset))}
+    planted = [it for it in pipeline.items if it.has_object][:3]
+    plain = [it for it in pipeline.items if not it.has_object][:3]
+    patch = 16  # the tiny model's patches, on images of its input size
+
+    def region(box):
+        left, top, right, bottom = box
+        return pb.PatchRegion(row_start=top // patch, col_start=left // patch,
+                              row_end=-(-bottom // patch), col_end=-(-right // patch))
+
+    request = pb.SearchLatentsRequest(
+        sae_id=pipeline.sae_id, top_latents=5,
+        positives=[pb.SearchExample(image=pb.ImageSource(image_index=index[it.id]), region=region(it.box))
+                   for it in planted],
+        negatives=[pb.SearchExample(image=pb.ImageSource(image_index=index[it.id])) for it in plain])
+    with grpc.insecure_channel(analyzer_server) as channel:
+        stub = rpc.AnalyzerStub(channel)
+        reply = stub.SearchLatents(request, timeout=60)
+        assert 0 < len(reply.latents) <= 5
+        scores = [m.score for m in reply.latents]
+        assert scores == sorted(scores, reverse=True)
+        for m in reply.latents:
+            assert m.score == pytest.approx(m.positive_mean - m.negative_mean, abs=1e-6)
+            assert len(m.positive_activations) == 3 and len(m.negative_activations) == 3
+            assert m.positives_fired == sum(a > 0 for a in m.positive_activations) >= 1
+        best = reply.latents[0]
+        assert best.positives_fired == 3 and best.score > 0.3
+        top = stub.GetLatent(pb.GetLatentRequest(sae_id=pipeline.sae_id, latent=best.latent, top_images=8), timeout=30)
+        assert sum(e.label == "square" for e in top.examples) >= 6, [e.label for e in top.examples]
+        with pytest.raises(grpc.RpcError) as e:
+            stub.SearchLatents(pb.SearchLatentsRequest(sae_id=pipeline.sae_id), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as e:
+            bad = pb.SearchExample(image=pb.ImageSource(image_index=0), region=pb.PatchRegion(row_end=99, col_end=1))
+            stub.SearchLatents(pb.SearchLatentsRequest(sae_id=pipeline.sae_id, positives=[bad]), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "region" in e.value.details()

@@ -68,6 +68,9 @@ LIVE_ENCODES = 2
 LIVE_WAIT_S = 30.0
 """How long an upload waits for its turn when its call has no deadline."""
 MAX_IMAGE_PIXELS = 50_000_000
+MAX_SEARCH_EXAMPLES = 32
+DEFAULT_SEARCH_LATENTS = 20
+MAX_SEARCH_LATENTS = 200
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_ID_LENGTH = 128
 MAX_PAGE_TOKEN_LENGTH = 512  # the tokens this server issues are under 100 characters
@@ -384,7 +387,8 @@ class AnalyzerService(rpc.AnalyzerServicer):
         manifest, table = self._analysis(record)
         if not 0 <= request.latent < manifest.d_sae:
             raise _invalid(f"latent {request.latent} out of range: SAE {record.sae_id} has {manifest.d_sae} latents")
-        k = _top_images(request, manifest.top_images)
+        # At most what the analysis kept; by default 16 of them.
+        k = _bounded(request, "top_images", min(DEFAULT_TOP_IMAGES, manifest.top_images), manifest.top_images)
         view = _view(request.view, manifest)
         top = table.top[view]
         aset = self._set(manifest.activation_set_id)
@@ -500,7 +504,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
     @_rpc
     def EncodeImage(self, request: pb.EncodeImageRequest, context: grpc.ServicerContext) -> pb.EncodedImage:
         record = self._record(request.sae_id)
-        top = _top_latents(request)
+        top = _bounded(request, "top_latents", DEFAULT_TOP_LATENTS, MAX_TOP_LATENTS)
         aset, codes = self._image_codes(record, request.image)
         layout = aset.layout
         patches = codes[layout.patch_start:]
@@ -514,6 +518,42 @@ class AnalyzerService(rpc.AnalyzerServicer):
         return reply
 
     @_rpc
+    def SearchLatents(self, request: pb.SearchLatentsRequest,
+                      context: grpc.ServicerContext) -> pb.SearchLatentsResponse:
+        record = self._record(request.sae_id)
+        if not 1 <= len(request.positives) <= MAX_SEARCH_EXAMPLES or len(request.negatives) > MAX_SEARCH_EXAMPLES:
+            raise _invalid(f"give 1 to {MAX_SEARCH_EXAMPLES} positive examples and at most {MAX_SEARCH_EXAMPLES} "
+                           f"negative ones (got {len(request.positives)} and {len(request.negatives)})")
+        top = _bounded(request, "top_latents", DEFAULT_SEARCH_LATENTS, MAX_SEARCH_LATENTS)
+
+        def strongest(example: pb.SearchExample) -> torch.Tensor:
+            aset, codes = self._image_codes(record, example.image)
+            region = _region_patches(example.region if example.HasField("region") else None, aset.layout.grid)
+            return codes[aset.layout.patch_start:][region].amax(dim=0)  # [d_sae]
+
+        pos = torch.stack([strongest(e) for e in request.positives])
+        neg = torch.stack([strongest(e) for e in request.negatives]) if request.negatives else pos[:0]
+        # Each latent on its own scale: the dataset maximum when the SAE is analysed, else the examples'.
+        aid = self._analysis_id(record)
+        scale = (torch.as_tensor(self._analysis(record)[1].max_activation) if aid is not None
+                 else torch.cat([pos, neg]).amax(dim=0))
+        norm = lambda a: (a / scale.clamp_min(1e-12)).clamp(max=1.0)  # noqa: E731
+        pos_mean = norm(pos).mean(dim=0)
+        neg_mean = norm(neg).mean(dim=0) if len(neg) else torch.zeros_like(pos_mean)
+        score = torch.where((pos > 0).any(dim=0), pos_mean - neg_mean, torch.full_like(pos_mean, -torch.inf))
+        # Best first, ties to the lower latent index (a stable sort of the indices by score).
+        order = torch.argsort(-score, stable=True)[:top]
+        reply = pb.SearchLatentsResponse()
+        for i in order.tolist():
+            if not torch.isfinite(score[i]):
+                break
+            reply.latents.add(latent=i, score=float(score[i]), positive_mean=float(pos_mean[i]),
+                              negative_mean=float(neg_mean[i]), positives_fired=int((pos[:, i] > 0).sum()),
+                              negatives_fired=int((neg[:, i] > 0).sum()), positive_activations=pos[:, i].tolist(),
+                              negative_activations=neg[:, i].tolist())
+        return reply
+
+    @_rpc
     def GetHeatmap(self, request: pb.GetHeatmapRequest, context: grpc.ServicerContext) -> pb.Heatmap:
         record = self._record(request.sae_id)
         if not 0 <= request.latent < record.config.d_sae:
@@ -524,18 +564,31 @@ class AnalyzerService(rpc.AnalyzerServicer):
                           activation=codes[aset.layout.patch_start:, request.latent].tolist())
 
 
+def _region_patches(region: pb.PatchRegion | None, grid: tuple[int, int]) -> torch.Tensor:
+    """Patch indices (row-major) of a region of the grid; every patch for None."""
+    rows, cols = grid
+    if region is None:
+        return torch.arange(rows * cols)
+    r0, c0, r1, c1 = region.row_start, region.col_start, region.row_end, region.col_end
+    if not (0 <= r0 < r1 <= rows and 0 <= c0 < c1 <= cols):
+        raise _invalid(f"region rows [{r0}, {r1}) x cols [{c0}, {c1}) is not a non-empty part of the {rows}x{cols} grid")
+    return (torch.arange(r0, r1)[:, None] * cols + torch.arange(c0, c1)[None]).reshape(-1)
+
+
 def _strongest(values: torch.Tensor, top: int) -> list[pb.LatentActivation]:
     """The ``top`` largest of a latent vector that are positive, strongest first."""
     vals, idx = values.topk(min(top, len(values)))
     return [pb.LatentActivation(latent=int(i), activation=float(v)) for v, i in zip(vals, idx, strict=True) if v > 0]
 
 
-def _top_latents(request: pb.EncodeImageRequest) -> int:
-    if not request.HasField("top_latents"):
-        return DEFAULT_TOP_LATENTS
-    if not 1 <= request.top_latents <= MAX_TOP_LATENTS:
-        raise _invalid(f"top_latents must be between 1 and {MAX_TOP_LATENTS}, got {request.top_latents}")
-    return request.top_latents
+def _bounded(request: Any, name: str, default: int, most: int) -> int:
+    """An optional count field: ``default`` when unset, else it must lie in [1, most]."""
+    if not request.HasField(name):
+        return default
+    value = getattr(request, name)
+    if not 1 <= value <= most:
+        raise _invalid(f"{name} must be between 1 and {most}, got {value}")
+    return value
 
 
 def _decode_image(data: bytes) -> Image.Image:
@@ -599,15 +652,6 @@ def _view(requested: int, manifest: AnalysisManifest) -> str:
                            f"analysis {manifest.analysis_id} has no {names[requested]} view "
                            f"(it has {', '.join(manifest.views)})")
     return names[requested]
-
-
-def _top_images(request: pb.GetLatentRequest, analysed: int) -> int:
-    if not request.HasField("top_images"):
-        return min(DEFAULT_TOP_IMAGES, analysed)
-    if not 1 <= request.top_images <= analysed:
-        raise _invalid(f"top_images must be between 1 and {analysed} (the analysis kept {analysed}), "
-                       f"got {request.top_images}")
-    return request.top_images
 
 
 def _encode_page_token(offset: int, query: str) -> str:
