@@ -201,3 +201,22 @@ def test_topk_inference_keeps_exactly_k():
     sae = build_sae(SaeConfig.of("topk", 16, 64, k=5)).eval()
     z = sae.encode(torch.randn(10, 16) * 10)
     assert ((z > 0).sum(dim=1) <= 5).all() and isinstance(sae, TopKSae)
+
+
+@pytest.mark.parametrize("cfg", [
+    SaeConfig.of("relu", 8, 32), SaeConfig.of("topk", 8, 32, k=4), SaeConfig.of("batchtopk", 8, 32, k=4),
+    SaeConfig.of("matryoshka", 8, 32, k=4, prefixes=(8, 32)), SaeConfig.of("jumprelu", 8, 32),
+], ids=lambda c: c.variant)
+def test_one_latent_alone_is_what_the_full_encode_gives(cfg):
+    sae = build_sae(cfg)
+    sae.reset_parameters(torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        sae.b_enc.normal_(generator=torch.Generator().manual_seed(4))
+        if isinstance(sae, BatchTopKSae):
+            sae.threshold.fill_(0.5)
+    sae.eval()
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(5))
+    full = sae.encode(x)
+    assert (full > 0).any()
+    for latent in range(32):
+        torch.testing.assert_close(sae.encode_latent(x, latent), full[..., latent])

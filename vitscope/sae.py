@@ -156,6 +156,9 @@ class Sae(nn.Module):
     registry: ClassVar[dict[str, type[Sae]]] = {}
     summary: ClassVar[str] = ""
     """What the family is, in a few words (the CLI's list of families shows it)."""
+    elementwise: ClassVar[bool] = False
+    """Whether a latent's activation (at inference) depends on its own pre-activation only, not
+    on the other latents' (TopK's does): :meth:`encode_latent` then computes one latent alone."""
     sparse_paths: ClassVar[bool] = False
     """Whether the family can train through the sparse decode/encode paths (``sparse_decode``,
     ``sparse_encode``)."""
@@ -216,6 +219,19 @@ class Sae(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [..., d_sae] -> reconstructed raw activations [..., d_in]."""
         return self.denormalize(self.decode_normalized(z))
+
+    def encode_latent(self, x: torch.Tensor, latent: int) -> torch.Tensor:
+        """One latent's activations on raw activations [..., d_in] -> [...]: ``encode(x)[...,
+        latent]``, computed from that latent's encoder column alone when the family's activation
+        is elementwise (a heatmap of one latent then costs 1/d_sae of a full encode)."""
+        if not self.elementwise or self.training:
+            return self.encode(x)[..., latent]
+        pre = (self.normalize(x) - self.b_dec) @ self.W_enc[:, latent] + self.b_enc[latent]
+        return self.activate_one(pre, latent)
+
+    def activate_one(self, pre: torch.Tensor, latent: int) -> torch.Tensor:
+        """The activation of latent ``latent`` from its pre-activations alone (elementwise families)."""
+        raise NotImplementedError
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations -> their reconstruction through the SAE, in the raw space."""
@@ -318,8 +334,12 @@ class ReluSae(Sae):
     variant = "relu"
     Hyper = ReluHyper
     summary = "ReLU, L1 penalty weighted by decoder norms"
+    elementwise = True
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre)
+
+    def activate_one(self, pre: torch.Tensor, latent: int) -> torch.Tensor:
         return torch.relu(pre)
 
     def loss(self, x_norm: torch.Tensor, ctx: LossContext = LossContext()) -> LossResult:
@@ -531,6 +551,7 @@ class BatchTopKSae(_SparseCodes):
 
     variant = "batchtopk"
     Hyper = BatchTopKHyper
+    elementwise = True  # at inference: a stored threshold, whatever the other latents do
     summary = "k latents per token on average over a batch; a learned threshold at inference"
     threshold_decay: ClassVar[float] = 0.99
 
@@ -545,6 +566,9 @@ class BatchTopKSae(_SparseCodes):
             rows, cols = self.select(flat)
             z = torch.zeros_like(flat).index_put((rows, cols), torch.relu(flat[rows, cols]))
             return z.reshape(pre.shape)
+        return torch.where(pre > self.threshold.clamp_min(0), pre, torch.zeros_like(pre))
+
+    def activate_one(self, pre: torch.Tensor, latent: int) -> torch.Tensor:
         return torch.where(pre > self.threshold.clamp_min(0), pre, torch.zeros_like(pre))
 
     def select(self, pre: torch.Tensor):
@@ -656,6 +680,7 @@ class JumpReluSae(Sae):
     variant = "jumprelu"
     Hyper = JumpReluHyper
     summary = "learned per-latent thresholds, L0 penalty"
+    elementwise = True
     init_threshold: ClassVar[float] = 1.0
     """In the normalised space (token norm sqrt(d_in)) an untrained latent's pre-activation is
     roughly N(0, 1), so it starts firing on ~16% of tokens; the log-parametrised threshold then
@@ -672,6 +697,9 @@ class JumpReluSae(Sae):
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold)
+
+    def activate_one(self, pre: torch.Tensor, latent: int) -> torch.Tensor:
+        return pre * (pre > self.threshold[latent])
 
     def loss(self, x_norm: torch.Tensor, ctx: LossContext = LossContext()) -> LossResult:
         hp = self.hyper

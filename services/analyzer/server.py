@@ -435,12 +435,12 @@ class AnalyzerService(rpc.AnalyzerServicer):
     def _heatmaps(self, record: SaeRecord, aset: ActivationSet, layer: int, latent: int,
                   images: list[int]) -> list[list[float]]:
         """The latent's activation on every patch of each image, recomputed from the stored rows
-        (the full encoder runs because some variants' activations depend on all latents)."""
+        (the latent's encoder column alone where the family allows; TopK needs every latent)."""
         _check_deadline()
         start = aset.layout.patch_start
         tokens = torch.stack([aset.image_tokens(layer, i)[start:] for i in images])
         with torch.inference_mode():
-            return self._sae(record.sae_id).encode(tokens)[..., latent].tolist()
+            return self._sae(record.sae_id).encode_latent(tokens, latent).tolist()
 
     @_rpc
     def GetImage(self, request: pb.GetImageRequest, context: grpc.ServicerContext) -> pb.Image:
