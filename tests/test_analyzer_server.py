@@ -595,3 +595,27 @@ def test_search_latents_finds_the_planted_square_from_a_few_examples(pipeline, a
             bad = pb.SearchExample(image=pb.ImageSource(image_index=0), region=pb.PatchRegion(row_end=99, col_end=1))
             stub.SearchLatents(pb.SearchLatentsRequest(sae_id=pipeline.sae_id, positives=[bad]), timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "region" in e.value.details()
+
+
+def test_list_saes_pages_and_reflection_names_the_services(served: Served):
+    running = serve(ServeConfig(store=served.store_uri, port=0, workers=2))
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = rpc.AnalyzerStub(channel)
+            everything = stub.ListSaes(pb.ListSaesRequest(), timeout=10)
+            assert everything.total_size == len(everything.saes) == 2 and not everything.next_page_token
+            first = stub.ListSaes(pb.ListSaesRequest(page_size=1), timeout=10)
+            second = stub.ListSaes(pb.ListSaesRequest(page_size=1, page_token=first.next_page_token), timeout=10)
+            assert first.next_page_token and not second.next_page_token
+            assert [s.sae_id for s in (*first.saes, *second.saes)] == [s.sae_id for s in everything.saes]
+            assert grpc_code(lambda: stub.ListSaes(pb.ListSaesRequest(page_token="garbage"), timeout=10)) \
+                == Code.INVALID_ARGUMENT
+            from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            answer = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                       timeout=10))
+            names = {s.name for s in answer.list_services_response.service}
+            assert {"vitscope.v1.Analyzer", "grpc.health.v1.Health"} <= names
+    finally:
+        running.stop(grace=None)

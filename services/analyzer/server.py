@@ -41,6 +41,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import HealthServicer
+from grpc_reflection.v1alpha import reflection
 from PIL import Image
 
 from vitscope.datasets import DatasetError, load_image_by_id
@@ -351,12 +352,19 @@ class AnalyzerService(rpc.AnalyzerServicer):
     # --- the service ---------------------------------------------------------------------------
     @_rpc
     def ListSaes(self, request: pb.ListSaesRequest, context: grpc.ServicerContext) -> pb.ListSaesResponse:
-        published = list_analyses(self.store)
+        page_size = _page_size(request.page_size)
+        ids = list_saes(self.store)
+        query = content_id({"list": "saes"})
+        offset = _decode_page_token(request.page_token, query, len(ids))
+        page = ids[offset:offset + page_size]
+        published = list_analyses(self.store) if page else []
         saes = []
-        for sae_id in list_saes(self.store):
+        for sae_id in page:
             record = self._record(sae_id)
             saes.append(self._sae_message(record, self._analysis_id(record, published)))
-        return pb.ListSaesResponse(saes=saes)
+        end = offset + len(page)
+        return pb.ListSaesResponse(saes=saes, total_size=len(ids),
+                                   next_page_token=_encode_page_token(end, query) if end < len(ids) else "")
 
     @_rpc
     def GetSae(self, request: pb.GetSaeRequest, context: grpc.ServicerContext) -> pb.Sae:
@@ -814,6 +822,9 @@ def serve(cfg: ServeConfig) -> RunningServer:
     for name in ("", SERVICE_NAME):
         health.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    # Reflection lets grpcurl and friends discover the API; it is behind the token like the rest.
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["Analyzer"].full_name, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     port = _bind(server, cfg)
     server.start()
     return RunningServer(server, health, cfg.host, port)

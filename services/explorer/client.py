@@ -16,6 +16,9 @@ from vitscope.proto import pb, rpc
 
 LatentOrder = Literal["FREQUENCY_DESC", "FREQUENCY_ASC", "MAX_ACTIVATION_DESC", "MEAN_ACTIVATION_DESC", "INDEX_ASC"]
 
+MAX_SAES_PAGE = 1000
+"""The analyzer's largest page: fewest calls for a store's SAEs."""
+
 _CHANNEL_OPTIONS = [
     # Heatmaps of k images and full PNGs can exceed gRPC's 4 MiB default.
     ("grpc.max_receive_message_length", 64 << 20),
@@ -132,8 +135,14 @@ class AnalyzerClient:
             raise AnalyzerError(method, e.code(), e.details() or "") from None
 
     def list_saes(self) -> list[SaeInfo]:
-        """Every SAE in the analyzer's store."""
-        return [_sae(s) for s in self._call("ListSaes", pb.ListSaesRequest()).saes]
+        """Every SAE in the analyzer's store (all pages)."""
+        out, token = [], ""
+        while True:
+            resp = self._call("ListSaes", pb.ListSaesRequest(page_size=MAX_SAES_PAGE, page_token=token))
+            out += [_sae(s) for s in resp.saes]
+            token = resp.next_page_token
+            if not token:
+                return out
 
     def get_sae(self, sae_id: str) -> SaeInfo:
         """One SAE with its metrics and firing-frequency histogram."""
