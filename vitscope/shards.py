@@ -217,6 +217,15 @@ class Manifest:
         raise ValueError(f"layer {layer} is not in this activation set; it has layers {self.layers}")
 
 
+def part_block(n_shards: int, part: int, parts: int) -> range:
+    """The contiguous block of shards that ``part`` of ``parts`` covers (blocks of equal size but
+    the last): how extraction and analysis split a set over processes or machines."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} is not in 0..{parts - 1}")
+    per = -(-n_shards // parts)
+    return range(min(part * per, n_shards), min((part + 1) * per, n_shards))
+
+
 def set_prefix(set_id: str) -> str:
     return f"{PREFIX}/{set_id}"
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from vitscope.device import resolve_device
 from vitscope.sae import Sae, SaeRecord, load_sae_from
-from vitscope.shards import ActivationSet, from_storage
+from vitscope.shards import ActivationSet, from_storage, part_block
 from vitscope.store import Store, open_store
 
 from .config import AnalyzeConfig
@@ -290,17 +290,17 @@ class _Pass:
     top_images: int
     views: list[str]
     device: torch.device
+    stat_tokens: int
+    """Tokens per image the statistics are over (the kinds the SAE was trained on)."""
+    cofire_images: torch.Tensor
+    """The images co-firing is counted on (:func:`cofiring_images`), a bool mask."""
 
     def part_key(self, part: int, parts: int) -> str:
         return f"{analysis_prefix(self.analysis_id)}/parts/{parts}/{part}.safetensors"
 
     def part_shards(self, part: int, parts: int) -> range:
         """The contiguous block of shards that ``part`` of ``parts`` covers."""
-        n = len(self.aset.manifest.shards)
-        if not 0 <= part < parts:
-            raise ValueError(f"part {part} is not in 0..{parts - 1}")
-        per = -(-n // parts)
-        return range(min(part * per, n), min((part + 1) * per, n))
+        return part_block(len(self.aset.manifest.shards), part, parts)
 
     def new_state(self) -> PassState:
         return PassState(self.sae.cfg.d_sae, self.top_images, self.views, self.device)
@@ -323,7 +323,9 @@ def _resolve(cfg: AnalyzeConfig) -> _Pass | AnalyzeResult:
     if m.d_model != sae.cfg.d_in:
         raise ValueError(f"SAE expects d_in={sae.cfg.d_in} but activation set {m.set_id} has d={m.d_model}")
     views = [v for v in VIEWS if v != "cls" or m.layout.n_cls]
-    return _Pass(store, sae, record, aset, aid, min(cfg.top_images, len(aset)), views, device)
+    stat_tokens = len(m.layout.token_indices(record.tokens))
+    return _Pass(store, sae, record, aset, aid, min(cfg.top_images, len(aset)), views, device, stat_tokens,
+                 cofiring_images(len(aset), stat_tokens).to(device))
 
 
 @torch.no_grad()
@@ -341,7 +343,6 @@ def _run_part(p: _Pass, cfg: AnalyzeConfig, part: int, parts: int) -> PassState:
     d_sae = sae.cfg.d_sae
     stat_positions = torch.as_tensor(m.layout.token_indices(record.tokens), device=device)
     patch_slice = slice(m.layout.patch_start, m.layout.tokens_per_image)
-    cofire_images = cofiring_images(len(p.aset), len(stat_positions)).to(device)
     shards = [m.shards[i] for i in p.part_shards(part, parts)]
     with tqdm(total=sum(s.n_images for s in shards), unit="img", disable=not cfg.progress,
               desc=f"analyze {record.sae_id[:8]}" + (f" part {part + 1}/{parts}" if parts > 1 else "")) as bar:
@@ -360,7 +361,7 @@ def _run_part(p: _Pass, cfg: AnalyzeConfig, part: int, parts: int) -> PassState:
                 # Reducing over tokens within each image first avoids a slow long column max.
                 state.act_max = torch.maximum(state.act_max, z[:, stat_positions].amax(dim=1).amax(dim=0))
                 state.histogram.add(zs)
-                chosen = cofire_images[shard.first_image + lo:shard.first_image + hi]
+                chosen = p.cofire_images[shard.first_image + lo:shard.first_image + hi]
                 state.cofiring.add(z[chosen][:, stat_positions].reshape(-1, d_sae))
                 state.n_tokens += len(zs)
                 # One score per image and view, so each image enters a latent's top-k at most
@@ -416,13 +417,12 @@ def _publish(p: _Pass, state: PassState) -> None:
         samples=state.bands.result(),
         cofiring=CoFiringTable(*state.cofiring.result()),
     )
-    n_stat = len(m.layout.token_indices(record.tokens))
     manifest = AnalysisManifest(
         analysis_id=p.analysis_id, sae_id=record.sae_id, activation_set_id=m.set_id, layer=record.layer,
         top_images=p.top_images, d_sae=p.sae.cfg.d_sae, n_images=len(p.aset), n_tokens=state.n_tokens,
         tokens=list(record.tokens), created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         views=p.views, default_view=default_view(record.tokens),
         histogram_log10_edges=ACTIVATION_LOG10_EDGES.tolist(), sample_log10_edges=SAMPLE_LOG10_EDGES.tolist(),
-        cofiring_tokens=int(cofiring_images(len(p.aset), n_stat).sum()) * n_stat,
+        cofiring_tokens=int(p.cofire_images.sum()) * p.stat_tokens,
     )
     save_analysis(p.store, manifest, table)

@@ -32,6 +32,7 @@ from vitscope.shards import (
     ActivationSet,
     Manifest,
     ShardWriter,
+    part_block,
     set_exists,
     set_prefix,
     shard_name,
@@ -85,10 +86,7 @@ class ExtractPlan:
 
     def part_shards(self, part: int, parts: int) -> range:
         """The contiguous block of shards that ``part`` of ``parts`` extracts."""
-        if not 0 <= part < parts:
-            raise ValueError(f"part {part} is not in 0..{parts - 1}")
-        per = -(-self.n_shards // parts)
-        return range(min(part * per, self.n_shards), min((part + 1) * per, self.n_shards))
+        return part_block(self.n_shards, part, parts)
 
 
 
