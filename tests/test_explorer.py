@@ -20,9 +20,10 @@ from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
 from vitscope.analyzer import ServeConfig, serve
-from vitscope.explorer.client import AnalyzerClient, AnalyzerError, SaeInfo
+from vitscope.explorer.client import AnalyzerClient, AnalyzerError, image_index, sae_id
 from vitscope.explorer.heatmap import overlay, to_png
 from vitscope.explorer.launch import APP, explorer_command, explorer_env
+from vitscope.proto import names, pb
 from vitscope.sae import ReluHyper
 
 os.environ["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] = "false"
@@ -64,7 +65,7 @@ def client(target) -> AnalyzerClient:
 
 
 @pytest.fixture(scope="module")
-def sae(client, pipeline) -> SaeInfo:
+def sae(client, pipeline) -> pb.Sae:
     return client.get_sae(pipeline.sae_id)
 
 
@@ -141,17 +142,31 @@ def test_overlay_scale_and_size():
 
 
 # --- client ------------------------------------------------------------------------------------
-def test_client_returns_typed_results(client, sae, pipeline):
-    saes = {s.sae_id: s for s in client.list_saes()}
-    assert pipeline.sae_id in saes and len(saes) == 2
-    assert sae.analyzed and sae.analysis_id == pipeline.analysis_id
-    assert sum(sae.log_freq_counts) + sae.never_fired == sae.d_sae
-    page = client.list_latents(pipeline.sae_id, page_size=10, order="INDEX_ASC")
+def test_client_returns_the_api_messages(client, sae, pipeline):
+    saes = {sae_id(s): s for s in client.list_saes()}
+    assert pipeline.sae_id in saes and len(saes) == 2 and isinstance(saes[pipeline.sae_id], pb.Sae)
+    assert sae.analysis == names.analysis(pipeline.analysis_id)
+    assert sum(sae.log_frequency_counts) + sae.never_fired == sae.d_sae
+    page = client.list_latents(pipeline.sae_id, page_size=10, order_by="index")
     assert [s.index for s in page.latents] == list(range(10)) and page.total_size == sae.d_sae
     lat = client.get_latent(pipeline.sae_id, page.latents[0].index, top_images=3)
     assert len(lat.examples) <= 3 and all(len(e.heatmap) == lat.grid_rows * lat.grid_cols for e in lat.examples)
-    img = client.get_image(pipeline.sae_id, 0)
-    assert Image.open(io.BytesIO(img.data)).size == (img.width, img.height)
+    img = client.get_image(names.image(pipeline.set_id, 0))
+    assert Image.open(io.BytesIO(img.data)).size == (img.width, img.height) and image_index(img) == 0
+
+
+def test_client_live_calls(client, pipeline):
+    """Encode, heatmap and search through the client, with dataset images and an upload."""
+    image = names.image(pipeline.set_id, 0)
+    encoded = client.encode_image(pipeline.sae_id, image, top_latents=3)
+    assert len(encoded.patches) == encoded.grid_rows * encoded.grid_cols and len(encoded.image_latents) <= 3
+    top = encoded.image_latents[0].latent_index
+    heat = client.get_heatmap(pipeline.sae_id, top, image)
+    assert max(heat.activation) == pytest.approx(encoded.image_latents[0].activation, rel=1e-5)
+    png = client.get_image(image).data
+    assert client.encode_image(pipeline.sae_id, png).grid_rows == encoded.grid_rows  # an upload
+    found = client.search_latents(pipeline.sae_id, [image], top_latents=5)
+    assert 0 < len(found.latents) <= 5 and found.latents[0].positives_fired == 1
 
 
 def test_client_errors_carry_status(client, pipeline, sweep_store):
@@ -179,9 +194,10 @@ def test_client_errors_carry_status(client, pipeline, sweep_store):
 
 # --- pages (AppTest) ---------------------------------------------------------------------------
 def test_saes_page_shows_the_linked_saes_health_and_the_sweep(app, target, sae, sweep_store):
-    at = app(target, sae=sae.sae_id).run()
+    sid = sae_id(sae)
+    at = app(target, sae=sid).run()
     _no_problems(at)
-    assert at.sidebar.selectbox(key="sae").value == sae.sae_id
+    assert at.sidebar.selectbox(key="sae").value == sid
     m = _metrics(at)
     assert m["NMSE"] == f"{sae.metrics['nmse']:.4f}" and m["L0"] == f"{sae.metrics['l0']:.2f}"
     assert m["Never fired"] == str(sae.never_fired) and m["Dense"] == str(int(sae.metrics["dense"]))
@@ -193,13 +209,13 @@ def test_saes_page_shows_the_linked_saes_health_and_the_sweep(app, target, sae, 
 
     histogram, scatter = at.get("vega_lite_chart")
     bars = convert_arrow_bytes_to_pandas_df(histogram.proto.datasets[0].data.data)
-    assert bars["latents"].tolist() == list(sae.log_freq_counts)
+    assert bars["latents"].tolist() == list(sae.log_frequency_counts)
     points = convert_arrow_bytes_to_pandas_df(scatter.proto.datasets[0].data.data)
-    assert points.loc[points["selected"], "sae"].tolist() == [sae.sae_id]
+    assert points.loc[points["selected"], "sae"].tolist() == [sid]
 
     table = at.dataframe[0].value
-    assert sorted(table["sae"]) == sorted([sae.sae_id, sweep_store[1]])
-    assert table.loc[table["selected"], "sae"].tolist() == [sae.sae_id]
+    assert sorted(table["sae"]) == sorted([sid, sweep_store[1]])
+    assert table.loc[table["selected"], "sae"].tolist() == [sid]
 
     # Picking the other SAE in the sidebar updates the page and the URL.
     at.sidebar.selectbox(key="sae").set_value(sweep_store[1]).run()
@@ -209,14 +225,14 @@ def test_saes_page_shows_the_linked_saes_health_and_the_sweep(app, target, sae, 
 
 
 def test_latents_page_pages_sorts_and_filters(app, target, client, sae):
-    at = app(target, sae=sae.sae_id).run()
+    at = app(target, sae=sae_id(sae)).run()
     at.switch_page("views/latents.py").run()
     _no_problems(at)
-    expected = client.list_latents(sae.sae_id, page_size=50)
+    expected = client.list_latents(sae_id(sae), page_size=50)
     assert at.dataframe[0].value["latent"].tolist() == [s.index for s in expected.latents]
     assert len(at.dataframe[0].value) == min(50, sae.d_sae)
 
-    at.selectbox(key="latents_order").set_value("INDEX_ASC").run()
+    at.selectbox(key="latents_order").set_value("index").run()
     assert at.dataframe[0].value["latent"].tolist() == list(range(50))
     at.button[1].click().run()  # Next
     assert at.dataframe[0].value["latent"].tolist() == list(range(50, 100))
@@ -224,7 +240,7 @@ def test_latents_page_pages_sorts_and_filters(app, target, client, sae):
     # Only latents firing on at least 1% of tokens; the pager restarts on page 1.
     at.slider(key="latents_freq").set_value((-2.0, 0.0)).run()
     _no_problems(at)
-    frequent = client.list_latents(sae.sae_id, page_size=50, order="INDEX_ASC", min_frequency=0.01)
+    frequent = client.list_latents(sae_id(sae), page_size=50, order_by="index", min_frequency=0.01)
     shown = at.dataframe[0].value
     assert shown["latent"].tolist() == [s.index for s in frequent.latents]
     assert (shown["frequency"] >= 0.01).all()
@@ -232,30 +248,31 @@ def test_latents_page_pages_sorts_and_filters(app, target, client, sae):
 
 
 def test_latents_page_opens_a_latent(app, target, sae):
-    at = app(target, sae=sae.sae_id).run()
+    at = app(target, sae=sae_id(sae)).run()
     at.switch_page("views/latents.py").run()
     at.number_input(key="latents_open").set_value(7)
     at.button[-1].click().run()  # the form's Open button: switches to the Latent page
     _no_problems(at)
     assert at.title[0].value == "Latent 7"
-    assert at.query_params == {"sae": sae.sae_id, "latent": "7"}
+    assert at.query_params == {"sae": sae_id(sae), "latent": "7", "latent_view": "best_patch"}
 
 
 def test_latent_page_from_a_link_renders_top_k_heatmaps(app, target, client, sae, square_latent):
-    at = app(target, sae=sae.sae_id, latent=str(square_latent)).run()
+    at = app(target, sae=sae_id(sae), latent=str(square_latent)).run()
     at.switch_page("views/latent.py").run()
     _no_problems(at)
-    lat = client.get_latent(sae.sae_id, square_latent, heatmaps=False)
+    lat = client.get_latent(sae_id(sae), square_latent, heatmaps=False)
     assert len(lat.examples) == 8  # the pipeline's analysis keeps k=8, all filled for this latent
     assert at.title[0].value == f"Latent {square_latent}"
     m = _metrics(at)
-    assert m["Frequency"] == f"{lat.stats.frequency:.3e}" and m["Max activation"] == f"{lat.stats.max_activation:.4f}"
+    assert m["Frequency"] == f"{lat.frequency:.3e}" and m["Max activation"] == f"{lat.max_activation:.4f}"
     assert m["Top images"] == "8"
-    captions = [img.proto.imgs[0].caption for img in at.image]
-    assert captions == [f"{e.label} · {e.score:.3g} · #{e.image_index}" for e in lat.examples]
+    top = at.tabs[0]  # "Top images"; the other tabs hold band samples
+    captions = [img.proto.imgs[0].caption for img in top.image]
+    assert captions == [f"{e.label} · {e.score:.3g} · #{image_index(e)}" for e in lat.examples]
 
     at.selectbox(key="latent_top_images").set_value(4).run()
-    assert len(at.image) == 4
+    assert len(at.tabs[0].image) == 4
     at.button[1].click().run()  # next latent
     assert at.title[0].value == f"Latent {square_latent + 1}"
     assert at.query_params["latent"] == str(square_latent + 1)
@@ -304,7 +321,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> No
 def test_latent_page_in_headless_chromium(target, client, sae, square_latent, chromium, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    k = len(client.get_latent(sae.sae_id, square_latent, heatmaps=False).examples)
+    k = len(client.get_latent(sae_id(sae), square_latent, heatmaps=False).examples)
 
     port = _free_port()
     log = open(tmp_path / "streamlit.log", "w")
@@ -319,12 +336,13 @@ def test_latent_page_in_headless_chromium(target, client, sae, square_latent, ch
                 "--disable-sync", "--no-first-run"])
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1100})
-                page.goto(f"http://127.0.0.1:{port}/latent?sae={sae.sae_id}&latent={square_latent}")
-                images = page.locator("[data-testid='stImage'] img")
+                page.goto(f"http://127.0.0.1:{port}/latent?sae={sae_id(sae)}&latent={square_latent}")
+                # The "Top images" tab; the others (band samples) are in the page too, hidden.
+                images = page.locator("[role='tabpanel']").first.locator("[data-testid='stImage'] img")
                 images.nth(k - 1).wait_for(timeout=45_000)
                 # Wait until every tile has decoded, not merely been inserted.
                 page.wait_for_function(
-                    "() => { const imgs = [...document.querySelectorAll(\"[data-testid='stImage'] img\")];"
+                    "() => { const imgs = [...document.querySelectorAll(\"[role='tabpanel'] [data-testid='stImage'] img\")];"
                     " return imgs.every(i => i.complete && i.naturalWidth > 0); }", timeout=30_000)
                 assert images.count() == k
                 text = page.inner_text("body")
@@ -336,7 +354,7 @@ def test_latent_page_in_headless_chromium(target, client, sae, square_latent, ch
         proc.wait(timeout=20)
         log.close()
 
-    assert f"Latent {square_latent}" in text and sae.sae_id in text
+    assert f"Latent {square_latent}" in text and sae_id(sae) in text
     assert "Cannot reach" not in text
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape == (1100, 1400, 3) and shot.stat().st_size > 50_000

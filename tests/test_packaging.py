@@ -168,7 +168,7 @@ def test_dockerfile_copies_everything_the_package_build_needs():
     """A new package folder or readme in pyproject.toml must reach the image too."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     copied = {s.rstrip("/") for s in _copy_sources()}
-    needed = {"pyproject.toml", project["project"]["readme"]}
+    needed = {"pyproject.toml", "setup.py", project["project"]["readme"]}
     needed |= {d.split("/")[0] for d in project["tool"]["setuptools"]["package-dir"].values()}
     assert needed <= copied, f"Dockerfile.gpu does not copy {sorted(needed - copied)}"
 
@@ -557,3 +557,70 @@ def test_the_example_sweep_file_parses():
 
     cfgs = sweep_configs(SweepConfig(file=str(REPO / "docs" / "example-sweep.toml"), activations="some-set"))
     assert len(cfgs) == 8 and {c.variant for c in cfgs} == {"topk", "batchtopk"}
+
+
+# --- the gRPC modules, generated from proto/ ------------------------------------------------------
+def test_generated_grpc_modules_are_ignored_not_committed():
+    for rel in ("vitscope/v2/analyzer_pb2.py", "vitscope/v2/analyzer_pb2.pyi", "vitscope/v2/analyzer_pb2_grpc.py"):
+        assert (REPO / rel).is_file(), f"{rel} was not generated on install or import"
+        assert subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", rel]).returncode == 0, f"{rel} not ignored"
+    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "vitscope/v2"], capture_output=True, text=True)
+    assert tracked.stdout == ""
+
+
+def test_stale_generated_modules_are_regenerated(tmp_path):
+    """An edited .proto (or another grpcio-tools) changes the fingerprint; generating again
+    brings the modules, typed stubs included, up to date."""
+    from vitscope.protos import generate
+
+    root = tmp_path / "proto"
+    shutil.copytree(generate.proto_root() / "vitscope", root / "vitscope")
+    out = tmp_path / "out"
+    assert not generate.is_current(out, root)
+    generate.generate(out, root)
+    assert generate.is_current(out, root)
+    stub = (out / "vitscope/v2/analyzer_pb2.pyi").read_text()
+    assert re.search(r"class Sae\(_message\.Message\)", stub) and re.search(r"\bname: str\b", stub)
+    proto = root / generate.PROTO_FILES[0]
+    proto.write_text(proto.read_text().replace("int32 grid_cols = 12;", "int32 grid_cols = 12;\n  string note = 99;"))
+    assert not generate.is_current(out, root)
+    generate.generate(out, root)
+    assert generate.is_current(out, root) and "note: str" in (out / "vitscope/v2/analyzer_pb2.pyi").read_text()
+
+
+def test_a_wheel_carries_the_generated_modules_and_stubs(tmp_path):
+    # Built from a copy of what the package build reads (as Dockerfile.gpu copies it), so that
+    # setuptools' build/ folder does not land in the checkout.
+    source = tmp_path / "src"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    for rel in {"pyproject.toml", "setup.py", project["project"]["readme"]}:
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / rel, source / rel)
+    for folder in {d.split("/")[0] for d in project["tool"]["setuptools"]["package-dir"].values()}:
+        shutil.copytree(REPO / folder, source / folder, ignore=lambda d, names: [  # no caches, nothing generated
+            n for n in names if n == "__pycache__" or (Path(d) == REPO / "vitscope" and n == "v2")])
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path), str(source)], capture_output=True, text=True, cwd=tmp_path)
+    assert build.returncode == 0, build.stderr[-2000:]
+    import zipfile
+
+    (wheel,) = tmp_path.glob("vitscope-*.whl")
+    files = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("analyzer_pb2.py", "analyzer_pb2.pyi", "analyzer_pb2_grpc.py", "FINGERPRINT"):
+        assert f"vitscope/v2/{name}" in files
+    assert "vitscope/protos/vitscope/v2/analyzer.proto" in files
+
+
+def test_the_client_type_checks_against_the_generated_stubs(tmp_path):
+    """The explorer's client uses the API's messages directly, typed by the .pyi stubs: mypy
+    passes on it, and fails on a field the API does not have."""
+    pytest.importorskip("mypy")
+    env = {**os.environ, "MYPYPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "mypy", "--follow-imports=silent", "--ignore-missing-imports", "--no-incremental",
+           "--cache-dir", str(tmp_path / "cache")]
+    ok = subprocess.run([*cmd, str(REPO / "services/explorer/client.py")], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stdout
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text("from vitscope.proto import pb\n\nprint(pb.Sae().sae_id)\n")
+    bad = subprocess.run([*cmd, str(wrong)], capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and '"Sae" has no attribute "sae_id"' in bad.stdout

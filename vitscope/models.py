@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -208,9 +209,14 @@ class ViT:
         after each block, every token the model has."""
         captured: dict[int, torch.Tensor] = {}
         deepest = max(layers)
+        # Hooks sit on the shared module, so another thread's forward (the analyzer encodes
+        # uploads concurrently) runs them too: each call records and stops only its own.
+        owner = threading.get_ident()
 
         def make_hook(i: int):
             def hook(_module, _inp, out):
+                if threading.get_ident() != owner:
+                    return None
                 out = out[0] if isinstance(out, tuple) else out
                 captured[i] = out if self.batch_first else out.transpose(0, 1)
                 if i == deepest:

@@ -1,5 +1,5 @@
 """The analyzer's gRPC server: serves a store's SAEs, their analyses and dataset images to the
-explorer (or any client) under the contract in ``proto/vitscope/v1/analyzer.proto``.
+explorer (or any client) under the contract in ``proto/vitscope/v2/analyzer.proto``.
 
 Everything it serves is read from the store and cached in memory by id. Ids are content hashes,
 so a cached SAE, analysis or activation set never goes stale; only "which analysis belongs to
@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import threading
 import time
@@ -48,17 +47,17 @@ from vitscope.datasets import DatasetError, load_image_by_id
 from vitscope.hashing import content_id
 from vitscope.metrics import FrequencyRange, frequency_histogram, scalar_metrics
 from vitscope.models import ModelSpec, TransformInfo, ViT, load_vit
-from vitscope.proto import pb, rpc
+from vitscope.proto import SERVICE, ResourceNameError, names, pb, rpc
 from vitscope.sae import Sae, SaeRecord, list_saes, load_record, load_sae_from
 from vitscope.shards import ActivationSet
 from vitscope.store import InvalidKey, NotFound, Store, open_store
 
 from .config import ServeConfig
+from .labels import LabelBook, LabelConflict, LabelError, LabelRevision
 from .results import AnalysisManifest, LatentTable, list_analyses, load_analysis
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Analyzer"].full_name
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 DEFAULT_TOP_IMAGES = 16
@@ -69,11 +68,17 @@ LIVE_ENCODES = 2
 LIVE_WAIT_S = 30.0
 """How long an upload waits for its turn when its call has no deadline."""
 MAX_IMAGE_PIXELS = 50_000_000
+MAX_ASPECT_RATIO = 20
+"""The longest side of an upload over its shortest: resizing the shortest side to the model's
+input scales the longest one with it, so a 5000x1 strip of 94 bytes would take gigabytes."""
 MAX_SEARCH_EXAMPLES = 32
 DEFAULT_SEARCH_LATENTS = 20
 MAX_SEARCH_LATENTS = 200
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-MAX_ID_LENGTH = 128
+DEFAULT_SIMILAR_LATENTS = 10
+MAX_SIMILAR_LATENTS = 100
+COFIRING_IMAGES = 64
+"""Images of the first SAE's set that FindSimilarLatents encodes with both SAEs when they read
+different spaces: enough to rank clear matches, few enough to encode live through a ViT."""
 MAX_PAGE_TOKEN_LENGTH = 512  # the tokens this server issues are under 100 characters
 MAX_STRING_LENGTH = 4096
 """The longest string any request field may hold, whatever the RPC (ids and tokens have their own,
@@ -206,6 +211,8 @@ def _rpc(method: Callable[..., T]) -> Callable[..., T]:
             code, message = e.code, e.message
         except NotFound as e:
             code, message = grpc.StatusCode.NOT_FOUND, str(e)
+        except ResourceNameError as e:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except InvalidKey as e:  # a field no check above caught, stopped by the store itself
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except Exception:
@@ -239,17 +246,8 @@ def _check_fields(message: Any, prefix: str = "") -> None:
                 _check_fields(item, f"{name}.")
 
 
-def _check_id(value: str, what: str) -> str:
-    if not value:
-        raise _invalid(f"{what} is required")
-    if len(value) > MAX_ID_LENGTH or not _ID.fullmatch(value):
-        raise _invalid(f"malformed {what} {_shown(value)}: an id is up to {MAX_ID_LENGTH} letters, digits, "
-                       "'.', '_' and '-', starting with a letter or digit")
-    return value
-
-
 class AnalyzerService(rpc.AnalyzerServicer):
-    """The ``vitscope.v1.Analyzer`` service over one store."""
+    """The ``vitscope.v2.Analyzer`` service over one store."""
 
     def __init__(self, store: Store):
         self.store = store
@@ -265,11 +263,35 @@ class AnalyzerService(rpc.AnalyzerServicer):
         self._vit_lock = threading.Lock()
         self._codes = _Lru(16)  # per (SAE, image): a probe's patches and heatmaps reuse one encode
         self._live = threading.BoundedSemaphore(LIVE_ENCODES)
+        self._labels = LabelBook(store)
+        self._directions = _Lru(4)  # per SAE: unit decoder rows, for decoder-cosine neighbours
+        self._firing = _Lru(8)  # per (SAE, sampled set): which latents fire on which sampled image
 
     # --- loading, cached ---------------------------------------------------------------------
     def _record(self, sae_id: str) -> SaeRecord:
-        _check_id(sae_id, "sae_id")
         return self._records.get(sae_id, lambda: load_record(self.store, sae_id))
+
+    def _named(self, name: str, field: str) -> SaeRecord:
+        """The SAE a ``saes/{sae}`` field names."""
+        return self._record(names.parse_sae(name, field))
+
+    def _latent(self, name: str, field: str) -> tuple[SaeRecord, int]:
+        """The SAE and latent index a ``saes/{sae}/latents/{latent}`` field names, range-checked."""
+        sae_id, latent = names.parse_latent(name, field)
+        record = self._record(sae_id)
+        if latent >= record.config.d_sae:  # well-formed, names nothing: AIP-193's NOT_FOUND
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"{field}: no latent {latent}: SAE {sae_id} has {record.config.d_sae} latents")
+        return record, latent
+
+    def _image(self, name: str, field: str) -> tuple[ActivationSet, int]:
+        """The activation set and image index an ``activationSets/{set}/images/{image}`` field names."""
+        set_id, index = names.parse_image(name, field)
+        aset = self._set(set_id)
+        if index >= len(aset):
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"{field}: no image {index}: activation set {set_id} has {len(aset)} images")
+        return aset, index
 
     def _sae(self, sae_id: str) -> Sae:
         return self._saes.get(sae_id, lambda: load_sae_from(self.store, sae_id)[0])
@@ -301,27 +323,22 @@ class AnalyzerService(rpc.AnalyzerServicer):
         records = self._image_records.get((aset.manifest.set_id, shard.index), lambda: aset.shard_records(shard))
         return records[row]
 
-    def _sorted(self, manifest: AnalysisManifest, table: LatentTable, order: int) -> np.ndarray:
-        """Latent indices in ``order``; ties keep index order, so paging is deterministic."""
+    def _sorted(self, manifest: AnalysisManifest, table: LatentTable, order: tuple[str, bool]) -> np.ndarray:
+        """Latent indices sorted by ``order`` (field, descending); ties keep index order, so
+        paging is deterministic."""
         def sort() -> np.ndarray:
-            if order == pb.INDEX_ASC:
-                return np.arange(table.d_sae)
-            key = {
-                pb.FREQUENCY_DESC: -table.frequency,
-                pb.FREQUENCY_ASC: table.frequency,
-                pb.MAX_ACTIVATION_DESC: -table.max_activation.astype(np.float64),
-                pb.MEAN_ACTIVATION_DESC: -table.mean_activation,
-            }[order]
-            return np.argsort(key, kind="stable")
+            field, descending = order
+            key = np.arange(table.d_sae) if field == "index" else getattr(table, field).astype(np.float64)
+            return np.argsort(-key if descending else key, kind="stable")
 
         return self._orders.get((manifest.analysis_id, order), sort)
 
     # --- messages ------------------------------------------------------------------------------
     def _sae_message(self, record: SaeRecord, aid: str | None) -> pb.Sae:
         msg = pb.Sae(
-            sae_id=record.sae_id, variant=record.config.variant, d_in=record.config.d_in,
-            d_sae=record.config.d_sae, layer=record.layer, activation_set_id=record.activation_set_id,
-            model=record.model, analyzed=aid is not None, analysis_id=aid or "", tokens=record.tokens,
+            name=names.sae(record.sae_id), variant=record.config.variant, d_in=record.config.d_in,
+            d_sae=record.config.d_sae, layer=record.layer, activation_set=names.activation_set(record.activation_set_id),
+            model=record.model, analysis=names.analysis(aid) if aid else "", tokens=record.tokens,
             metrics=scalar_metrics(record.metrics),
             config={k: v if isinstance(v, str) else json.dumps(v) for k, v in record.training.items()},
         )
@@ -330,24 +347,28 @@ class AnalyzerService(rpc.AnalyzerServicer):
         except NotFound:  # one SAE whose activation set was deleted must not break the listing
             log.warning("SAE %s: activation set %s is gone", record.sae_id, record.activation_set_id)
         else:
-            msg.n_images = m.n_images
+            msg.image_count = m.n_images
             msg.grid_rows, msg.grid_cols = m.layout.grid
             msg.model = msg.model or str(m.model.get("spec", ""))
         if aid is not None:
             hist = self._histograms.get(aid, lambda: frequency_histogram(load_analysis(self.store, aid)[1].frequency))
-            msg.log_freq_edges.extend(hist.log10_edges.tolist())
-            msg.log_freq_counts.extend(hist.counts.tolist())
-            msg.never_fired = msg.dead_latents = hist.never_fired  # dead_latents: v1 clients' name for it
+            msg.log_frequency_edges.extend(hist.log10_edges.tolist())
+            msg.log_frequency_counts.extend(hist.counts.tolist())
+            msg.never_fired = hist.never_fired
             manifest = self._analyses.get(aid, lambda: load_analysis(self.store, aid))[0]
             msg.views.extend(VIEW_ENUM[v] for v in manifest.views)
             msg.default_view = VIEW_ENUM[manifest.default_view]
         return msg
 
     @staticmethod
-    def _stats(table: LatentTable, i: int) -> pb.LatentStats:
-        return pb.LatentStats(index=i, frequency=float(table.frequency[i]),
-                              mean_activation=float(table.mean_activation[i]),
-                              max_activation=float(table.max_activation[i]))
+    def _stats(sae_id: str, table: LatentTable, i: int, label: LabelRevision | None) -> pb.Latent:
+        """A latent resource with its statistics and label only (what ListLatents returns)."""
+        msg = pb.Latent(name=names.latent(sae_id, i), index=i, frequency=float(table.frequency[i]),
+                        mean_activation=float(table.mean_activation[i]),
+                        max_activation=float(table.max_activation[i]))
+        if label is not None:
+            msg.label.CopyFrom(_label_message(label))
+        return msg
 
     # --- the service ---------------------------------------------------------------------------
     @_rpc
@@ -368,47 +389,50 @@ class AnalyzerService(rpc.AnalyzerServicer):
 
     @_rpc
     def GetSae(self, request: pb.GetSaeRequest, context: grpc.ServicerContext) -> pb.Sae:
-        record = self._record(request.sae_id)
+        record = self._named(request.name, "name")
         return self._sae_message(record, self._analysis_id(record))
 
     @_rpc
     def ListLatents(self, request: pb.ListLatentsRequest, context: grpc.ServicerContext) -> pb.ListLatentsResponse:
         page_size = _page_size(request.page_size)
-        order = _order(request.order)
+        order = _order_by(request.order_by)
         kept = _frequency_range(request.min_frequency, request.max_frequency)
-        manifest, table = self._analysis(self._record(request.sae_id))
-        query = content_id({"analysis": manifest.analysis_id, "order": order, "min": kept.low, "max": kept.high})
+        record = self._named(request.parent, "parent")
+        manifest, table = self._analysis(record)
+        query = content_id({"analysis": manifest.analysis_id, "order": order, "min": kept.low, "max": kept.high,
+                            "labels": request.label_query})
         ordered = self._sorted(manifest, table, order)
         selected = ordered[kept.mask(table.frequency[ordered])]
+        labels = self._labels.labelled(record.sae_id)
+        if request.label_query.strip():
+            matching = self._labels.search(record.sae_id, request.label_query)
+            selected = selected[np.isin(selected, np.fromiter(matching, dtype=np.int64, count=len(matching)))]
         offset = _decode_page_token(request.page_token, query, len(selected))
         page = selected[offset:offset + page_size]
         end = offset + len(page)
         return pb.ListLatentsResponse(
-            latents=[self._stats(table, int(i)) for i in page],
+            latents=[self._stats(record.sae_id, table, int(i), labels.get(int(i))) for i in page],
             next_page_token=_encode_page_token(end, query) if end < len(selected) else "",
             total_size=len(selected),
         )
 
     @_rpc
     def GetLatent(self, request: pb.GetLatentRequest, context: grpc.ServicerContext) -> pb.Latent:
-        record = self._record(request.sae_id)
+        record, latent = self._latent(request.name, "name")
         manifest, table = self._analysis(record)
-        if not 0 <= request.latent < manifest.d_sae:
-            raise _invalid(f"latent {request.latent} out of range: SAE {record.sae_id} has {manifest.d_sae} latents")
         # At most what the analysis kept; by default 16 of them.
         k = _bounded(request, "top_images", min(DEFAULT_TOP_IMAGES, manifest.top_images), manifest.top_images)
         view = _view(request.view, manifest)
         top = table.top[view]
         aset = self._set(manifest.activation_set_id)
         rows, cols = aset.layout.grid
-        latent = request.latent
         examples = self._examples(aset, top.image[latent, :k], top.patch[latent, :k], top.score[latent, :k])
         if request.heatmaps and examples:
-            maps = self._heatmaps(record, aset, manifest.layer, latent, [e.image_index for e in examples])
+            maps = self._heatmaps(record, aset, manifest.layer, latent, [names.parse_image(e.image)[1] for e in examples])
             for example, heatmap in zip(examples, maps, strict=True):
                 example.heatmap.extend(heatmap)
-        reply = pb.Latent(stats=self._stats(table, latent), examples=examples, grid_rows=rows, grid_cols=cols,
-                          view=VIEW_ENUM[view])
+        reply = self._stats(record.sae_id, table, latent, self._labels.current(record.sae_id, latent))
+        reply.MergeFrom(pb.Latent(examples=examples, grid_rows=rows, grid_cols=cols, view=VIEW_ENUM[view]))
         if table.histogram is not None:
             reply.activation_histogram.extend(table.histogram[latent].tolist())
             reply.activation_log10_edges.extend(manifest.histogram_log10_edges)
@@ -421,7 +445,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
                                                          examples=drawn))
         if table.cofiring is not None:
             c = table.cofiring
-            reply.cofiring.extend(pb.CoFiring(latent=int(j), jaccard=float(jac), count=int(n))
+            reply.cofiring.extend(pb.CoFiring(latent_index=int(j), jaccard=float(jac), count=int(n))
                                   for j, jac, n in zip(c.latent[latent], c.jaccard[latent], c.count[latent], strict=True)
                                   if j >= 0)
         return reply
@@ -435,7 +459,8 @@ class AnalyzerService(rpc.AnalyzerServicer):
             if image < 0:  # fewer images than slots ever made this latent fire
                 continue
             info = self._image_record(aset, int(image))
-            out.append(pb.Example(image_index=int(image), image_id=str(info["id"]), label=_label(info),
+            out.append(pb.Example(image=names.image(aset.manifest.set_id, int(image)), source_id=str(info["id"]),
+                                  label=_label(info),
                                   score=float(score), patch=int(patch), patch_row=int(patch) // cols,
                                   patch_col=int(patch) % cols))
         return out
@@ -452,23 +477,23 @@ class AnalyzerService(rpc.AnalyzerServicer):
 
     @_rpc
     def GetImage(self, request: pb.GetImageRequest, context: grpc.ServicerContext) -> pb.Image:
-        record = self._record(request.sae_id)
-        aset = self._set(record.activation_set_id)
-        if not 0 <= request.image_index < len(aset):
-            raise _invalid(f"image index {request.image_index} out of range: the activation set has {len(aset)} images")
-        info = self._image_record(aset, request.image_index)
+        aset, index = self._image(request.name, "name")
+        info = self._image_record(aset, index)
+        image = TransformInfo.from_json(aset.manifest.transform).geometric()(self._dataset_image(aset, index))
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        return pb.Image(name=names.image(aset.manifest.set_id, index), data=png.getvalue(), mime_type="image/png",
+                        width=image.width, height=image.height, source_id=str(info["id"]), label=_label(info))
+
+    def _dataset_image(self, aset: ActivationSet, index: int) -> Image.Image:
+        """An activation set's image as its dataset holds it (before the model's transform)."""
+        info = self._image_record(aset, index)
         try:
-            image = load_image_by_id(aset.manifest.dataset, info["id"])
+            return load_image_by_id(aset.manifest.dataset, info["id"])
         except (FileNotFoundError, DatasetError):
             raise RequestError(grpc.StatusCode.NOT_FOUND,
                                f"image {info['id']} can no longer be read from {aset.manifest.dataset} "
                                "(moved since extraction?)") from None
-        image = TransformInfo.from_json(aset.manifest.transform).geometric()(image)
-        png = io.BytesIO()
-        image.save(png, format="PNG")
-        return pb.Image(data=png.getvalue(), mime_type="image/png", width=image.width, height=image.height,
-                        image_id=str(info["id"]), label=_label(info))
-
 
     # --- live calls ------------------------------------------------------------------------------
     def _vit(self, aset: ActivationSet, record: SaeRecord) -> ViT:
@@ -477,41 +502,50 @@ class AnalyzerService(rpc.AnalyzerServicer):
         with self._vit_lock:
             return self._vits.get(json.dumps(spec.record(), sort_keys=True), lambda: load_vit(spec))
 
-    def _image_codes(self, record: SaeRecord, source: pb.ImageSource) -> tuple[ActivationSet, torch.Tensor]:
-        """The SAE's codes [tokens, d_sae] of an image, in the activation set's token layout: a
-        dataset image from its stored rows, an upload through the ViT (cached by content)."""
+    def _image_codes(self, record: SaeRecord, source: pb.ImageSource,
+                     field: str = "image") -> tuple[ActivationSet, torch.Tensor]:
+        """The SAE's codes [tokens, d_sae] of an image, in the SAE's activation set's token
+        layout: an image of that set from its stored rows; an upload, or an image of another set
+        (say, another model's), through the SAE's ViT. Cached per (SAE, image)."""
         aset = self._set(record.activation_set_id)
         kind = source.WhichOneof("source")
-        if kind == "image_index":
-            if not 0 <= source.image_index < len(aset):
-                raise _invalid(f"image index {source.image_index} out of range: the activation set has {len(aset)} images")
-            key = (record.sae_id, "index", source.image_index)
-            load = lambda: self._sae(record.sae_id).encode(aset.image_tokens(record.layer, source.image_index))  # noqa: E731
+        if kind == "image":
+            other, index = self._image(source.image, f"{field}.image")
+            key = (record.sae_id, other.manifest.set_id, index)
+            if other.manifest.set_id == aset.manifest.set_id:
+                def load() -> torch.Tensor:
+                    return self._sae(record.sae_id).encode(aset.image_tokens(record.layer, index))
+            else:
+                def load() -> torch.Tensor:
+                    return self._live_codes(record, aset, self._dataset_image(other, index))
         elif kind == "image_data":
             if not source.image_data:
-                raise _invalid("image.image_data is empty")
+                raise _invalid(f"{field}.image_data is empty")
             key = (record.sae_id, "upload", content_id({"bytes": source.image_data.hex()}))
 
             def load() -> torch.Tensor:
-                image = _decode_image(source.image_data)
-                # Bounded: each encode holds a ViT's activations; more callers wait their turn.
-                if not self._live.acquire(timeout=max(0.0, _time_left())):
-                    raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many images being encoded: retry")
-                try:
-                    _check_deadline()
-                    vit = self._vit(aset, record)
-                    x = vit.activations(image, record.layer, aset.layout)[record.layer][0]
-                    return self._sae(record.sae_id).encode(x.float().cpu())
-                finally:
-                    self._live.release()
+                return self._live_codes(record, aset, _decode_image(source.image_data))
         else:
-            raise _invalid("image: give image_data or image_index")
+            raise _invalid(f"{field}: give image_data or image (activationSets/{{set}}/images/{{image}})")
         with torch.inference_mode():
             return aset, self._codes.get(key, load)
 
+    def _live_codes(self, record: SaeRecord, aset: ActivationSet, image: Image.Image) -> torch.Tensor:
+        """An image's codes through the SAE's ViT, layer and transform. Bounded in concurrency:
+        each encode holds a ViT's activations; more callers wait their turn up to their deadline."""
+        if not self._live.acquire(timeout=max(0.0, _time_left())):
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many images being encoded: retry")
+        try:
+            _check_deadline()
+            vit = self._vit(aset, record)
+            x = vit.activations(image, record.layer, aset.layout)[record.layer][0]
+            return self._sae(record.sae_id).encode(x.float().cpu())
+        finally:
+            self._live.release()
+
     @_rpc
     def EncodeImage(self, request: pb.EncodeImageRequest, context: grpc.ServicerContext) -> pb.EncodedImage:
-        record = self._record(request.sae_id)
+        record = self._named(request.sae, "sae")
         top = _bounded(request, "top_latents", DEFAULT_TOP_LATENTS, MAX_TOP_LATENTS)
         aset, codes = self._image_codes(record, request.image)
         layout = aset.layout
@@ -519,8 +553,11 @@ class AnalyzerService(rpc.AnalyzerServicer):
         rows, cols = layout.grid
         reply = pb.EncodedImage(grid_rows=rows, grid_cols=cols,
                                 image_latents=_strongest(patches.amax(dim=0), top))
-        for patch in range(len(patches)):
-            reply.patches.add(patch=patch, latents=_strongest(patches[patch], top))
+        # One topk for every patch: per-patch calls cost more than the encode itself.
+        values, indices = patches.topk(min(top, patches.shape[1]), dim=1)
+        for patch, (vals, idx) in enumerate(zip(values.tolist(), indices.tolist(), strict=True)):
+            reply.patches.add(patch=patch, latents=[pb.LatentActivation(latent_index=i, activation=v)
+                                                    for v, i in zip(vals, idx, strict=True) if v > 0])
         if layout.n_cls:
             reply.cls_latents.extend(_strongest(codes[0], top))
         return reply
@@ -528,19 +565,20 @@ class AnalyzerService(rpc.AnalyzerServicer):
     @_rpc
     def SearchLatents(self, request: pb.SearchLatentsRequest,
                       context: grpc.ServicerContext) -> pb.SearchLatentsResponse:
-        record = self._record(request.sae_id)
+        record = self._named(request.sae, "sae")
         if not 1 <= len(request.positives) <= MAX_SEARCH_EXAMPLES or len(request.negatives) > MAX_SEARCH_EXAMPLES:
             raise _invalid(f"give 1 to {MAX_SEARCH_EXAMPLES} positive examples and at most {MAX_SEARCH_EXAMPLES} "
                            f"negative ones (got {len(request.positives)} and {len(request.negatives)})")
         top = _bounded(request, "top_latents", DEFAULT_SEARCH_LATENTS, MAX_SEARCH_LATENTS)
 
-        def strongest(example: pb.SearchExample) -> torch.Tensor:
-            aset, codes = self._image_codes(record, example.image)
+        def strongest(example: pb.SearchExample, field: str) -> torch.Tensor:
+            aset, codes = self._image_codes(record, example.image, f"{field}.image")
             region = _region_patches(example.region if example.HasField("region") else None, aset.layout.grid)
             return codes[aset.layout.patch_start:][region].amax(dim=0)  # [d_sae]
 
-        pos = torch.stack([strongest(e) for e in request.positives])
-        neg = torch.stack([strongest(e) for e in request.negatives]) if request.negatives else pos[:0]
+        pos = torch.stack([strongest(e, f"positives[{i}]") for i, e in enumerate(request.positives)])
+        neg = (torch.stack([strongest(e, f"negatives[{i}]") for i, e in enumerate(request.negatives)])
+               if request.negatives else pos[:0])
         # Each latent on its own scale: the dataset maximum when the SAE is analysed, else the examples'.
         aid = self._analysis_id(record)
         scale = (torch.as_tensor(self._analysis(record)[1].max_activation) if aid is not None
@@ -555,7 +593,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
         for i in order.tolist():
             if not torch.isfinite(score[i]):
                 break
-            reply.latents.add(latent=i, score=float(score[i]), positive_mean=float(pos_mean[i]),
+            reply.latents.add(latent_index=i, score=float(score[i]), positive_mean=float(pos_mean[i]),
                               negative_mean=float(neg_mean[i]), positives_fired=int((pos[:, i] > 0).sum()),
                               negatives_fired=int((neg[:, i] > 0).sum()), positive_activations=pos[:, i].tolist(),
                               negative_activations=neg[:, i].tolist())
@@ -563,13 +601,116 @@ class AnalyzerService(rpc.AnalyzerServicer):
 
     @_rpc
     def GetHeatmap(self, request: pb.GetHeatmapRequest, context: grpc.ServicerContext) -> pb.Heatmap:
-        record = self._record(request.sae_id)
-        if not 0 <= request.latent < record.config.d_sae:
-            raise _invalid(f"latent {request.latent} out of range: SAE {record.sae_id} has {record.config.d_sae} latents")
+        record, latent = self._latent(request.latent, "latent")
         aset, codes = self._image_codes(record, request.image)
         rows, cols = aset.layout.grid
-        return pb.Heatmap(grid_rows=rows, grid_cols=cols,
-                          activation=codes[aset.layout.patch_start:, request.latent].tolist())
+        return pb.Heatmap(grid_rows=rows, grid_cols=cols, activation=codes[aset.layout.patch_start:, latent].tolist())
+
+
+    # --- similar latents ------------------------------------------------------------------------
+    @_rpc
+    def FindSimilarLatents(self, request: pb.FindSimilarLatentsRequest,
+                           context: grpc.ServicerContext) -> pb.FindSimilarLatentsResponse:
+        record, latent = self._latent(request.latent, "latent")
+        other = self._named(request.other_sae, "other_sae") if request.other_sae else record
+        top = _bounded(request, "top_latents", DEFAULT_SIMILAR_LATENTS, MAX_SIMILAR_LATENTS)
+        reply = pb.FindSimilarLatentsResponse()
+        if self._same_space(record, other):
+            reply.method = pb.SIMILARITY_METHOD_DECODER_COSINE
+            similarity = self._unit_decoder(other) @ self._unit_decoder(record)[latent]
+        else:
+            reply.method = pb.SIMILARITY_METHOD_COFIRING
+            mine, theirs = self._sample_firing(record, record), self._sample_firing(other, record)
+            fires = mine[:, latent]
+            both = (theirs & fires[:, None]).sum(dim=0)
+            either = (theirs | fires[:, None]).sum(dim=0)
+            similarity = both / either.clamp_min(1)
+            reply.sampled_images = len(fires)
+        if other.sae_id == record.sae_id:
+            similarity[latent] = -torch.inf  # never the latent itself
+        order = torch.argsort(-similarity, stable=True)[:top]
+        other_id = other.sae_id
+        for i in order.tolist():
+            if not torch.isfinite(similarity[i]) or (reply.method == pb.SIMILARITY_METHOD_COFIRING and similarity[i] <= 0):
+                break
+            reply.latents.add(latent=names.latent(other_id, i), latent_index=i, similarity=float(similarity[i]))
+        return reply
+
+    def _same_space(self, a: SaeRecord, b: SaeRecord) -> bool:
+        """Whether two SAEs read the same activations: one model (weights included) and layer."""
+        if a.sae_id == b.sae_id or a.activation_set_id == b.activation_set_id:
+            return a.layer == b.layer
+        def model(r: SaeRecord) -> dict[str, Any]:
+            return ModelSpec.from_record(r.model_record or self._set(r.activation_set_id).manifest.model).identity()
+        return a.layer == b.layer and a.config.d_in == b.config.d_in and model(a) == model(b)
+
+    def _unit_decoder(self, record: SaeRecord) -> torch.Tensor:
+        def load() -> torch.Tensor:
+            w = self._sae(record.sae_id).W_dec.detach().float()
+            return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return self._directions.get(record.sae_id, load)
+
+    def _sample_firing(self, record: SaeRecord, sampled: SaeRecord) -> torch.Tensor:
+        """[images, d_sae] booleans: which of ``record``'s latents fire (at any patch) on each of
+        COFIRING_IMAGES images spread evenly over ``sampled``'s activation set."""
+        set_id = sampled.activation_set_id
+
+        def load() -> torch.Tensor:
+            n = len(self._set(set_id))
+            images = sorted({int(i) for i in np.linspace(0, n - 1, min(n, COFIRING_IMAGES))})
+            rows = []
+            for i in images:
+                _check_deadline()
+                aset, codes = self._image_codes(record, pb.ImageSource(image=names.image(set_id, i)))
+                rows.append(codes[aset.layout.patch_start:].amax(dim=0) > 0)
+            return torch.stack(rows)
+
+        return self._firing.get((record.sae_id, set_id), load)
+
+    # --- labels --------------------------------------------------------------------------------
+    def _label_target(self, name: str, field: str) -> tuple[SaeRecord, int]:
+        sae_id, latent = names.parse_label(name, field)
+        return self._latent(names.latent(sae_id, latent), field)
+
+    @_rpc
+    def GetLatentLabel(self, request: pb.GetLatentLabelRequest, context: grpc.ServicerContext) -> pb.LatentLabel:
+        record, latent = self._label_target(request.name, "name")
+        current = self._labels.current(record.sae_id, latent)
+        return _label_message(current) if current else pb.LatentLabel(name=names.label(record.sae_id, latent))
+
+    @_rpc
+    def UpdateLatentLabel(self, request: pb.UpdateLatentLabelRequest, context: grpc.ServicerContext) -> pb.LatentLabel:
+        record, latent = self._label_target(request.label.name, "label.name")
+        label = request.label
+        try:
+            rev = self._labels.update(record.sae_id, latent, label.text.strip(), label.notes, label.author.strip(),
+                                      request.etag)
+        except LabelError as e:
+            raise _invalid(str(e)) from None
+        except LabelConflict as e:
+            raise RequestError(grpc.StatusCode.ABORTED, str(e)) from None
+        return _label_message(rev)
+
+    @_rpc
+    def ListLatentLabelRevisions(self, request: pb.ListLatentLabelRevisionsRequest,
+                                 context: grpc.ServicerContext) -> pb.ListLatentLabelRevisionsResponse:
+        record, latent = self._label_target(request.name, "name")
+        page_size = _page_size(request.page_size)
+        revisions = self._labels.revisions(record.sae_id, latent)
+        query = content_id({"labels": request.name})
+        offset = _decode_page_token(request.page_token, query, len(revisions))
+        page = revisions[offset:offset + page_size]
+        end = offset + len(page)
+        return pb.ListLatentLabelRevisionsResponse(
+            labels=[_label_message(r) for r in page], total_size=len(revisions),
+            next_page_token=_encode_page_token(end, query) if end < len(revisions) else "")
+
+
+def _label_message(rev: LabelRevision) -> pb.LatentLabel:
+    msg = pb.LatentLabel(name=names.label(rev.sae_id, rev.latent), text=rev.text, notes=rev.notes, author=rev.author,
+                         revision=rev.revision, etag=rev.etag)
+    msg.update_time.FromNanoseconds(int(rev.time * 1e9))
+    return msg
 
 
 def _region_patches(region: pb.PatchRegion | None, grid: tuple[int, int]) -> torch.Tensor:
@@ -586,7 +727,7 @@ def _region_patches(region: pb.PatchRegion | None, grid: tuple[int, int]) -> tor
 def _strongest(values: torch.Tensor, top: int) -> list[pb.LatentActivation]:
     """The ``top`` largest of a latent vector that are positive, strongest first."""
     vals, idx = values.topk(min(top, len(values)))
-    return [pb.LatentActivation(latent=int(i), activation=float(v)) for v, i in zip(vals, idx, strict=True) if v > 0]
+    return [pb.LatentActivation(latent_index=int(i), activation=float(v)) for v, i in zip(vals, idx, strict=True) if v > 0]
 
 
 def _bounded(request: Any, name: str, default: int, most: int) -> int:
@@ -607,6 +748,9 @@ def _decode_image(data: bytes) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise _invalid(f"image is {image.width}x{image.height}: at most {MAX_IMAGE_PIXELS:,} pixels")
+            if max(image.size) > MAX_ASPECT_RATIO * max(1, min(image.size)):
+                raise _invalid(f"image is {image.width}x{image.height}: its sides may differ by at most "
+                               f"{MAX_ASPECT_RATIO}x (crop it first)")
             image.load()
     except RequestError:
         raise
@@ -626,12 +770,19 @@ def _page_size(requested: int) -> int:
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
-def _order(requested: int) -> int:
-    if requested == pb.LATENT_ORDER_UNSPECIFIED:
-        return pb.FREQUENCY_DESC
-    if requested not in pb.LatentOrder.values():
-        raise _invalid(f"unknown latent order {requested}")
-    return requested
+ORDER_FIELDS = ("frequency", "mean_activation", "max_activation", "index")
+"""What ListLatents can sort by (AIP-132 ``order_by``)."""
+
+
+def _order_by(requested: str) -> tuple[str, bool]:
+    """(field, descending) of an ``order_by`` like "max_activation desc"; empty is "frequency desc"."""
+    words = requested.split()
+    if not words:
+        return "frequency", True
+    if len(words) > 2 or words[0] not in ORDER_FIELDS or words[1:] not in ([], ["asc"], ["desc"]):
+        raise _invalid(f"order_by {_shown(requested)}: give one of {', '.join(ORDER_FIELDS)}, "
+                       "optionally followed by asc or desc")
+    return words[0], words[1:] == ["desc"]
 
 
 def _frequency_range(low: float, high: float) -> FrequencyRange:
@@ -679,7 +830,7 @@ def _decode_page_token(token: str, query: str, total: int) -> int:
     except (ValueError, binascii.Error, KeyError, TypeError):
         raise _invalid("page_token is not one this server issued") from None
     if token_query != query:
-        raise _invalid("page_token belongs to another query: keep sae_id, order and filters between pages")
+        raise _invalid("page_token belongs to another query: keep parent, order_by and filters between pages")
     if not isinstance(offset, int) or not 0 <= offset <= total:
         raise _invalid("page_token is not one this server issued")
     return offset
@@ -819,12 +970,12 @@ def serve(cfg: ServeConfig) -> RunningServer:
     )
     rpc.add_AnalyzerServicer_to_server(AnalyzerService(open_store(cfg.store)), server)
     health = HealthServicer()
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE):
         health.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     # Reflection lets grpcurl and friends discover the API; it is behind the token like the rest.
     reflection.enable_server_reflection(
-        (pb.DESCRIPTOR.services_by_name["Analyzer"].full_name, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+        (SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     port = _bind(server, cfg)
     server.start()
     return RunningServer(server, health, cfg.host, port)

@@ -21,4 +21,6 @@ page = st.navigation([
 conn = connection()
 st.sidebar.caption(f"analyzer `{conn.target}`")
 pick_sae(conn)
+st.sidebar.text_input("Your name", key="author", max_chars=100, placeholder="for the labels you write",
+                      help="Saved with every label and note you write, so others know whose they are.")
 page.run()

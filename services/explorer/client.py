@@ -1,23 +1,25 @@
-"""A small typed client of the analyzer's gRPC API (proto/vitscope/v1/analyzer.proto).
+"""A small client of the analyzer's gRPC API (proto/vitscope/v2/analyzer.proto).
 
-Responses come back as frozen dataclasses rather than protobuf messages: they pickle without
-the generated classes (Streamlit's cache pickles what it stores) and read well in a notebook.
+Calls take the ids a user types or a URL holds and build the resource names from them; replies
+are the API's own messages (``vitscope.proto.pb``), typed by the stubs generated with them.
+They pickle, so Streamlit's cache can keep them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 
-from vitscope.proto import pb, rpc
+from vitscope.proto import names, pb, rpc
 
-LatentOrder = Literal["FREQUENCY_DESC", "FREQUENCY_ASC", "MAX_ACTIVATION_DESC", "MEAN_ACTIVATION_DESC", "INDEX_ASC"]
+ImageRef = bytes | str
+"""An image for the live calls: uploaded bytes, or a dataset image's name
+(``activationSets/{set}/images/{image}``)."""
 
-MAX_SAES_PAGE = 1000
-"""The analyzer's largest page: fewest calls for a store's SAEs."""
+MAX_PAGE = 1000
+"""The analyzer's largest page: fewest calls for a whole listing."""
 
 _CHANNEL_OPTIONS = [
     # Heatmaps of k images and full PNGs can exceed gRPC's 4 MiB default.
@@ -44,73 +46,6 @@ class AnalyzerError(RuntimeError):
         return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-@dataclass(frozen=True)
-class SaeInfo:
-    sae_id: str
-    variant: str
-    d_in: int
-    d_sae: int
-    layer: int
-    activation_set_id: str
-    model: str
-    metrics: dict[str, float]
-    analyzed: bool
-    analysis_id: str
-    n_images: int
-    grid_rows: int
-    grid_cols: int
-    tokens: tuple[str, ...]
-    log_freq_edges: tuple[float, ...]
-    log_freq_counts: tuple[int, ...]
-    never_fired: int | None  # over the analysis pass; None until analysed
-    config: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LatentStats:
-    index: int
-    frequency: float
-    mean_activation: float
-    max_activation: float
-
-
-@dataclass(frozen=True)
-class LatentPage:
-    latents: tuple[LatentStats, ...]
-    next_page_token: str  # empty on the last page
-    total_size: int  # latents that pass the filter
-
-
-@dataclass(frozen=True)
-class Example:
-    image_index: int
-    image_id: str
-    label: str
-    score: float
-    patch: int
-    patch_row: int
-    patch_col: int
-    heatmap: tuple[float, ...]  # grid_rows * grid_cols, row-major; empty unless asked for
-
-
-@dataclass(frozen=True)
-class Latent:
-    stats: LatentStats
-    examples: tuple[Example, ...]
-    grid_rows: int
-    grid_cols: int
-
-
-@dataclass(frozen=True)
-class ImageData:
-    data: bytes
-    mime_type: str
-    width: int
-    height: int
-    image_id: str
-    label: str
-
-
 class AnalyzerClient:
     """Typed calls to one analyzer. Every call has a deadline of ``timeout`` seconds and raises
     :class:`AnalyzerError` on failure. ``token`` is sent as ``authorization: Bearer <token>``;
@@ -134,45 +69,96 @@ class AnalyzerClient:
         except grpc.RpcError as e:  # raised by the stub as a grpc.Call carrying code() and details()
             raise AnalyzerError(method, e.code(), e.details() or "") from None
 
-    def list_saes(self) -> list[SaeInfo]:
-        """Every SAE in the analyzer's store (all pages)."""
-        out, token = [], ""
+    def _every_page(self, method: str, request: Callable[[str], Any], field: str) -> list[Any]:
+        """The items of every page of a List call; ``request(token)`` builds each page's request."""
+        out: list[Any] = []
+        token = ""
         while True:
-            resp = self._call("ListSaes", pb.ListSaesRequest(page_size=MAX_SAES_PAGE, page_token=token))
-            out += [_sae(s) for s in resp.saes]
+            resp = self._call(method, request(token))
+            out += getattr(resp, field)
             token = resp.next_page_token
             if not token:
                 return out
 
-    def get_sae(self, sae_id: str) -> SaeInfo:
+    def list_saes(self) -> list[pb.Sae]:
+        """Every SAE in the analyzer's store (all pages), by name."""
+        return self._every_page("ListSaes", lambda t: pb.ListSaesRequest(page_size=MAX_PAGE, page_token=t), "saes")
+
+    def get_sae(self, sae_id: str) -> pb.Sae:
         """One SAE with its metrics and firing-frequency histogram."""
-        return _sae(self._call("GetSae", pb.GetSaeRequest(sae_id=sae_id)))
+        return self._call("GetSae", pb.GetSaeRequest(name=names.sae(sae_id)))
 
-    def list_latents(self, sae_id: str, page_size: int = 50, page_token: str = "",
-                     order: LatentOrder = "FREQUENCY_DESC", min_frequency: float = 0.0,
-                     max_frequency: float = 0.0) -> LatentPage:
-        """One page of latent statistics; a bound of 0 means unbounded."""
-        resp = self._call("ListLatents", pb.ListLatentsRequest(
-            sae_id=sae_id, page_size=page_size, page_token=page_token, order=pb.LatentOrder.Value(order),
-            min_frequency=min_frequency, max_frequency=max_frequency))
-        return LatentPage(tuple(_stats(s) for s in resp.latents), resp.next_page_token, resp.total_size)
+    def list_latents(self, sae_id: str, page_size: int = 50, page_token: str = "", order_by: str = "",
+                     min_frequency: float = 0.0, max_frequency: float = 0.0,
+                     label_query: str = "") -> pb.ListLatentsResponse:
+        """One page of latent statistics and labels. ``order_by`` as AIP-132 spells it
+        ("frequency desc", the default; "max_activation desc", "index", ...); a frequency bound
+        of 0 means unbounded; ``label_query`` keeps labelled latents whose label or notes hold
+        every word of it ("*": every labelled latent)."""
+        return self._call("ListLatents", pb.ListLatentsRequest(
+            parent=names.sae(sae_id), page_size=page_size, page_token=page_token, order_by=order_by,
+            min_frequency=min_frequency, max_frequency=max_frequency, label_query=label_query))
 
-    def get_latent(self, sae_id: str, latent: int, top_images: int | None = None, heatmaps: bool = True) -> Latent:
-        """A latent's statistics and its top images (with per-patch heatmaps if asked).
-        ``top_images=None`` lets the server choose (16, or fewer if the analysis kept fewer)."""
-        request = pb.GetLatentRequest(sae_id=sae_id, latent=latent, heatmaps=heatmaps)
+    def get_latent(self, sae_id: str, latent: int, top_images: int | None = None, heatmaps: bool = True,
+                   view: pb.TopImagesView = pb.TOP_IMAGES_VIEW_UNSPECIFIED) -> pb.Latent:
+        """A latent's statistics, distributions and top images in ``view`` (with per-patch
+        heatmaps if asked). ``top_images=None`` lets the server choose (16, or fewer if the
+        analysis kept fewer)."""
+        request = pb.GetLatentRequest(name=names.latent(sae_id, latent), heatmaps=heatmaps, view=view)
         if top_images is not None:
             request.top_images = top_images
-        resp = self._call("GetLatent", request)
-        examples = tuple(
-            Example(e.image_index, e.image_id, e.label, e.score, e.patch, e.patch_row, e.patch_col, tuple(e.heatmap))
-            for e in resp.examples)
-        return Latent(_stats(resp.stats), examples, resp.grid_rows, resp.grid_cols)
+        return self._call("GetLatent", request)
 
-    def get_image(self, sae_id: str, image_index: int) -> ImageData:
-        """A dataset image as the model saw it (resized and cropped), as PNG bytes."""
-        r = self._call("GetImage", pb.GetImageRequest(sae_id=sae_id, image_index=image_index))
-        return ImageData(r.data, r.mime_type, r.width, r.height, r.image_id, r.label)
+    def get_image(self, image: str) -> pb.Image:
+        """A dataset image (``activationSets/{set}/images/{image}``) as the model saw it
+        (resized and cropped), as PNG bytes."""
+        return self._call("GetImage", pb.GetImageRequest(name=image))
+
+    def encode_image(self, sae_id: str, image: ImageRef, top_latents: int | None = None) -> pb.EncodedImage:
+        """The latents that fire on each patch of an image and on the whole of it."""
+        request = pb.EncodeImageRequest(sae=names.sae(sae_id), image=_source(image))
+        if top_latents is not None:
+            request.top_latents = top_latents
+        return self._call("EncodeImage", request)
+
+    def get_heatmap(self, sae_id: str, latent: int, image: ImageRef) -> pb.Heatmap:
+        """One latent's activation on every patch of an image."""
+        return self._call("GetHeatmap", pb.GetHeatmapRequest(latent=names.latent(sae_id, latent), image=_source(image)))
+
+    def search_latents(self, sae_id: str, positives: Sequence[pb.SearchExample | ImageRef],
+                       negatives: Sequence[pb.SearchExample | ImageRef] = (),
+                       top_latents: int | None = None) -> pb.SearchLatentsResponse:
+        """Latents that fire on the positive examples and not on the negative ones, best first."""
+        request = pb.SearchLatentsRequest(sae=names.sae(sae_id), positives=[_example(e) for e in positives],
+                                          negatives=[_example(e) for e in negatives])
+        if top_latents is not None:
+            request.top_latents = top_latents
+        return self._call("SearchLatents", request)
+
+    def find_similar_latents(self, sae_id: str, latent: int, other_sae: str | None = None,
+                             top_latents: int | None = None) -> pb.FindSimilarLatentsResponse:
+        """The latents most like ``latent``: in its own SAE, or in SAE ``other_sae`` (an id)."""
+        request = pb.FindSimilarLatentsRequest(latent=names.latent(sae_id, latent),
+                                               other_sae=names.sae(other_sae) if other_sae else "")
+        if top_latents is not None:
+            request.top_latents = top_latents
+        return self._call("FindSimilarLatents", request)
+
+    def get_label(self, sae_id: str, latent: int) -> pb.LatentLabel:
+        """A latent's current label (revision 0 and etag "" when it has none)."""
+        return self._call("GetLatentLabel", pb.GetLatentLabelRequest(name=names.label(sae_id, latent)))
+
+    def update_label(self, sae_id: str, latent: int, text: str, notes: str, author: str, etag: str) -> pb.LatentLabel:
+        """Write a new revision of a latent's label over the one whose ``etag`` is given; an
+        :class:`AnalyzerError` with code ABORTED means someone else wrote in between."""
+        label = pb.LatentLabel(name=names.label(sae_id, latent), text=text, notes=notes, author=author)
+        return self._call("UpdateLatentLabel", pb.UpdateLatentLabelRequest(label=label, etag=etag))
+
+    def label_revisions(self, sae_id: str, latent: int) -> list[pb.LatentLabel]:
+        """Every revision of a latent's label, newest first (all pages)."""
+        name = names.label(sae_id, latent)
+        return self._every_page("ListLatentLabelRevisions", lambda t: pb.ListLatentLabelRevisionsRequest(
+            name=name, page_size=MAX_PAGE, page_token=t), "labels")
 
     def close(self) -> None:
         self._channel.close()
@@ -184,14 +170,19 @@ class AnalyzerClient:
         self.close()
 
 
-def _stats(s) -> LatentStats:
-    return LatentStats(s.index, s.frequency, s.mean_activation, s.max_activation)
+def _source(image: ImageRef) -> pb.ImageSource:
+    return pb.ImageSource(image_data=image) if isinstance(image, bytes) else pb.ImageSource(image=image)
 
 
-def _sae(s) -> SaeInfo:
-    return SaeInfo(
-        sae_id=s.sae_id, variant=s.variant, d_in=s.d_in, d_sae=s.d_sae, layer=s.layer,
-        activation_set_id=s.activation_set_id, model=s.model, metrics=dict(s.metrics), analyzed=s.analyzed,
-        analysis_id=s.analysis_id, n_images=s.n_images, grid_rows=s.grid_rows, grid_cols=s.grid_cols,
-        tokens=tuple(s.tokens), log_freq_edges=tuple(s.log_freq_edges), log_freq_counts=tuple(s.log_freq_counts),
-        never_fired=s.never_fired if s.HasField("never_fired") else None, config=dict(s.config))
+def _example(e: pb.SearchExample | ImageRef) -> pb.SearchExample:
+    return e if isinstance(e, pb.SearchExample) else pb.SearchExample(image=_source(e))
+
+
+def sae_id(sae: pb.Sae) -> str:
+    """The id in an SAE's name (``saes/{sae}``)."""
+    return names.parse_sae(sae.name)
+
+
+def image_index(example: pb.Example | pb.Image) -> int:
+    """The row of an example's (or image's) image in its activation set."""
+    return names.parse_image(example.image if isinstance(example, pb.Example) else example.name)[1]

@@ -1,21 +1,37 @@
-"""Latent page: one latent's statistics and its top images with patch heatmaps."""
+"""Latent page: one latent in full. Its top images with patch heatmaps in a chosen view, how
+strongly it fires (histogram and typical examples per band), the latents near it (by decoder
+direction and by co-firing), and its label and notes."""
 
 import math
 
+import altair as alt
+import pandas as pd
 import streamlit as st
 
-from vitscope.explorer.client import LatentStats
+from vitscope.explorer.client import AnalyzerError, sae_id
 from vitscope.explorer.data import (
+    VIEW_LABELS,
+    VIEWS,
     analyzer_errors,
+    client,
     connection,
+    label_text,
+    latent_link,
     latent_tiles,
     publish_to_url,
     require_analysis,
     seed_from_url,
     selected_sae,
+    similar_latents,
+    thumbnails,
+    url_state,
 )
+from vitscope.explorer.search_basket import add_buttons
+from vitscope.proto import pb
 
 GRID_COLUMNS = 4
+BAND_COLUMNS = 8
+TOP_CHOICES = [None, 4, 8, 16, 32, 64]
 
 
 def parse_latent(raw: str | None, d_sae: int) -> int | None:
@@ -41,20 +57,39 @@ def seed_latent(d_sae: int) -> int:
     return st.session_state["latent"]
 
 
-def controls(d_sae: int) -> None:
-    c1, c2, c3, c4 = st.columns([1, 1, 2, 4], vertical_alignment="bottom")
+def available_views(sae: pb.Sae) -> list[str]:
+    """The SAE analysis' views, its default first."""
+    keys = {v: k for k, v in VIEWS.items()}
+    views = [keys[v] for v in sae.views if v in keys] or ["best_patch"]
+    default = keys.get(sae.default_view, views[0])
+    return [default] + [v for v in views if v != default]
+
+
+def controls(sae: pb.Sae) -> None:
+    d_sae = sae.d_sae
+    views = available_views(sae)
+    url_state("latent_view", lambda raw: raw if raw in views else None, views[0])
+    url_state("latent_top_images", lambda raw: int(raw) if raw.isdigit() and int(raw) in TOP_CHOICES else None, None)
+    c1, c2, c3, c4, c5 = st.columns([1, 1, 2, 3, 2], vertical_alignment="bottom")
     c1.button("Prev", icon=":material/chevron_left:", on_click=step, args=(-1, d_sae), width="stretch",
               help="previous latent")
     c2.button("Next", icon=":material/chevron_right:", on_click=step, args=(1, d_sae), width="stretch",
               help="next latent")
     n = c3.number_input("Latent", min_value=0, max_value=d_sae - 1, step=1, key="latent")
-    # The analysis' k is not in the API, so the default defers to the server (16, or all kept).
-    c4.selectbox("Top images", [None, 4, 8, 16, 32, 64], key="latent_top_images",
+    view = c4.segmented_control("Rank top images by", views, format_func=VIEW_LABELS.get, key="latent_view",
+                                help="Best patch: each image's strongest patch. CLS token: the activation on "
+                                     "the image's CLS token. Image mean: the mean over its patches.")
+    c5.selectbox("Top images", TOP_CHOICES, key="latent_top_images",
                  format_func=lambda k: "default" if k is None else str(k))
     publish_to_url("latent", n)
+    publish_to_url("latent_view", view or views[0])
+    if st.session_state["latent_top_images"] is not None:
+        publish_to_url("latent_top_images", st.session_state["latent_top_images"])
+    elif "latent_top_images" in st.query_params:
+        del st.query_params["latent_top_images"]
 
 
-def stats_row(s: LatentStats, n_images: int) -> None:
+def stats_row(s: pb.Latent, n_images: int) -> None:
     cols = st.columns(4)
     log_f = f" (10^{math.log10(s.frequency):.2f})" if s.frequency > 0 else ""
     cols[0].metric("Frequency", f"{s.frequency:.3e}", help=f"Fraction of tokens where it fires{log_f}")
@@ -63,21 +98,124 @@ def stats_row(s: LatentStats, n_images: int) -> None:
     cols[3].metric("Top images", n_images)
 
 
+def top_images(sid: str, tiles) -> None:
+    st.caption("Colour shows the latent's activation on each patch (one scale for all images); the box marks "
+               "the strongest patch. Captions: label · score in this view · image row. ＋/－ adds the image's "
+               "box to the concept search as a positive or negative example.")
+    for start in range(0, len(tiles), GRID_COLUMNS):  # the last row may be short, hence strict=False
+        for col, tile in zip(st.columns(GRID_COLUMNS), tiles[start:start + GRID_COLUMNS], strict=False):
+            col.image(tile.png, caption=tile.caption, width="stretch", output_format="PNG")
+            add_buttons(col, tile.image, tile.patch, key=f"top_{sid}_{tile.image}")
+
+
+def distribution(sid: str, lat: pb.Latent) -> None:
+    """The activation histogram, then a few images drawn from each band of best-patch activation."""
+    if not lat.activation_histogram:
+        st.info("This analysis predates activation histograms: run `vitscope analyze` again to get them.")
+        return
+    edges = list(lat.activation_log10_edges)
+    df = pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "tokens": list(lat.activation_histogram)})
+    df = df[df["tokens"] > 0]
+    chart = alt.Chart(df).mark_bar(color="#4c78a8").encode(
+        x=alt.X("lo:Q", title="log10 activation (where it fires)"), x2="hi:Q",
+        y=alt.Y("tokens:Q", title="tokens", scale=alt.Scale(type="symlog")), y2=alt.datum(0),
+        tooltip=[alt.Tooltip("lo:Q", title="from", format=".2f"), alt.Tooltip("hi:Q", title="to", format=".2f"),
+                 "tokens:Q"])
+    st.altair_chart(chart, width="stretch")
+    if not lat.bands:
+        return
+    st.caption("Typical images at every strength, weakest band first: a few drawn reproducibly from the images "
+               "whose best patch falls in each band (not only the top ones).")
+    grid = (lat.grid_rows, lat.grid_cols)
+    for band in lat.bands:
+        tiles = thumbnails(connection(), tuple(band.examples), grid)
+        st.markdown(f"**10^{band.log10_low:.2f} – 10^{band.log10_high:.2f}** · {len(tiles)} shown")
+        for col, tile in zip(st.columns(BAND_COLUMNS), tiles, strict=False):
+            col.image(tile.png, caption=tile.caption, width="stretch", output_format="PNG")
+
+
+def related(conn, sid: str, lat: pb.Latent) -> None:
+    """Nearest latents by decoder direction and the latents that co-fire with it, each a link."""
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Nearest by decoder direction** (cosine)")
+        with analyzer_errors(conn):
+            near = similar_latents(conn, sid, lat.index)
+        for m in near.latents:
+            latent_link(sid, m.latent_index, f"{m.latent_index} · {m.similarity:.3f}")
+    with right:
+        st.markdown("**Fire on the same tokens** (Jaccard, on a sample)")
+        if not lat.cofiring:
+            st.caption("No co-firing latents recorded (an older analysis, or a latent that never fired).")
+        for c in lat.cofiring:
+            latent_link(sid, c.latent_index, f"{c.latent_index} · {c.jaccard:.3f} · {c.count} tokens")
+
+
+def label_editor(conn, sid: str, latent: int) -> None:
+    """The latent's label and notes, saved to the store as a new revision. A save over a label
+    someone else changed meanwhile is refused by the analyzer; the editor then shows theirs and
+    keeps this browser's words in the form, to apply again on top."""
+    key = f"{sid}/{latent}"
+    with analyzer_errors(conn):
+        current = client(conn).get_label(sid, latent)
+    if st.session_state.get("_label_key") != key:  # another latent: start from its stored label
+        st.session_state.update(_label_key=key, _label_etag=current.etag, label_text=current.text,
+                                label_notes=current.notes)
+    conflict = st.session_state.pop("_label_conflict", None)
+    if conflict:
+        st.warning(f"{conflict.author or 'Someone'} changed this label while you were editing it, to "
+                   f"“{conflict.text}”. Your version is still in the form: save again to replace theirs, "
+                   "or edit it first.", icon=":material/merge:")
+    with st.form("label_form", border=True):
+        st.text_input("Label", key="label_text", max_chars=200, placeholder="e.g. birds with black eye markings")
+        st.text_area("Notes", key="label_notes", max_chars=4000, height=90)
+        saved = st.form_submit_button("Save label", icon=":material/save:")
+    if saved:
+        author = st.session_state.get("author", "")
+        try:
+            rev = client(conn).update_label(sid, latent, st.session_state["label_text"],
+                                            st.session_state["label_notes"], author, st.session_state["_label_etag"])
+        except AnalyzerError as e:
+            if e.code.name != "ABORTED":
+                with analyzer_errors(conn):
+                    raise
+            theirs = client(conn).get_label(sid, latent)
+            st.session_state.update(_label_etag=theirs.etag, _label_conflict=theirs)
+        else:
+            st.session_state["_label_etag"] = rev.etag
+            st.toast(f"Saved revision {rev.revision} of latent {latent}'s label", icon=":material/check:")
+        st.rerun()
+    if current.revision:
+        when = current.update_time.ToDatetime().strftime("%Y-%m-%d %H:%M UTC")
+        st.caption(f"Revision {current.revision} by {current.author or 'anonymous'}, {when}.")
+        with st.expander("History"):
+            for rev in client(conn).label_revisions(sid, latent):
+                st.markdown(f"**{rev.revision}** · {rev.author or 'anonymous'} · "
+                            f"{rev.update_time.ToDatetime():%Y-%m-%d %H:%M} — {rev.text}")
+
+
 conn = connection()
 sae = selected_sae(conn)
 require_analysis(sae)
+sid = sae_id(sae)
 latent = seed_latent(sae.d_sae)
-st.title(f"Latent {latent}")
-st.caption(f"SAE `{sae.sae_id}` · layer {sae.layer} · {sae.model}")
-controls(sae.d_sae)
+controls(sae)
 with analyzer_errors(conn), st.spinner("Rendering heatmaps…"):
-    lat, tiles = latent_tiles(conn, sae.sae_id, latent, st.session_state["latent_top_images"])
-stats_row(lat.stats, len(tiles))
-if not tiles:
-    st.info("This latent never fired on the analysed images: it has no top images.")
-    st.stop()
-st.caption("Colour shows the latent's activation on each patch (one scale for all images); "
-           "the box marks the strongest patch. Captions: label · activation · image row.")
-for start in range(0, len(tiles), GRID_COLUMNS):  # the last row may be short, hence strict=False
-    for col, tile in zip(st.columns(GRID_COLUMNS), tiles[start:start + GRID_COLUMNS], strict=False):
-        col.image(tile.png, caption=tile.caption, width="stretch", output_format="PNG")
+    lat, tiles = latent_tiles(conn, sid, latent, st.session_state["latent_top_images"],
+                              st.session_state["latent_view"] or "")
+st.title(f"Latent {latent}" + (f": {label_text(lat.label)}" if lat.HasField("label") else ""))
+st.caption(f"SAE `{sid}` · layer {sae.layer} · {sae.model}")
+stats_row(lat, len(tiles))
+images_tab, distribution_tab, related_tab, label_tab = st.tabs(["Top images", "Distribution", "Related latents",
+                                                                "Label & notes"])
+with images_tab:
+    if tiles:
+        top_images(sid, tiles)
+    else:
+        st.info("This latent never fired on the analysed images: it has no top images.")
+with distribution_tab:
+    distribution(sid, lat)
+with related_tab:
+    related(conn, sid, lat)
+with label_tab:
+    label_editor(conn, sid, latent)

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import streamlit as st
 
-from vitscope.explorer.client import LatentPage
+from vitscope.explorer.client import sae_id
 from vitscope.explorer.data import (
     analyzer_errors,
     connection,
@@ -15,13 +15,14 @@ from vitscope.explorer.data import (
     selected_sae,
 )
 from vitscope.metrics import LOG10_LOW, FrequencyRange
+from vitscope.proto import pb
 
-ORDERS = {
-    "FREQUENCY_DESC": "Most frequent first",
-    "FREQUENCY_ASC": "Rarest first",
-    "MAX_ACTIVATION_DESC": "Strongest max activation",
-    "MEAN_ACTIVATION_DESC": "Strongest mean activation",
-    "INDEX_ASC": "Index",
+ORDERS = {  # ListLatents' order_by -> what the picker shows
+    "frequency desc": "Most frequent first",
+    "frequency": "Rarest first",
+    "max_activation desc": "Strongest max activation",
+    "mean_activation desc": "Strongest mean activation",
+    "index": "Index",
 }
 
 
@@ -36,7 +37,7 @@ def filters() -> tuple[str, float, float, int]:
     return order, *FrequencyRange.from_log10(lo, hi).bounds(), page_size
 
 
-def page_table(page: LatentPage) -> pd.DataFrame:
+def page_table(page: pb.ListLatentsResponse) -> pd.DataFrame:
     return pd.DataFrame({
         "latent": [s.index for s in page.latents],
         "frequency": [s.frequency for s in page.latents],
@@ -46,7 +47,7 @@ def page_table(page: LatentPage) -> pd.DataFrame:
     })
 
 
-def pager(page: LatentPage, page_size: int) -> None:
+def pager(page: pb.ListLatentsResponse, page_size: int) -> None:
     """Previous/next buttons over page tokens, restarting at page 1 whenever the query changes."""
     tokens: list[str] = st.session_state["latents_tokens"]
     n_pages = max(1, math.ceil(page.total_size / page_size))
@@ -65,15 +66,16 @@ conn = connection()
 sae = selected_sae(conn)
 require_analysis(sae)
 st.title("Latents")
-st.caption(f"SAE `{sae.sae_id}` · {sae.d_sae} latents · click a row to open it")
+sid = sae_id(sae)
+st.caption(f"SAE `{sid}` · {sae.d_sae} latents · click a row to open it")
 
 order, min_f, max_f, page_size = filters()
-query = (sae.sae_id, order, min_f, max_f, page_size)
+query = (sid, order, min_f, max_f, page_size)
 if st.session_state.get("latents_query") != query:
     st.session_state["latents_query"] = query
     st.session_state["latents_tokens"] = [""]
 with analyzer_errors(conn):
-    page = list_latents(conn, sae.sae_id, page_size, st.session_state["latents_tokens"][-1], order, min_f, max_f)
+    page = list_latents(conn, sid, page_size, st.session_state["latents_tokens"][-1], order, min_f, max_f)
 
 if not page.latents:
     st.info("No latent passes these filters.")
@@ -91,10 +93,10 @@ event = st.dataframe(
     })
 pager(page, page_size)
 if event.selection.rows:
-    open_latent(sae.sae_id, page.latents[event.selection.rows[0]].index)
+    open_latent(sid, page.latents[event.selection.rows[0]].index)
 
 with st.form("open_latent", border=False):
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
     n = c1.number_input("Open latent #", min_value=0, max_value=sae.d_sae - 1, step=1, key="latents_open")
     if c2.form_submit_button("Open", width="stretch"):
-        open_latent(sae.sae_id, int(n))
+        open_latent(sid, int(n))

@@ -4,21 +4,27 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from vitscope.explorer.client import SaeInfo
+from vitscope.explorer.client import sae_id
 from vitscope.explorer.data import analyzer_errors, connection, list_saes, selected_sae
 from vitscope.metrics import METRICS
+from vitscope.proto import names, pb
 
 
-def metric_values(s: SaeInfo) -> dict[str, float | None]:
+def never_fired(s: pb.Sae) -> int | None:
+    """Latents that never fired over the analysis pass; None until the SAE is analysed."""
+    return s.never_fired if s.HasField("never_fired") else None
+
+
+def metric_values(s: pb.Sae) -> dict[str, float | None]:
     """The SAE's value of each of :data:`vitscope.metrics.METRICS` (None: not recorded), with
     ``never_fired`` over the analysis pass once analysed, else over the trainer's evaluation."""
     values: dict[str, float | None] = {key: s.metrics.get(key) for key in METRICS}
-    if s.never_fired is not None:
-        values["never_fired"] = s.never_fired
+    if never_fired(s) is not None:
+        values["never_fired"] = never_fired(s)
     return values
 
 
-def definition(s: SaeInfo, key: str) -> str:
+def definition(s: pb.Sae, key: str) -> str:
     """What a metric means, with the window or pass this SAE's value was counted over."""
     text = METRICS[key].definition
     if key == "dead":
@@ -26,8 +32,8 @@ def definition(s: SaeInfo, key: str) -> str:
         return text + (f" (here {int(window):,} tokens)" if window is not None else
                        " (not recorded for SAEs trained before dead and never-fired latents were told apart)")
     if key == "never_fired":
-        if s.never_fired is not None:
-            return text + f" (here the analysis pass: every token of the {s.n_images:,} images)"
+        if never_fired(s) is not None:
+            return text + f" (here the analysis pass: every token of the {s.image_count:,} images)"
         tokens = s.metrics.get("eval_tokens")
         return text + (f" (here {int(tokens):,} evaluation tokens)" if tokens is not None else "")
     return text
@@ -39,7 +45,7 @@ def fmt(value: float | int | None, spec: str) -> str:
     return format(int(value) if spec == "d" else value, spec)
 
 
-def health(s: SaeInfo) -> None:
+def health(s: pb.Sae) -> None:
     values = metric_values(s)
     quality = st.columns(len(METRICS))
     for col, (key, metric) in zip(quality, METRICS.items(), strict=True):
@@ -50,13 +56,13 @@ def health(s: SaeInfo) -> None:
     shape[2].metric("Model", s.model, help=s.model)
 
 
-def frequency_histogram(s: SaeInfo) -> None:
+def frequency_histogram(s: pb.Sae) -> None:
     st.subheader("Firing frequency")
-    if not s.log_freq_counts:
+    if not s.log_frequency_counts:
         st.info("No frequency histogram: this SAE has not been analysed yet.")
         return
-    edges = s.log_freq_edges
-    df = pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "latents": s.log_freq_counts})
+    edges = list(s.log_frequency_edges)
+    df = pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "latents": list(s.log_frequency_counts)})
     chart = alt.Chart(df).mark_bar(color="#4c78a8").encode(
         x=alt.X("lo:Q", title="log10 firing frequency", scale=alt.Scale(domain=[edges[0], edges[-1]])),
         x2="hi:Q",
@@ -70,23 +76,23 @@ def frequency_histogram(s: SaeInfo) -> None:
                "are not in the histogram.")
 
 
-def sweep_row(s: SaeInfo, selected: str) -> dict[str, object]:
+def sweep_row(s: pb.Sae, selected: str) -> dict[str, object]:
     """One SAE's identity, metrics and training hyper-parameters, as a table row."""
     row: dict[str, object] = {
-        "selected": s.sae_id == selected,
-        "sae": s.sae_id,
+        "selected": sae_id(s) == selected,
+        "sae": sae_id(s),
         "variant": s.variant,
         "layer": s.layer,
         "d_sae": s.d_sae,
         **metric_values(s),
-        "analysed": s.analyzed,
+        "analysed": bool(s.analysis),
     }
     # Hyper-parameters fill the remaining columns; the fixed ones above take precedence.
     row.update({k: v for k, v in sorted(s.config.items()) if k not in row})
     return row
 
 
-def sweep(saes: list[SaeInfo], selected: str) -> None:
+def sweep(saes: list[pb.Sae], selected: str) -> None:
     st.subheader(f"Sweep: {len(saes)} SAEs in this store")
     df = pd.DataFrame([sweep_row(s, selected) for s in saes])
     left, right = st.columns([3, 2])
@@ -112,14 +118,14 @@ def sweep(saes: list[SaeInfo], selected: str) -> None:
 conn = connection()
 sae = selected_sae(conn)
 st.title("SAE health")
-st.caption(f"`{sae.sae_id}` · {sae.variant} · {sae.d_in} → {sae.d_sae} · tokens: {', '.join(sae.tokens) or '–'} "
-           f"· activation set `{sae.activation_set_id[:12]}` · {sae.n_images} images, "
+st.caption(f"`{sae_id(sae)}` · {sae.variant} · {sae.d_in} → {sae.d_sae} · tokens: {', '.join(sae.tokens) or '–'} "
+           f"· activation set `{names.parse_activation_set(sae.activation_set)[:12]}` · {sae.image_count} images, "
            f"{sae.grid_rows}×{sae.grid_cols} patches")
 health(sae)
 frequency_histogram(sae)
 with analyzer_errors(conn):
     all_saes = list_saes(conn)
-sweep(all_saes, sae.sae_id)
+sweep(all_saes, sae_id(sae))
 if sae.config:
     with st.expander("Training configuration"):
-        st.json(sae.config)
+        st.json(dict(sae.config))
