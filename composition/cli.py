@@ -72,8 +72,9 @@ class ExploreConfig:
     """host:port of a running analyzer (`vitscope serve`); default: start one for this session."""
     port: int = 8501
     """Port of the explorer web page."""
-    host: str | None = None
-    """Interface the web page listens on, e.g. 127.0.0.1 for this machine only (default: all, as Streamlit does)."""
+    host: str = "127.0.0.1"
+    """Interface the web page listens on: this machine only by default; 0.0.0.0 for every interface
+    (anyone who reaches the port then sees the store's SAEs and images, and can write labels)."""
     token: str | None = None
     """Bearer token for the analyzer, if it requires one (also read from VITSCOPE_TOKEN)."""
 

@@ -347,3 +347,174 @@ def grpc_code(call) -> object:
     except grpc.RpcError as e:
         return e.code()
     return grpc.StatusCode.OK
+
+
+# --- the explorer ---------------------------------------------------------------------------------
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+"""Chromium as root on a machine without a display or network, as every browser test runs it."""
+SCREENSHOT_DIR = "VITSCOPE_SCREENSHOT_DIR"
+"""Environment variable: a folder where the browser tests save a screenshot of every page they see."""
+
+
+@pytest.fixture(scope="session")
+def sweep_store(pipeline, tmp_path_factory) -> tuple[str, str]:
+    """A copy of the pipeline's store plus a second SAE that is trained but not analysed, so the
+    explorer's sweep has two points and its 'not analysed' path is real. Returns (store, second id)."""
+    from vitscope.sae import ReluHyper
+    from vitscope.trainer.training import TrainConfig, train
+
+    store = tmp_path_factory.mktemp("explorer") / "store"
+    shutil.copytree(pipeline.store_uri, store)
+    second = train(TrainConfig(activations=pipeline.set_id, store=str(store), expansion=4, sae=ReluHyper(l1_coeff=1.0),
+                               lr=1e-3, batch_size=1024, n_tokens=50_000, seed=1, device="cpu", progress=False))
+    return str(store), second.sae_id
+
+
+@pytest.fixture(scope="session")
+def explorer_target(sweep_store) -> str:
+    """An analyzer over :func:`sweep_store`, for the explorer to talk to ("127.0.0.1:PORT")."""
+    from vitscope.analyzer import ServeConfig, serve
+
+    server = serve(ServeConfig(store=sweep_store[0], port=0))
+    yield f"127.0.0.1:{server.port}"
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="session")
+def explorer_client(explorer_target):
+    """The explorer's own gRPC client on :func:`explorer_target`, to say what a page should show."""
+    from vitscope.explorer.client import AnalyzerClient
+
+    with AnalyzerClient(explorer_target) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def explorer_sae(explorer_client, pipeline):
+    """The pipeline's (analysed) SAE, as the analyzer describes it (``pb.Sae``)."""
+    return explorer_client.get_sae(pipeline.sae_id)
+
+
+@pytest.fixture(scope="session")
+def square_latent(explorer_client, pipeline) -> int:
+    """A latent whose top images carry the planted red square (the most such among the most
+    frequent latents), so pages and screenshots show something meaningful."""
+    page = explorer_client.list_latents(pipeline.sae_id, page_size=64)
+
+    def squares(i: int) -> int:
+        return sum(e.label == "square" for e in explorer_client.get_latent(pipeline.sae_id, i, heatmaps=False).examples)
+
+    return max((s.index for s in page.latents), key=squares)
+
+
+@pytest.fixture
+def explorer_app(monkeypatch):
+    """Make a Streamlit AppTest of the explorer talking to an analyzer, with URL parameters:
+    ``explorer_app(target, token=None, **query)``."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from vitscope.explorer.launch import APP
+
+    monkeypatch.setenv("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")
+
+    def make(target: str, token: str | None = None, **query: str) -> AppTest:
+        monkeypatch.setenv("VITSCOPE_ANALYZER", target)
+        if token:
+            monkeypatch.setenv("VITSCOPE_TOKEN", token)
+        else:
+            monkeypatch.delenv("VITSCOPE_TOKEN", raising=False)
+        # Caches live in the process: a port reused by a later server must not see old answers.
+        st.cache_data.clear()
+        st.cache_resource.clear()
+        at = AppTest.from_file(str(APP), default_timeout=60)
+        at.query_params.update(query)
+        return at
+
+    return make
+
+
+def no_problems(at) -> None:
+    """An AppTest run showed no exception, error or warning."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert not at.warning, [w.value for w in at.warning]
+
+
+def metrics(at) -> dict[str, str]:
+    """An AppTest run's ``st.metric`` values by label."""
+    return {m.label: m.value for m in at.metric}
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until ``proc`` listens on ``port`` of 127.0.0.1 (raises if it exits or takes too long)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the process exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listened on {port} within {timeout} s")
+
+
+@dataclass
+class ExplorerBrowser:
+    """A served explorer and a headless Chromium on it: ``goto`` a path, ``shot`` a screenshot."""
+
+    url: str
+    page: object  # playwright.sync_api.Page
+    shots: Path
+
+    def goto(self, path: str):
+        """Open ``path`` (e.g. "latent?sae=...&latent=3") and wait for Streamlit to finish running."""
+        self.page.goto(f"{self.url}/{path.lstrip('/')}")
+        self.settle()
+        return self.page
+
+    def settle(self, timeout_ms: int = 45_000) -> None:
+        """Wait until the app has rendered and no script run is in progress."""
+        self.page.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
+        self.page.wait_for_function(
+            "() => !document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=timeout_ms)
+
+    def shot(self, name: str) -> Path:
+        """Save a full-page screenshot as ``<name>.png`` (also to $VITSCOPE_SCREENSHOT_DIR if set)."""
+        path = self.shots / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        if out := os.environ.get(SCREENSHOT_DIR):
+            Path(out).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, Path(out) / path.name)
+        return path
+
+
+@pytest.fixture
+def explorer_browser(explorer_target, chromium, tmp_path):
+    """The explorer served by ``vitscope.explorer``'s own command line on a free port against
+    :func:`explorer_target`, and a Chromium page on it (1400 x 1100)."""
+    from playwright.sync_api import sync_playwright
+
+    from vitscope.explorer.launch import explorer_command, explorer_env
+
+    port = free_port()
+    log = open(tmp_path / "streamlit.log", "w")
+    proc = subprocess.Popen(explorer_command(port), env=explorer_env(explorer_target),
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1100})
+                yield ExplorerBrowser(f"http://127.0.0.1:{port}", page, tmp_path)
+            finally:
+                browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()

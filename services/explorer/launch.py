@@ -10,8 +10,9 @@ from pathlib import Path
 APP = Path(__file__).resolve().parent / "app.py"
 
 
-def explorer_command(port: int = 8501, headless: bool = True, address: str | None = None) -> list[str]:
-    """The ``streamlit run`` command line for the explorer app."""
+def explorer_command(port: int = 8501, headless: bool = True, address: str = "127.0.0.1") -> list[str]:
+    """The ``streamlit run`` command line for the explorer app, listening on ``address`` (this
+    machine only by default, where Streamlit's own default is every interface)."""
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.port", str(port),
@@ -21,9 +22,8 @@ def explorer_command(port: int = 8501, headless: bool = True, address: str | Non
         "--server.fileWatcherType", "none",
         "--global.developmentMode", "false",
         "--client.toolbarMode", "minimal",  # no "Deploy" button: this is a served tool
+        "--server.address", address,
     ]
-    if address is not None:
-        cmd += ["--server.address", address]
     return cmd
 
 
@@ -36,7 +36,7 @@ def explorer_env(analyzer: str, token: str | None = None) -> dict[str, str]:
 
 
 def run_explorer(analyzer: str, port: int = 8501, headless: bool = True, token: str | None = None,
-                 address: str | None = None) -> int:
+                 address: str = "127.0.0.1") -> int:
     """Serve the explorer on ``port`` against the analyzer at ``analyzer`` (host:port) until
     interrupted; returns Streamlit's exit status."""
     try:
