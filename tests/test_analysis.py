@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from vitscope.analyzer import AnalyzeConfig, analyze
-from vitscope.analyzer.analysis import BandSamples, TopK, cofiring_images, sample_priority
+from vitscope.analyzer.analysis import (
+    BandSamples,
+    CoFiring,
+    TopK,
+    _first_peak,
+    _nonzero,
+    cofiring_images,
+    sample_priority,
+)
 from vitscope.analyzer.results import COFIRE_PER_TOKEN, load_analysis
 from vitscope.metrics import frequency_histogram
 from vitscope.sae import load_sae_from
@@ -18,10 +26,11 @@ from vitscope.shards import ActivationSet
 from vitscope.store import open_store
 
 
-def _run(topk: TopK, score: np.ndarray, parts: list[np.ndarray]) -> TopK:
+def _run(topk: TopK, score: np.ndarray, parts: list[np.ndarray], patch: np.ndarray | None = None) -> TopK:
     for images in parts:
         s = torch.as_tensor(score[:, images])
-        topk.merge(s, torch.as_tensor(images)[None].expand(len(score), -1), torch.zeros_like(s, dtype=torch.int32))
+        p = torch.zeros_like(s, dtype=torch.int32) if patch is None else torch.as_tensor(patch[:, images])
+        topk.merge(s, torch.as_tensor(images)[None].expand(len(score), -1), p)
     return topk
 
 
@@ -34,10 +43,30 @@ def test_topk_merge_is_order_and_split_independent():
     for parts in ([np.arange(20), np.arange(20, 40)], [np.arange(30, 40), np.arange(0, 30)],
                   [perm[i::3] for i in range(3)]):
         split = _run(TopK(5, 6, torch.device("cpu")), score, parts)
-        torch.testing.assert_close(split.score, one_pass.score)
-        torch.testing.assert_close(split.image, one_pass.image)
+        assert torch.equal(split.key, one_pass.key)
     expected = np.argsort(-score, axis=1, kind="stable")[:, :6]
-    np.testing.assert_array_equal(one_pass.image.numpy(), expected)
+    np.testing.assert_array_equal(one_pass.result().image, expected)
+
+
+def test_topk_is_the_plain_ranking_with_ties_to_the_lower_image_and_silent_images_left_out():
+    rng = np.random.default_rng(4)
+    # Few distinct scores (many ties) and many zeros: some latents fire on fewer than k images.
+    score = (rng.integers(0, 4, (9, 70)) * (rng.random((9, 70)) < np.linspace(0.05, 0.9, 9)[:, None])).astype(np.float32)
+    patch = rng.integers(0, 50, (9, 70)).astype(np.int32)
+    k = 8
+    want_image = np.full((9, k), -1)
+    for latent in range(9):
+        fired = np.flatnonzero(score[latent] > 0)
+        ranked = fired[np.lexsort((fired, -score[latent, fired]))][:k]  # score descending, then image
+        want_image[latent, :len(ranked)] = ranked
+    filled = want_image >= 0
+    perm = rng.permutation(70)
+    for parts in ([np.arange(70)], [np.arange(i, i + 10) for i in range(60, -1, -10)], [perm[i::4] for i in range(4)],
+                  [perm[:1], perm[1:3], perm[3:]]):
+        got = _run(TopK(9, k, torch.device("cpu")), score, parts, patch).result()
+        np.testing.assert_array_equal(got.image, want_image)
+        np.testing.assert_array_equal(got.score, np.where(filled, np.take_along_axis(score, np.maximum(want_image, 0), 1), 0))
+        np.testing.assert_array_equal(got.patch, np.where(filled, np.take_along_axis(patch, np.maximum(want_image, 0), 1), -1))
 
 
 def _band_samples(score: np.ndarray, parts, per_band: int = 3) -> BandSamples:
@@ -69,6 +98,47 @@ def test_band_samples_are_a_reproducible_uniform_draw_per_band_in_any_order():
             kept = got.image[latent, b][got.image[latent, b] >= 0]
             np.testing.assert_array_equal(kept, want)
             np.testing.assert_array_equal(got.score[latent, b, :len(want)], score[latent, want])
+
+
+def test_band_samples_break_a_priority_collision_by_the_lower_image_in_any_order():
+    prio = sample_priority(torch.arange(1 << 18), torch.zeros(1 << 18, dtype=torch.int64))
+    values, counts = torch.unique(prio, return_counts=True)
+    first, second = torch.nonzero(prio == values[counts > 1][0]).squeeze(1).tolist()[:2]
+    higher = torch.nonzero(prio > prio[first]).squeeze(1)[:5].tolist()  # further images, all of them out of the draw
+    images = np.array([second, *higher, first])
+    score = np.full((1, images.max() + 1), 0.5, dtype=np.float32)  # one band
+    for parts in ([images], [images[::-1].copy()], [images[:1], images[1:]], [images[-1:], images[:-1]]):
+        kept = _band_samples(score, parts, per_band=1).result().image[0]
+        assert kept[kept >= 0].tolist() == [first]
+
+
+def test_first_peak_is_the_index_max_returns_ties_included():
+    rng = np.random.default_rng(5)
+    codes = torch.as_tensor(rng.integers(-3, 3, (6, 11, 40)).clip(0), dtype=torch.float32)  # ties and silent columns
+    codes[2, :, 7] = 0
+    token, latent, value = _nonzero(codes.contiguous())
+    best, index = codes.max(dim=1)
+    torch.testing.assert_close(_first_peak(token, latent, value, codes.amax(dim=1), 11), index, rtol=0, atol=0)
+    assert torch.equal(codes.amax(dim=1), best)
+
+
+def test_cofiring_ranks_partners_like_the_dense_jaccard_matrix_ties_to_the_lower_index():
+    rng = np.random.default_rng(6)
+    fired = rng.random((300, 12)) < np.linspace(0.05, 0.6, 12)  # 0/1 codes: many equal Jaccard indices
+    c = CoFiring(12)
+    for chunk in np.array_split(np.arange(300), 7):
+        c.add(torch.as_tensor(fired[chunk], dtype=torch.float32))
+    latent, jaccard, count = c.result(top=5)
+    f = fired.astype(np.float64)
+    both = f.T @ f
+    union = f.sum(0)[:, None] + f.sum(0)[None] - both
+    for i in range(12):
+        j = np.array([j for j in range(12) if j != i and both[i, j] > 0], dtype=int)
+        jac = both[i, j] / union[i, j]
+        ranked = j[np.lexsort((j, -jac))][:5]
+        assert latent[i][latent[i] >= 0].tolist() == ranked.tolist()
+        np.testing.assert_array_equal(jaccard[i, :len(ranked)], (both[i, ranked] / union[i, ranked]).astype(np.float32))
+        np.testing.assert_array_equal(count[i, :len(ranked)], both[i, ranked])
 
 
 def test_statistics_match_a_direct_computation(pipeline):

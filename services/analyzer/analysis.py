@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from vitscope.device import resolve_device
 from vitscope.sae import Sae, SaeRecord, load_sae_from
-from vitscope.shards import ActivationSet, from_storage, part_block
+from vitscope.shards import ActivationSet, Manifest, part_block
 from vitscope.store import Store, open_store
 
 from .config import AnalyzeConfig
@@ -48,34 +48,51 @@ class AnalyzeResult:
     published: bool = True
 
 
+def _rank_key(score: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """One int64 per (score, image) that orders top images: the higher score first, then the
+    lower image index (so ties never depend on the order of merges); -1 for an empty slot or
+    a score that is not positive, which is no example of the latent. The bits of a positive
+    float32, read as an integer, order like its value; image indices are below 2^31."""
+    key = (score.float().view(torch.int32).to(torch.int64) << 32) | (0x7FFFFFFF - image)
+    return torch.where((score > 0) & (image >= 0), key, -1)
+
+
 class TopK:
     """Running top-k per latent of (score, image, patch) with an associative merge, so that
-    partial results from several workers combine into the same answer as one pass."""
+    partial results from several workers combine into the same answer as one pass. An example
+    is kept as its :func:`_rank_key`, which holds its score and image, and its patch: a merge is
+    then one ``topk`` of integers per latent."""
 
     def __init__(self, d_sae: int, k: int, device: torch.device):
-        self.score = torch.zeros(d_sae, k, device=device)
-        self.image = torch.full((d_sae, k), -1, dtype=torch.int64, device=device)
+        self.key = torch.full((d_sae, k), -1, dtype=torch.int64, device=device)
         self.patch = torch.full((d_sae, k), -1, dtype=torch.int32, device=device)
 
     def merge(self, score: torch.Tensor, image: torch.Tensor, patch: torch.Tensor) -> None:
         """Merge candidates [d_sae, n] (each image at most once per latent across all merges)."""
-        all_score = torch.cat([self.score, score], dim=1)
-        all_image = torch.cat([self.image, image], dim=1)
-        key = torch.where(all_image < 0, torch.full_like(all_score, -torch.inf), all_score)
-        # Ties go to the lower image index (stable sorts), so the result is order-independent.
-        by_image = all_image.argsort(dim=1, stable=True)
-        order = key.gather(1, by_image).argsort(dim=1, descending=True, stable=True)
-        top = by_image.gather(1, order)[:, : self.score.shape[1]]
-        self.score = all_score.gather(1, top)
-        self.image = all_image.gather(1, top)
-        self.patch = torch.cat([self.patch, patch], dim=1).gather(1, top)
+        self.merge_keys(_rank_key(score, image), patch)
+
+    def merge_keys(self, key: torch.Tensor, patch: torch.Tensor) -> None:
+        """Merge candidates given by their :func:`_rank_key` (another part's :attr:`key`)."""
+        top, at = torch.cat([self.key, key], dim=1).topk(self.key.shape[1], dim=1)
+        # Keys are distinct but for the -1 of empty slots, which have no patch.
+        self.patch = torch.cat([self.patch, patch.to(self.patch.dtype)], dim=1).gather(1, at).masked_fill(top < 0, -1)
+        self.key = top
+
+    def examples(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(score, image, patch) [d_sae, k] of the kept examples, the best first; an empty slot
+        (the latent fired on fewer images) has score 0, image -1 and patch -1."""
+        empty = self.key < 0
+        score = (self.key >> 32).to(torch.int32).view(torch.float32).masked_fill(empty, 0)
+        return score, (0x7FFFFFFF - (self.key & 0x7FFFFFFF)).masked_fill(empty, -1), self.patch
+
+    def load(self, score: torch.Tensor, image: torch.Tensor, patch: torch.Tensor) -> None:
+        """Take the examples :meth:`examples` gave."""
+        self.key = _rank_key(score, image)
+        self.patch = patch.masked_fill(self.key < 0, -1)
 
     def result(self) -> TopImages:
-        """The top images as published: an image where the latent never fired is no example of it."""
-        unused = self.score <= 0
-        return TopImages(self.score.masked_fill(unused, 0).cpu().numpy().astype(np.float32),
-                         self.image.masked_fill(unused, -1).cpu().numpy(),
-                         self.patch.masked_fill(unused, -1).cpu().numpy())
+        """The top images as published."""
+        return TopImages(*(t.cpu().numpy() for t in self.examples()))
 
 
 _NO_KEY = torch.iinfo(torch.int64).max  # an empty slot sorts after every candidate
@@ -93,8 +110,9 @@ def sample_priority(images: torch.Tensor, latents: torch.Tensor) -> torch.Tensor
 class BandSamples:
     """Per latent, a few images from each band of activation (:data:`SAMPLE_LOG10_EDGES`, by
     the image's best-patch activation): typical examples at every strength, not only the top.
-    Each band keeps the ``per_band`` images of smallest :func:`sample_priority`, so the result
-    is a uniform, reproducible draw that merges associatively whatever the batches' order."""
+    Each band keeps the ``per_band`` images of smallest :func:`sample_priority` (ties: the
+    lower image index), so the result is a uniform, reproducible draw that merges
+    associatively whatever the batches' order."""
 
     def __init__(self, d_sae: int, per_band: int, device: torch.device):
         self.per_band = per_band
@@ -112,20 +130,34 @@ class BandSamples:
         band = torch.bucketize(score.double().clamp_min(1e-30).log10().contiguous(), self.inner, right=True)
         prio = sample_priority(image, torch.arange(d_sae, device=score.device)[:, None].expand(d_sae, n))
         key = torch.where(score > 0, (band << 32) | prio, torch.full_like(prio, _NO_KEY))
-        keys, order = torch.cat([self.key, key], dim=1).sort(dim=1)
+        # A band keeps its samples in (key, image) order, so a candidate can only enter where it
+        # precedes the band's last one (a free slot holds _NO_KEY); only those latents re-sort.
+        last = band * self.per_band + self.per_band - 1
+        bar_key, bar_image = self.key.gather(1, last), self.image.gather(1, last)
+        enter = (key < bar_key) | ((key == bar_key) & (image < bar_image))
+        rows = enter.any(dim=1).nonzero().squeeze(1)
+        if not len(rows):
+            return
+        keys = torch.cat([self.key[rows], key[rows].masked_fill(~enter[rows], _NO_KEY)], dim=1)
+        images = torch.cat([self.image[rows], image[rows]], dim=1)
+        # Priorities are 31-bit hashes and can collide: ties go to the lower image index
+        # (stable sorts, the last key first), whatever the order of the merges.
+        by_image = images.argsort(dim=1, stable=True)
+        order = by_image.gather(1, keys.gather(1, by_image).argsort(dim=1, stable=True))
+        keys = keys.gather(1, order)
         # A candidate's rank within its band: its position after the band's first candidate.
         band_of = keys >> 32
         rank = torch.arange(keys.shape[1], device=keys.device) - torch.searchsorted(band_of, band_of)
         keep = (rank < self.per_band) & (keys != _NO_KEY)
         slots = self.key.shape[1]
         slot = torch.where(keep, band_of * self.per_band + rank, torch.full_like(rank, slots))  # slots: dropped
-        candidates = {"key": keys, "image": torch.cat([self.image, image], 1).gather(1, order),
-                      "score": torch.cat([self.score, score], 1).gather(1, order),
-                      "patch": torch.cat([self.patch, patch], 1).gather(1, order)}
+        candidates = {"key": keys, "image": images.gather(1, order),
+                      "score": torch.cat([self.score[rows], score[rows]], 1).gather(1, order),
+                      "patch": torch.cat([self.patch[rows], patch[rows].to(self.patch.dtype)], 1).gather(1, order)}
         for name, empty in (("key", _NO_KEY), ("image", -1), ("score", 0), ("patch", -1)):
-            old = getattr(self, name)
-            out = torch.full((d_sae, slots + 1), empty, dtype=old.dtype, device=old.device)
-            setattr(self, name, out.scatter_(1, slot, candidates[name].to(old.dtype))[:, :slots])
+            kept = getattr(self, name)
+            out = torch.full((len(rows), slots + 1), empty, dtype=kept.dtype, device=kept.device)
+            kept[rows] = out.scatter_(1, slot, candidates[name].to(kept.dtype))[:, :slots]
 
     def result(self) -> TopImages:
         """The samples as published, [d_sae, bands, per_band] each; empty slots have image -1."""
@@ -177,23 +209,29 @@ class CoFiring:
         out_count = np.zeros((d, top), dtype=np.int64)
         if not self.keys:
             return out_latent, out_jaccard, out_count
-        keys, counts = torch.unique(torch.cat(self.keys), return_counts=True)
-        # Both orders of each pair: a latent's partners are on either side.
-        i, j = torch.cat([keys // d, keys % d]), torch.cat([keys % d, keys // d])
-        counts = torch.cat([counts, counts])
-        jaccard = counts.double() / (self.fires[i] + self.fires[j] - counts).double()
-        # Sort by latent, then Jaccard descending, then partner ascending (stable sorts, last key
-        # first): the first `top` of each latent are its partners.
-        order = torch.argsort(j, stable=True)
-        order = order[torch.argsort(-jaccard[order], stable=True)]
-        order = order[torch.argsort(i[order], stable=True)]
-        i, j, jac, cnt = i[order].numpy(), j[order].numpy(), jaccard[order].numpy(), counts[order].numpy()
-        first = np.searchsorted(i, i)
-        rank = np.arange(len(i)) - first
-        keep = rank < top
-        out_latent[i[keep], rank[keep]] = j[keep]
-        out_jaccard[i[keep], rank[keep]] = jac[keep]
-        out_count[i[keep], rank[keep]] = cnt[keep]
+        keys, counts = torch.unique(torch.cat(self.keys), return_counts=True)  # pairs (a, b), a < b, in order
+        a, b = keys // d, keys % d
+        # Both orders of each pair: a latent's partners are on either side. The (b, a) pairs,
+        # put in (b, a) order, go first, so that within each latent its partners ascend.
+        flip = (b * d + a).argsort()
+        i, j, counts = torch.cat([b[flip], a]), torch.cat([a[flip], b]), torch.cat([counts[flip], counts])
+        union = self.fires[i] + self.fires[j] - counts
+        # Jaccard indices are fractions whose denominators are at most u = 2 * max(fires): two
+        # different ones differ by at least 1/u^2, so floor(jaccard * 2^s) with 2^s > 2u^2 keeps
+        # their order and ties exactly, in integers (the sample keeps fires near COFIRE_TOKENS,
+        # so the keys stay far within int64). One stable sort by (latent, Jaccard descending)
+        # then leaves the partners of equal Jaccard in ascending order.
+        s = 2 * int(2 * self.fires.max()).bit_length() + 1
+        descending = (1 << s) - (counts << s) // union
+        order = torch.argsort((i << (s + 1)) | descending, stable=True)
+        i = i[order]
+        per_latent = torch.bincount(i, minlength=d)
+        rank = torch.arange(len(i)) - (per_latent.cumsum(0) - per_latent)[i]
+        keep = (rank < top).nonzero().squeeze(1)
+        i, rank, pick = i[keep].numpy(), rank[keep].numpy(), order[keep]
+        out_latent[i, rank] = j[pick].numpy()
+        out_jaccard[i, rank] = (counts[pick].double() / union[pick].double()).numpy()
+        out_count[i, rank] = counts[pick].numpy()
         return out_latent, out_jaccard, out_count
 
 
@@ -206,17 +244,19 @@ class ActivationHistogram:
         self.bins = len(ACTIVATION_LOG10_EDGES) - 1
         self.counts = torch.zeros(d_sae * self.bins, dtype=torch.int64, device=device)
 
-    def add(self, z: torch.Tensor) -> None:
-        """Count the positive entries of codes ``z`` [tokens, d_sae]."""
-        rows, cols = z.nonzero(as_tuple=True)  # codes are sparse: far fewer entries than z
+    def add(self, latent: torch.Tensor, value: torch.Tensor) -> None:
+        """Count firings, given as the latent and the value of each nonzero code."""
         # float64 and [a, b) bins, so that a value on an edge lands where numpy.histogram puts it
-        bins = torch.bucketize(z[rows, cols].double().log10(), self.inner, right=True)
-        self.counts += torch.bincount(cols * self.bins + bins, minlength=len(self.counts))
+        bins = torch.bucketize(value.double().log10(), self.inner, right=True)
+        self.counts += torch.bincount(latent * self.bins + bins, minlength=len(self.counts))
+
+    def fires(self) -> torch.Tensor:
+        """Per latent, the tokens it fired on (codes are non-negative: every count is a firing)."""
+        return self.counts.view(-1, self.bins).sum(dim=1)
 
     def result(self) -> np.ndarray:
         """int64 [d_sae, bins], as published."""
         return self.counts.view(-1, self.bins).cpu().numpy()
-
 
 
 SUM_SCALE = 2.0 ** 20
@@ -228,11 +268,10 @@ typical activation, and int64 holds sums up to ~8.8e12."""
 
 class PassState:
     """What an analysis pass has accumulated over some of a set's shards, all of it mergeable
-    exactly and in any order: firing counts, fixed-point activation sums, maxima, histograms,
-    the top images of every view, band samples and co-firing pairs."""
+    exactly and in any order: fixed-point activation sums, maxima, histograms (which count the
+    firings too), the top images of every view, band samples and co-firing pairs."""
 
     def __init__(self, d_sae: int, top_images: int, views: list[str], device: torch.device):
-        self.fires = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.act_sum = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.act_max = torch.zeros(d_sae, device=device)
         self.n_tokens = 0
@@ -243,37 +282,36 @@ class PassState:
 
     def merge(self, other: PassState) -> None:
         """Add another part's state (over other shards) to this one."""
-        self.fires += other.fires
         self.act_sum += other.act_sum
         self.act_max = torch.maximum(self.act_max, other.act_max)
         self.n_tokens += other.n_tokens
         self.histogram.counts += other.histogram.counts
         for view, top in self.tops.items():
-            top.merge(other.tops[view].score, other.tops[view].image, other.tops[view].patch)
+            top.merge_keys(other.tops[view].key, other.tops[view].patch)
         self.bands.merge(other.bands.score, other.bands.image, other.bands.patch)
         self.cofiring.keys += other.cofiring.keys
         self.cofiring.fires += other.cofiring.fires
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        t = {"fires": self.fires, "act_sum": self.act_sum, "act_max": self.act_max,
+        t = {"act_sum": self.act_sum, "act_max": self.act_max,
              "n_tokens": torch.tensor(self.n_tokens), "histogram": self.histogram.counts,
              "cofiring.keys": torch.cat(self.cofiring.keys) if self.cofiring.keys else torch.zeros(0, dtype=torch.int64),
              "cofiring.fires": self.cofiring.fires}
         for view, top in self.tops.items():
-            t.update({f"top.{view}.score": top.score, f"top.{view}.image": top.image, f"top.{view}.patch": top.patch})
+            t.update(zip((f"top.{view}.score", f"top.{view}.image", f"top.{view}.patch"), top.examples(), strict=True))
         t.update({"bands.score": self.bands.score, "bands.image": self.bands.image, "bands.patch": self.bands.patch,
                   "bands.key": self.bands.key})
         return {k: v.detach().cpu().contiguous() for k, v in t.items()}
 
     def load(self, t: dict[str, torch.Tensor]) -> None:
         """Take the state :meth:`to_tensors` wrote."""
-        device = self.fires.device
-        self.fires, self.act_sum, self.act_max = (t[k].to(device) for k in ("fires", "act_sum", "act_max"))
+        device = self.act_sum.device
+        self.act_sum, self.act_max = (t[k].to(device) for k in ("act_sum", "act_max"))
         self.n_tokens = int(t["n_tokens"])
         self.histogram.counts = t["histogram"].to(device)
         self.cofiring.keys, self.cofiring.fires = [t["cofiring.keys"]], t["cofiring.fires"]
         for view, top in self.tops.items():
-            top.score, top.image, top.patch = (t[f"top.{view}.{k}"].to(device) for k in ("score", "image", "patch"))
+            top.load(*(t[f"top.{view}.{k}"].to(device) for k in ("score", "image", "patch")))
         for k in ("score", "image", "patch", "key"):
             setattr(self.bands, k, t[f"bands.{k}"].to(device))
 
@@ -328,6 +366,65 @@ def _resolve(cfg: AnalyzeConfig) -> _Pass | AnalyzeResult:
                  cofiring_images(len(aset), stat_tokens).to(device))
 
 
+class _Buffers:
+    """Memory every batch of a part reuses: the stored rows, the encoder's float32 input, and
+    the codes of the statistics tokens (and of the patches, when the statistics are over other
+    tokens) copied out contiguous. On CPU, writing into memory already in use is several times
+    cheaper than into a fresh tensor, whose pages the kernel must first map in."""
+
+    def __init__(self, m: Manifest, rows: int, stat_tokens: int, separate_patches: bool, d_sae: int,
+                 device: torch.device):
+        self.bfloat16 = m.dtype == "bfloat16"
+        self.stage = np.empty((rows, m.layout.tokens_per_image, m.d_model), dtype=m.np_dtype)
+        self.x = torch.empty(rows, m.layout.tokens_per_image, m.d_model, device=device)
+        self.stats = torch.empty(rows, stat_tokens, d_sae, device=device)
+        self.patches = torch.empty(rows, m.layout.n_patches, d_sae, device=device) if separate_patches else None
+
+    def rows(self, a: np.ndarray) -> torch.Tensor:
+        """Stored rows [n, T, d] as float32 (the conversion is exact, as from_storage's)."""
+        n = len(a)
+        np.copyto(self.stage[:n], a)  # memory-mapped pages are read-only, and torch wants writable ones
+        stored = torch.from_numpy(self.stage[:n].view(np.int16) if self.bfloat16 else self.stage[:n])
+        return self.x[:n].copy_(stored.view(torch.bfloat16) if self.bfloat16 else stored)
+
+
+def _contiguous(positions: np.ndarray) -> slice | None:
+    """The token positions as a slice when they are a contiguous run (a copy, not a gather)."""
+    if len(positions) and (np.diff(positions) == 1).all():
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return None
+
+
+def _nonzero(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, latent, value) of every nonzero entry of contiguous codes [..., d_sae], tokens
+    counted in order over the leading dimensions: codes are sparse, so what needs every firing
+    works on a few percent of the entries."""
+    d_sae = codes.shape[-1]
+    # Scanning the bits as integers is cheaper than comparing floats, and finds the -0.0 that
+    # JumpReLU writes (a negative pre-activation times 0) too: those are dropped after.
+    at = codes.view(-1).view(torch.int32).nonzero().squeeze(1)
+    value = torch.take(codes, at)
+    zero = value == 0
+    if zero.any():
+        kept = (~zero).nonzero().squeeze(1)
+        at, value = at[kept], value[kept]
+    token = at // d_sae
+    return token, at - token * d_sae, value
+
+
+def _first_peak(token: torch.Tensor, latent: torch.Tensor, value: torch.Tensor, best: torch.Tensor,
+                per_image: int) -> torch.Tensor:
+    """Per image and latent [images, d_sae], the first of the image's ``per_image`` tokens where
+    the latent reaches ``best`` (its maximum there), 0 where it never fires: the index that
+    ``max(dim=1)`` returns, found among the nonzero codes (:func:`_nonzero`) since on CPU that
+    reduction is several times slower than ``amax``."""
+    d_sae = best.shape[1]
+    cell = token // per_image * d_sae + latent
+    peak = (value == best.view(-1)[cell]).nonzero().squeeze(1)
+    first = torch.zeros(best.numel(), dtype=torch.int64, device=best.device)
+    return first.scatter_reduce_(0, cell[peak], (token % per_image)[peak], "amin", include_self=False).view_as(best)
+
+
 @torch.no_grad()
 def _run_part(p: _Pass, cfg: AnalyzeConfig, part: int, parts: int) -> PassState:
     """Analyse the shards of one part (or load them, if a previous run published them)."""
@@ -341,9 +438,12 @@ def _run_part(p: _Pass, cfg: AnalyzeConfig, part: int, parts: int) -> PassState:
     m, record, sae = p.aset.manifest, p.record, p.sae
     device = p.device
     d_sae = sae.cfg.d_sae
-    stat_positions = torch.as_tensor(m.layout.token_indices(record.tokens), device=device)
+    positions = m.layout.token_indices(record.tokens)
+    stat_slice, stat_positions = _contiguous(positions), torch.as_tensor(positions, device=device)
     patch_slice = slice(m.layout.patch_start, m.layout.tokens_per_image)
     shards = [m.shards[i] for i in p.part_shards(part, parts)]
+    buf = _Buffers(m, min(cfg.batch_images, max((s.n_images for s in shards), default=0)), len(positions),
+                   stat_slice != patch_slice, d_sae, device)
     with tqdm(total=sum(s.n_images for s in shards), unit="img", disable=not cfg.progress,
               desc=f"analyze {record.sae_id[:8]}" + (f" part {part + 1}/{parts}" if parts > 1 else "")) as bar:
         for shard in shards:
@@ -351,28 +451,35 @@ def _run_part(p: _Pass, cfg: AnalyzeConfig, part: int, parts: int) -> PassState:
             shard_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
             for lo in range(0, shard.n_images, cfg.batch_images):
                 hi = min(lo + cfg.batch_images, shard.n_images)
-                x = from_storage(arr[lo:hi], m.dtype).to(device)  # [B, T, d]
-                z = sae.encode(x)  # [B, T, d_sae]
-                zs = z[:, stat_positions].reshape(-1, d_sae)
-                # Latents are non-negative, so sign() counts firings; on CPU it is ~2x faster
-                # than a boolean comparison followed by a column sum.
-                state.fires += zs.sign().sum(dim=0).long()
-                shard_sum += zs.sum(dim=0).double()
+                z = sae.encode(buf.rows(arr[lo:hi]))  # [B, T, d_sae]
+                stats = buf.stats[:hi - lo]
+                if stat_slice is None:
+                    torch.index_select(z, 1, stat_positions, out=stats)
+                else:
+                    stats.copy_(z[:, stat_slice])
+                shard_sum += stats.view(-1, d_sae).sum(dim=0).double()
                 # Reducing over tokens within each image first avoids a slow long column max.
-                state.act_max = torch.maximum(state.act_max, z[:, stat_positions].amax(dim=1).amax(dim=0))
-                state.histogram.add(zs)
+                stat_max = stats.amax(dim=1)
+                state.act_max = torch.maximum(state.act_max, stat_max.amax(dim=0))
+                token, latent, value = _nonzero(stats)
+                state.histogram.add(latent, value)
                 chosen = p.cofire_images[shard.first_image + lo:shard.first_image + hi]
-                state.cofiring.add(z[chosen][:, stat_positions].reshape(-1, d_sae))
-                state.n_tokens += len(zs)
+                state.cofiring.add(stats[chosen].reshape(-1, d_sae))
+                state.n_tokens += stats.shape[0] * stats.shape[1]
                 # One score per image and view, so each image enters a latent's top-k at most
                 # once; every view keeps the image's best patch, where its heatmap peaks.
-                patches = z[:, patch_slice]
-                best, where = patches.max(dim=1)  # [B, d_sae]
-                scores = {"best_patch": best, "mean": patches.mean(dim=1), "cls": z[:, 0] if m.layout.n_cls else None}
+                if buf.patches is None:  # the statistics are over the patches
+                    best = stat_max
+                else:
+                    patches = buf.patches[:hi - lo].copy_(z[:, patch_slice])
+                    best = patches.amax(dim=1)
+                    token, latent, value = _nonzero(patches)
+                where = _first_peak(token, latent, value, best, m.layout.n_patches).T.int()
+                scores = {"best_patch": best, "mean": z[:, patch_slice].mean(dim=1), "cls": z[:, 0] if m.layout.n_cls else None}
                 images = torch.arange(shard.first_image + lo, shard.first_image + hi, device=device)[None].expand(d_sae, -1)
                 for view, top in state.tops.items():
-                    top.merge(scores[view].T, images, where.T.int())
-                state.bands.merge(best.T, images, where.T.int())
+                    top.merge(scores[view].T, images, where)
+                state.bands.merge(best.T, images, where)
                 bar.update(hi - lo)
             state.act_sum += (shard_sum * SUM_SCALE).round().long()
     if parts > 1:
@@ -407,7 +514,7 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
 
 def _publish(p: _Pass, state: PassState) -> None:
     m, record = p.aset.manifest, p.record
-    fires = state.fires.double()
+    fires = state.histogram.fires().double()
     table = LatentTable(
         frequency=(fires / max(state.n_tokens, 1)).cpu().numpy(),
         mean_activation=(state.act_sum.double() / SUM_SCALE / fires.clamp_min(1)).cpu().numpy(),
