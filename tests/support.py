@@ -463,6 +463,15 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> Non
     raise TimeoutError(f"nothing listened on {port} within {timeout} s")
 
 
+SETTLED_JS = """() => {
+    const busy = document.querySelector("[data-testid='stStatusWidget'], [data-testid='stSkeleton']");
+    if (busy) { window.__vitscopeIdleSince = 0; return false; }
+    if (!window.__vitscopeIdleSince) { window.__vitscopeIdleSince = Date.now(); return false; }
+    return Date.now() - window.__vitscopeIdleSince > 500;
+}"""
+"""True once the explorer page has been idle (no run, no skeleton) for 500 ms."""
+
+
 @dataclass
 class ExplorerBrowser:
     """A served explorer and a headless Chromium on it: ``goto`` a path, ``shot`` a screenshot."""
@@ -478,10 +487,11 @@ class ExplorerBrowser:
         return self.page
 
     def settle(self, timeout_ms: int = 45_000) -> None:
-        """Wait until the app has rendered and no script run is in progress."""
+        """Wait until the app has rendered: no script run in progress and no placeholder
+        (skeleton) left, for half a second on end (a rerun may start just after one ends)."""
         self.page.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
-        self.page.wait_for_function(
-            "() => !document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=timeout_ms)
+        self.page.evaluate("() => { window.__vitscopeIdleSince = 0; }")
+        self.page.wait_for_function(SETTLED_JS, timeout=timeout_ms, polling=100)
 
     def shot(self, name: str) -> Path:
         """Save a full-page screenshot as ``<name>.png`` (also to $VITSCOPE_SCREENSHOT_DIR if set)."""

@@ -273,3 +273,116 @@ def test_the_explorer_listens_on_loopback_by_default(explorer_target, tmp_path):
         finally:
             proc.terminate()
             proc.wait(timeout=20)
+
+
+# --- labels ------------------------------------------------------------------------------------------
+def _latent_page(explorer_app, target: str, sid: str, latent: int, author: str):
+    at = explorer_app(target, sae=sid, latent=str(latent))
+    at.session_state["author"] = author
+    at.run()
+    at.switch_page("views/latent.py").run()
+    no_problems(at)
+    return at
+
+
+def _save_label(at, text: str, notes: str = "") -> None:
+    at.text_input(key="label_text").set_value(text)
+    at.text_area(key="label_notes").set_value(notes)
+    next(b for b in at.button if b.label == "Save label").click().run()
+
+
+def test_a_label_saved_on_the_latent_page_is_shown_and_found(explorer_app, explorer_target, explorer_client,
+                                                             explorer_sae):
+    sid, latent = sae_id(explorer_sae), 11
+    at = _latent_page(explorer_app, explorer_target, sid, latent, "ada")
+    _save_label(at, "red squares, top left", "fires on the planted square's corner patches")
+    no_problems(at)
+    stored = explorer_client.get_label(sid, latent)
+    assert (stored.text, stored.notes, stored.author) == ("red squares, top left",
+                                                          "fires on the planted square's corner patches", "ada")
+    again = _latent_page(explorer_app, explorer_target, sid, latent, "ada")  # a reload
+    assert again.title[0].value == f"Latent {latent}: red squares, top left"
+    assert again.text_input(key="label_text").value == "red squares, top left"
+    assert any("Revision 1 by ada" in c.value for c in again.caption)
+
+    table = explorer_app(explorer_target, sae=sid, latents_query="SQUARES corner").run()
+    table.switch_page("views/latents.py").run()
+    no_problems(table)
+    shown = table.dataframe[0].value
+    assert shown["latent"].tolist() == [latent] and shown["label"].tolist() == ["red squares, top left"]
+    assert table.query_params["latents_query"] == "SQUARES corner"
+    table.text_input(key="latents_query").set_value("wing tips").run()
+    assert not table.dataframe and "No labelled latent matches" in table.info[0].value
+
+
+def test_two_browsers_editing_one_label_lose_no_write(explorer_app, explorer_target, explorer_client, explorer_sae):
+    """Both open the latent; the first saves; the second's save is refused with the first's words
+    shown and its own kept in the form; saving again writes it over them. Both are revisions."""
+    sid, latent = sae_id(explorer_sae), 12
+    first = _latent_page(explorer_app, explorer_target, sid, latent, "ada")
+    second = _latent_page(explorer_app, explorer_target, sid, latent, "grace")
+    _save_label(first, "vertical edges")
+    _save_label(second, "edges of the square", "the square's left and right sides")
+    assert not second.exception
+    assert "ada changed this label" in second.warning[0].value and "vertical edges" in second.warning[0].value
+    assert second.text_input(key="label_text").value == "edges of the square"  # nothing typed is lost
+    assert explorer_client.get_label(sid, latent).text == "vertical edges"
+    next(b for b in second.button if b.label == "Save label").click().run()
+    no_problems(second)
+    revisions = explorer_client.label_revisions(sid, latent)
+    assert [(r.text, r.author) for r in revisions] == [("edges of the square", "grace"), ("vertical edges", "ada")]
+
+
+def test_label_a_latent_in_headless_chromium(explorer_browser, explorer_client, explorer_sae):
+    """SAE page -> latent table -> a latent -> label it -> reload shows the label -> the table
+    finds it by a word of it."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    sid = sae_id(explorer_sae)
+    page = explorer_browser.goto(f"?sae={sid}")
+    explorer_browser.shot("explorer-sae")
+    page.get_by_role("link", name="Latents").click()
+    explorer_browser.settle()
+    first_row = explorer_client.list_latents(sid, page_size=1).latents[0].index
+    grid = page.locator("[data-testid='stDataFrame']").first
+    # The grid is a canvas; its accessible table says when the rows are there, and which is selected.
+    grid.locator("[data-testid='glide-cell-1-0']").filter(has_text=str(first_row)).wait_for(
+        state="attached", timeout=30_000)
+    explorer_browser.shot("explorer-latents")
+    box = grid.bounding_box()
+    opened = f"() => new URLSearchParams(location.search).get('latent') === '{first_row}'"
+    for _ in range(3):  # the first click can land before the canvas takes pointer events
+        page.mouse.move(box["x"] + 18, box["y"] + 35 + 17)  # the first row's selection box
+        page.mouse.click(box["x"] + 18, box["y"] + 35 + 17)
+        try:
+            page.wait_for_function(opened, timeout=15_000)
+            break
+        except PlaywrightTimeout:
+            if grid.locator("tr[aria-rowindex='2'][aria-selected='true']").count():
+                break  # selected, and the page is on its way: a second click would unselect it
+    page.wait_for_function(opened, timeout=30_000)
+    assert f"latent={first_row}" in page.url, page.url
+    explorer_browser.settle()
+    page.get_by_role("tab", name="Label & notes").click()
+    page.get_by_role("textbox", name="Label", exact=True).fill("browser-made label: planted squares")
+    page.get_by_role("textbox", name="Notes").fill("written by the Playwright test")
+    page.get_by_role("button", name="Save label").click()
+    page.get_by_text("Revision 1 by anonymous").wait_for(timeout=30_000)
+    assert explorer_client.get_label(sid, first_row).text == "browser-made label: planted squares"
+
+    page.reload()
+    explorer_browser.settle()
+    page.get_by_role("heading", name=f"Latent {first_row}: browser-made label: planted squares").wait_for(timeout=30_000)
+    explorer_browser.shot("explorer-latent-labelled")
+    page.get_by_role("link", name="Latents").click()
+    explorer_browser.settle()
+    search = page.get_by_role("textbox", name="Search labels")
+    search.fill("browser-made")
+    search.press("Enter")
+    explorer_browser.settle()
+    page.wait_for_url("**latents_query=browser-made*", timeout=30_000)
+    page.get_by_text("1 latents match").wait_for(timeout=30_000)
+    cells = grid.locator("tr[aria-rowindex='2'] td")
+    assert cells.nth(0).text_content() == str(first_row)
+    assert cells.nth(1).text_content() == "browser-made label: planted squares"
+    explorer_browser.shot("explorer-latents-search")

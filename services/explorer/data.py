@@ -63,10 +63,12 @@ def get_sae(conn: Connection, sae: str) -> pb.Sae:
     return _client(conn).get_sae(sae)
 
 
-@st.cache_data(ttl=600, show_spinner=False, max_entries=512)
+# Short-lived: the pages carry labels, which anyone may change (a save here clears it at once).
+@st.cache_data(ttl=30, show_spinner=False, max_entries=512)
 def list_latents(conn: Connection, sae: str, page_size: int, page_token: str, order_by: str,
-                 min_frequency: float, max_frequency: float) -> pb.ListLatentsResponse:
-    return _client(conn).list_latents(sae, page_size, page_token, order_by, min_frequency, max_frequency)
+                 min_frequency: float, max_frequency: float, label_query: str = "") -> pb.ListLatentsResponse:
+    return _client(conn).list_latents(sae, page_size, page_token, order_by, min_frequency, max_frequency,
+                                      label_query)
 
 
 # A dataset image never changes; ~50 kB each at the model's input size.

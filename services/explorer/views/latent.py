@@ -18,6 +18,7 @@ from vitscope.explorer.data import (
     label_text,
     latent_link,
     latent_tiles,
+    list_latents,
     publish_to_url,
     require_analysis,
     seed_from_url,
@@ -100,8 +101,8 @@ def stats_row(s: pb.Latent, n_images: int) -> None:
 
 def top_images(sid: str, tiles) -> None:
     st.caption("Colour shows the latent's activation on each patch (one scale for all images); the box marks "
-               "the strongest patch. Captions: label · score in this view · image row. ＋/－ adds the image's "
-               "box to the concept search as a positive or negative example.")
+               "the strongest patch. Captions: label · score in this view · image row. + and - add the image's "
+               "boxed patch to the concept search as a positive or negative example.")
     for start in range(0, len(tiles), GRID_COLUMNS):  # the last row may be short, hence strict=False
         for col, tile in zip(st.columns(GRID_COLUMNS), tiles[start:start + GRID_COLUMNS], strict=False):
             col.image(tile.png, caption=tile.caption, width="stretch", output_format="PNG")
@@ -151,13 +152,11 @@ def related(conn, sid: str, lat: pb.Latent) -> None:
             latent_link(sid, c.latent_index, f"{c.latent_index} · {c.jaccard:.3f} · {c.count} tokens")
 
 
-def label_editor(conn, sid: str, latent: int) -> None:
+def label_editor(conn, sid: str, latent: int, current: pb.LatentLabel) -> None:
     """The latent's label and notes, saved to the store as a new revision. A save over a label
     someone else changed meanwhile is refused by the analyzer; the editor then shows theirs and
     keeps this browser's words in the form, to apply again on top."""
     key = f"{sid}/{latent}"
-    with analyzer_errors(conn):
-        current = client(conn).get_label(sid, latent)
     if st.session_state.get("_label_key") != key:  # another latent: start from its stored label
         st.session_state.update(_label_key=key, _label_etag=current.etag, label_text=current.text,
                                 label_notes=current.notes)
@@ -183,6 +182,7 @@ def label_editor(conn, sid: str, latent: int) -> None:
             st.session_state.update(_label_etag=theirs.etag, _label_conflict=theirs)
         else:
             st.session_state["_label_etag"] = rev.etag
+            list_latents.clear()  # the latent table shows labels
             st.toast(f"Saved revision {rev.revision} of latent {latent}'s label", icon=":material/check:")
         st.rerun()
     if current.revision:
@@ -203,7 +203,9 @@ controls(sae)
 with analyzer_errors(conn), st.spinner("Rendering heatmaps…"):
     lat, tiles = latent_tiles(conn, sid, latent, st.session_state["latent_top_images"],
                               st.session_state["latent_view"] or "")
-st.title(f"Latent {latent}" + (f": {label_text(lat.label)}" if lat.HasField("label") else ""))
+with analyzer_errors(conn):
+    label = client(conn).get_label(sid, latent)  # never cached: someone may have just written it
+st.title(f"Latent {latent}" + (f": {label_text(label)}" if label.revision else ""))
 st.caption(f"SAE `{sid}` · layer {sae.layer} · {sae.model}")
 stats_row(lat, len(tiles))
 images_tab, distribution_tab, related_tab, label_tab = st.tabs(["Top images", "Distribution", "Related latents",
@@ -218,4 +220,4 @@ with distribution_tab:
 with related_tab:
     related(conn, sid, lat)
 with label_tab:
-    label_editor(conn, sid, latent)
+    label_editor(conn, sid, latent, label)
