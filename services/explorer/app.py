@@ -16,6 +16,8 @@ page = st.navigation([
     st.Page("views/saes.py", title="SAEs", icon=":material/monitor_heart:", default=True),  # served at /
     st.Page("views/latents.py", title="Latents", icon=":material/table_rows:", url_path="latents"),
     st.Page("views/latent.py", title="Latent", icon=":material/image_search:", url_path="latent"),
+    st.Page("views/probe.py", title="Image probe", icon=":material/center_focus_strong:", url_path="probe"),
+    st.Page("views/search.py", title="Concept search", icon=":material/manage_search:", url_path="search"),
 ])
 
 conn = connection()

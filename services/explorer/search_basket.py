@@ -6,9 +6,12 @@ cannot be: they are only in this browser's session)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import streamlit as st
+
+from vitscope.proto import ResourceNameError, names
 
 KINDS = ("positives", "negatives")
 
@@ -40,15 +43,23 @@ def remove(kind: str, example: Example) -> None:
     st.session_state[f"search_{kind}"] = [e for e in examples(kind) if e != example]
 
 
-def add_buttons(where, image: str, patch: int | None, key: str) -> None:
-    """＋ and － buttons that add a dataset image's patch to the search as a positive or
-    negative example."""
+def add_buttons(where, image: str, patch: int | None, key: str, upload: bytes | None = None) -> None:
+    """Plus and minus buttons that add an image (a dataset image's name, or an upload's bytes
+    and :func:`upload_name`), or one patch of it, to the search as a positive or negative example."""
     left, right = where.columns(2)
-    example = Example(image, patch)
-    left.button("＋", key=f"{key}_pos", on_click=add, args=("positives", example), width="stretch",
-                help="Add to the concept search as a positive example (this patch)")
-    right.button("－", key=f"{key}_neg", on_click=add, args=("negatives", example), width="stretch",
-                 help="Add to the concept search as a negative example (this patch)")
+    example = Example(image, patch, upload)
+    what = "the whole image" if patch is None else "this patch"
+    # Material icons rather than "＋"/"－": the front end ships their font, a host may lack those glyphs.
+    left.button("", icon=":material/add:", key=f"{key}_pos", on_click=add, args=("positives", example),
+                width="stretch", help=f"Add to the concept search as a positive example ({what})")
+    right.button("", icon=":material/remove:", key=f"{key}_neg", on_click=add, args=("negatives", example),
+                 width="stretch", help=f"Add to the concept search as a negative example ({what})")
+
+
+def upload_name(data: bytes) -> str:
+    """The name an upload is shown by: ``upload:`` and a short hash of its bytes (the same
+    file uploaded twice is one example)."""
+    return f"upload:{hashlib.sha256(data).hexdigest()[:10]}"
 
 
 def to_url(kind: str) -> str:
@@ -62,6 +73,10 @@ def from_url(raw: str) -> list[Example]:
     for part in filter(None, raw.split(",")):
         name, _, patch = part.partition("@")
         if patch and not patch.isdigit():
+            continue
+        try:
+            names.parse_image(name)
+        except ResourceNameError:
             continue
         out.append(Example(name, int(patch) if patch else None))
     return out
