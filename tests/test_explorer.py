@@ -102,7 +102,8 @@ def test_client_errors_carry_status(explorer_client, pipeline, sweep_store):
 
 
 # --- pages (AppTest) ---------------------------------------------------------------------------
-def test_saes_page_shows_the_linked_saes_health_and_the_sweep(explorer_app, explorer_target, explorer_sae, sweep_store):
+def test_saes_page_shows_the_linked_saes_health_and_links_its_sweep(explorer_app, explorer_target, explorer_sae,
+                                                                   sweep_store):
     sid = sae_id(explorer_sae)
     at = explorer_app(explorer_target, sae=sid).run()
     no_problems(at)
@@ -116,15 +117,12 @@ def test_saes_page_shows_the_linked_saes_health_and_the_sweep(explorer_app, expl
     assert "analysis pass" in helps["Never fired"]
     assert m["d_sae"] == str(explorer_sae.d_sae) and m["Layer"] == str(explorer_sae.layer) and m["Model"] == explorer_sae.model
 
-    histogram, scatter = at.get("vega_lite_chart")
+    (histogram,) = at.get("vega_lite_chart")  # the sweep is a page of its own now
     bars = convert_arrow_bytes_to_pandas_df(histogram.proto.datasets[0].data.data)
     assert bars["latents"].tolist() == list(explorer_sae.log_frequency_counts)
-    points = convert_arrow_bytes_to_pandas_df(scatter.proto.datasets[0].data.data)
-    assert points.loc[points["selected"], "sae"].tolist() == [sid]
-
-    table = at.dataframe[0].value
-    assert sorted(table["sae"]) == sorted([sid, sweep_store[1]])
-    assert table.loc[table["selected"], "sae"].tolist() == [sid]
+    assert not at.dataframe
+    sweep = {e.proto.page: e.proto.query_string for e in at.get("page_link")}["sweep"]
+    assert sweep == f"sae={sid}&set={names.parse_activation_set(explorer_sae.activation_set)}"
 
     # Picking the other SAE in the sidebar updates the page and the URL.
     at.sidebar.selectbox(key="sae").set_value(sweep_store[1]).run()

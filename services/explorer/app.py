@@ -18,6 +18,8 @@ page = st.navigation([
     st.Page("views/latent.py", title="Latent", icon=":material/image_search:", url_path="latent"),
     st.Page("views/probe.py", title="Image probe", icon=":material/center_focus_strong:", url_path="probe"),
     st.Page("views/search.py", title="Concept search", icon=":material/manage_search:", url_path="search"),
+    st.Page("views/compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
+    st.Page("views/sweep.py", title="Sweep", icon=":material/scatter_plot:", url_path="sweep"),
 ])
 
 conn = connection()

@@ -63,9 +63,9 @@ class AnalyzerClient:
         self._stub = rpc.AnalyzerStub(self._channel)
         self._metadata: Sequence[tuple[str, str]] = (("authorization", f"Bearer {token}"),) if token else ()
 
-    def _call(self, method: str, request):
+    def _call(self, method: str, request, timeout: float | None = None):
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
+            return getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:  # raised by the stub as a grpc.Call carrying code() and details()
             raise AnalyzerError(method, e.code(), e.details() or "") from None
 
@@ -136,13 +136,17 @@ class AnalyzerClient:
         return self._call("SearchLatents", request)
 
     def find_similar_latents(self, sae_id: str, latent: int, other_sae: str | None = None,
-                             top_latents: int | None = None) -> pb.FindSimilarLatentsResponse:
-        """The latents most like ``latent``: in its own SAE, or in SAE ``other_sae`` (an id)."""
+                             top_latents: int | None = None,
+                             timeout: float | None = None) -> pb.FindSimilarLatentsResponse:
+        """The latents most like ``latent``: in its own SAE, or in SAE ``other_sae`` (an id).
+        Matching across spaces encodes a sample of images with both SAEs (through a ViT when the
+        other SAE reads another set), which can outlast the client's usual deadline: ``timeout``
+        overrides it for this call."""
         request = pb.FindSimilarLatentsRequest(latent=names.latent(sae_id, latent),
                                                other_sae=names.sae(other_sae) if other_sae else "")
         if top_latents is not None:
             request.top_latents = top_latents
-        return self._call("FindSimilarLatents", request)
+        return self._call("FindSimilarLatents", request, timeout)
 
     def get_label(self, sae_id: str, latent: int) -> pb.LatentLabel:
         """A latent's current label (revision 0 and etag "" when it has none)."""
