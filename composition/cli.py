@@ -115,20 +115,31 @@ def run_verify(cfg: VerifyConfig) -> int:
 
 
 def run_explore(cfg: ExploreConfig) -> int:
-    from vitscope.explorer import run_explorer
+    from vitscope.explorer import run_explorer, start_explorer
 
+    token = cfg.token or os.environ.get("VITSCOPE_TOKEN")
+    if cfg.analyzer is not None:
+        return run_explorer(cfg.analyzer, port=cfg.port, token=token, address=cfg.host)
+    # Streamlit first, then the analyzer while it boots: each takes seconds to start (the
+    # analyzer imports torch), and the app needs the analyzer only once a page is opened.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        analyzer_port = s.getsockname()[1]
+    target = f"127.0.0.1:{analyzer_port}"
+    proc = start_explorer(target, port=cfg.port, token=token, address=cfg.host)
     server = None
-    target = cfg.analyzer
-    if target is None:
+    try:
         from vitscope.analyzer import ServeConfig, serve
 
-        server = serve(ServeConfig(store=cfg.store, port=0, token=cfg.token))
-        target = f"127.0.0.1:{server.port}"
-        print(f"analyzer serving {cfg.store} on {target}")
-    try:
-        return run_explorer(target, port=cfg.port, token=cfg.token or os.environ.get("VITSCOPE_TOKEN"),
-                            address=cfg.host)
+        server = serve(ServeConfig(store=cfg.store, port=analyzer_port, token=cfg.token))
+        print(f"analyzer serving {cfg.store} on {target}; explorer on http://{cfg.host}:{cfg.port}", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reaches streamlit too, which shuts down on its own
+        return proc.wait()
     finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=20)
         if server is not None:
             server.stop(grace=1)
 
@@ -180,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=os.environ.get("VITSCOPE_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Prefect starts a temporary API server for a flow run without a server of its own; its 20 s
+    # default for that start is too short on a busy 2-core machine (the pipeline failed so).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         cfg = parse(sub, args)
     except ValueError as e:

@@ -275,7 +275,7 @@ def test_the_explorer_listens_on_loopback_by_default(explorer_target, tmp_path):
 
 # --- labels ------------------------------------------------------------------------------------------
 def _latent_page(explorer_app, target: str, sid: str, latent: int, author: str):
-    at = explorer_app(target, sae=sid, latent=str(latent))
+    at = explorer_app(target, sae=sid, latent=str(latent), latent_tab="Label & notes")
     at.session_state["author"] = author
     at.run()
     at.switch_page("views/latent.py").run()
@@ -384,3 +384,25 @@ def test_label_a_latent_in_headless_chromium(explorer_browser, explorer_client, 
     assert cells.nth(0).text_content() == str(first_row)
     assert cells.nth(1).text_content() == "browser-made label: planted squares"
     explorer_browser.shot("explorer-latents-search")
+
+
+def test_latent_page_tabs_run_alone_and_are_in_the_url(explorer_app, explorer_target, explorer_client, explorer_sae,
+                                                       square_latent):
+    sid = sae_id(explorer_sae)
+    lat = explorer_client.get_latent(sid, square_latent, heatmaps=False)
+    at = explorer_app(explorer_target, sae=sid, latent=str(square_latent), latent_tab="Distribution").run()
+    at.switch_page("views/latent.py").run()
+    no_problems(at)
+    assert not at.tabs[0].image  # the top images did not run
+    assert len(at.tabs[1].image) == sum(len(b.examples) for b in lat.bands) > 0
+    bars = convert_arrow_bytes_to_pandas_df(at.tabs[1].get("vega_lite_chart")[0].proto.datasets[0].data.data)
+    assert bars["tokens"].sum() == sum(lat.activation_histogram)
+
+    at = explorer_app(explorer_target, sae=sid, latent=str(square_latent), latent_tab="Related latents").run()
+    at.switch_page("views/latent.py").run()
+    no_problems(at)
+    near = explorer_client.find_similar_latents(sid, square_latent)
+    links = [p.proto.label for p in at.tabs[2].get("page_link")]
+    assert links[:len(near.latents)] == [f"{m.latent_index} · {m.similarity:.3f}" for m in near.latents]
+    assert links[len(near.latents):] == [f"{c.latent_index} · {c.jaccard:.3f} · {c.count} tokens" for c in lat.cofiring]
+    assert at.query_params["latent_tab"] == "Related latents"

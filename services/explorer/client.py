@@ -63,26 +63,31 @@ class AnalyzerClient:
         self._stub = rpc.AnalyzerStub(self._channel)
         self._metadata: Sequence[tuple[str, str]] = (("authorization", f"Bearer {token}"),) if token else ()
 
-    def _call(self, method: str, request, timeout: float | None = None):
+    def _call(self, method: str, request, timeout: float | None = None, wait_for_ready: bool = False):
         try:
-            return getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            return getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata,
+                                               wait_for_ready=wait_for_ready)
         except grpc.RpcError as e:  # raised by the stub as a grpc.Call carrying code() and details()
             raise AnalyzerError(method, e.code(), e.details() or "") from None
 
-    def _every_page(self, method: str, request: Callable[[str], Any], field: str) -> list[Any]:
+    def _every_page(self, method: str, request: Callable[[str], Any], field: str,
+                    wait_for_ready: bool = False) -> list[Any]:
         """The items of every page of a List call; ``request(token)`` builds each page's request."""
         out: list[Any] = []
         token = ""
         while True:
-            resp = self._call(method, request(token))
+            resp = self._call(method, request(token), wait_for_ready=wait_for_ready)
             out += getattr(resp, field)
             token = resp.next_page_token
             if not token:
                 return out
 
-    def list_saes(self) -> list[pb.Sae]:
-        """Every SAE in the analyzer's store (all pages), by name."""
-        return self._every_page("ListSaes", lambda t: pb.ListSaesRequest(page_size=MAX_PAGE, page_token=t), "saes")
+    def list_saes(self, wait_for_ready: bool = False) -> list[pb.Sae]:
+        """Every SAE in the analyzer's store (all pages), by name. ``wait_for_ready``: an analyzer
+        that does not answer yet (still starting) is waited for, up to the call's deadline,
+        instead of failing at once."""
+        return self._every_page("ListSaes", lambda t: pb.ListSaesRequest(page_size=MAX_PAGE, page_token=t), "saes",
+                                wait_for_ready)
 
     def get_sae(self, sae_id: str) -> pb.Sae:
         """One SAE with its metrics and firing-frequency histogram."""

@@ -55,7 +55,9 @@ def _client(conn: Connection) -> AnalyzerClient:
 # a published analysis never changes, so latent results may live longer.
 @st.cache_data(ttl=30, show_spinner=False)
 def list_saes(conn: Connection) -> list[pb.Sae]:
-    return _client(conn).list_saes()
+    # Every page's first call: `vitscope explore` starts the app and the analyzer together, so a
+    # page opened at once waits for the analyzer rather than saying it is down.
+    return _client(conn).list_saes(wait_for_ready=True)
 
 
 @st.cache_data(ttl=30, show_spinner=False)

@@ -35,11 +35,20 @@ def explorer_env(analyzer: str, token: str | None = None) -> dict[str, str]:
     return env
 
 
+def start_explorer(analyzer: str, port: int = 8501, headless: bool = True, token: str | None = None,
+                   address: str = "127.0.0.1") -> subprocess.Popen:
+    """Start serving the explorer on ``port`` against the analyzer at ``analyzer`` (host:port),
+    without waiting: the app only calls the analyzer when a page is opened, so the analyzer may
+    still be starting."""
+    return subprocess.Popen(explorer_command(port, headless, address), env=explorer_env(analyzer, token))
+
+
 def run_explorer(analyzer: str, port: int = 8501, headless: bool = True, token: str | None = None,
                  address: str = "127.0.0.1") -> int:
     """Serve the explorer on ``port`` against the analyzer at ``analyzer`` (host:port) until
     interrupted; returns Streamlit's exit status."""
+    proc = start_explorer(analyzer, port, headless, token, address)
     try:
-        return subprocess.run(explorer_command(port, headless, address), env=explorer_env(analyzer, token)).returncode
+        return proc.wait()
     except KeyboardInterrupt:  # Ctrl-C reaches streamlit too, which shuts down on its own
-        return 130
+        return proc.wait()

@@ -208,16 +208,22 @@ with analyzer_errors(conn):
 st.title(f"Latent {latent}" + (f": {label_text(label)}" if label.revision else ""))
 st.caption(f"SAE `{sid}` · layer {sae.layer} · {sae.model}")
 stats_row(lat, len(tiles))
-images_tab, distribution_tab, related_tab, label_tab = st.tabs(["Top images", "Distribution", "Related latents",
-                                                                "Label & notes"])
-with images_tab:
-    if tiles:
-        top_images(sid, tiles)
-    else:
-        st.info("This latent never fired on the analysed images: it has no top images.")
-with distribution_tab:
-    distribution(sid, lat)
-with related_tab:
-    related(conn, sid, lat)
-with label_tab:
-    label_editor(conn, sid, latent, label)
+# Only the open tab runs (its name is in the URL, so a link opens it): the others cost calls
+# and dozens of images that a visit to the top images never looks at.
+images_tab, distribution_tab, related_tab, label_tab = st.tabs(
+    ["Top images", "Distribution", "Related latents", "Label & notes"], key="latent_tab", bind="query-params")
+if images_tab.open:
+    with images_tab:
+        if tiles:
+            top_images(sid, tiles)
+        else:
+            st.info("This latent never fired on the analysed images: it has no top images.")
+if distribution_tab.open:
+    with distribution_tab:
+        distribution(sid, lat)
+if related_tab.open:
+    with related_tab:
+        related(conn, sid, lat)
+if label_tab.open:
+    with label_tab:
+        label_editor(conn, sid, latent, label)
