@@ -502,8 +502,8 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     if cfg.parts > 1 and not cfg.finish:
         _run_part(p, cfg, cfg.part, cfg.parts)
         return AnalyzeResult(p.analysis_id, reused=False, published=False)
-    state = p.new_state()
-    for part in range(cfg.parts):
+    state = _run_part(p, cfg, 0, cfg.parts)  # merging it into an empty state would change nothing
+    for part in range(1, cfg.parts):
         state.merge(_run_part(p, cfg, part, cfg.parts))
     _publish(p, state)
     p.store.delete_prefix(f"{analysis_prefix(p.analysis_id)}/parts/")
