@@ -182,19 +182,21 @@ def parts_on_dask(args: argparse.Namespace, root: Path) -> None:
         identical.append(stats_bytes(store, fn().analysis_id) == want)
         store.delete_prefix("analyses/")
 
+    # One torch thread per worker process: the two workers then share the machine's cores as
+    # one process's two threads do. The smoke run keeps the workers in this process, sparing
+    # their start (~15 s of importing torch).
+    workers = {"processes": False} if args.quick else {"processes": True, "env": {"OMP_NUM_THREADS": "1"}}
     t0 = time.perf_counter()
-    # One torch thread per worker: the two workers then share the machine's cores as one
-    # process's two threads do.
     with prefect_test_harness(server_startup_timeout=180), \
-            LocalCluster(n_workers=DASK_WORKERS, threads_per_worker=1, processes=True,
-                         env={"OMP_NUM_THREADS": "1"}, silence_logs=logging.ERROR) as cluster:
+            LocalCluster(n_workers=DASK_WORKERS, threads_per_worker=1, silence_logs=logging.ERROR, **workers) as cluster:
         started = time.perf_counter() - t0
         runner = task_runner(DASK_PARTS, dask_address=cluster.scheduler_address)
         flow = analyze_flow.with_options(task_runner=runner)
         t = interleaved({"one": wall(lambda: run(lambda: analyze(cfg))),
                          "dask": wall(lambda: run(lambda: flow(cfg, parts=DASK_PARTS)))}, args.repeats, args.warmup)
     n = len(x)
-    report(f"(b) {DASK_PARTS} parts through analyze_flow on a {DASK_WORKERS}-worker Dask LocalCluster (1 thread each) "
+    kind = "" if workers["processes"] else ", in this process"
+    report(f"(b) {DASK_PARTS} parts through analyze_flow on a {DASK_WORKERS}-worker Dask LocalCluster (1 thread each{kind}) "
            f"against one process ({torch.get_num_threads()} threads): {n} images in {shards} shards, d_sae {args.d_sae}", [
         Figure("Prefect test server and cluster start (once, not timed below)", started, "s"),
         Figure("one process: analyze()", n / median(t["one"]), "img/s"),
