@@ -104,6 +104,12 @@ class AnalyzerClient:
             parent=names.sae(sae_id), page_size=page_size, page_token=page_token, order_by=order_by,
             min_frequency=min_frequency, max_frequency=max_frequency, label_query=label_query))
 
+    def labelled_latents(self, sae_id: str) -> list[pb.Latent]:
+        """Every labelled latent of the SAE with its statistics and label (all pages, by frequency)."""
+        parent = names.sae(sae_id)
+        return self._every_page("ListLatents", lambda t: pb.ListLatentsRequest(
+            parent=parent, page_size=MAX_PAGE, page_token=t, label_query="*"), "latents")
+
     def get_latent(self, sae_id: str, latent: int, top_images: int | None = None, heatmaps: bool = True,
                    view: pb.TopImagesView = pb.TOP_IMAGES_VIEW_UNSPECIFIED) -> pb.Latent:
         """A latent's statistics, distributions and top images in ``view`` (with per-patch

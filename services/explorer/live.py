@@ -53,14 +53,7 @@ def search(conn: Connection, sae: str, positives: tuple[pb.SearchExample, ...],
 # Labels are edited on the Latent page, so a list shows a new one within half a minute.
 @st.cache_data(ttl=30, show_spinner=False)
 def _labels(conn: Connection, sae: str) -> dict[int, str]:
-    out: dict[int, str] = {}
-    token = ""
-    while True:
-        page = client(conn).list_latents(sae, page_size=1000, page_token=token, label_query="*")
-        out.update((lat.index, label_text(lat.label)) for lat in page.latents)
-        token = page.next_page_token
-        if not token:
-            return out
+    return {lat.index: label_text(lat.label) for lat in client(conn).labelled_latents(sae)}
 
 
 def labels(conn: Connection, sae: pb.Sae) -> dict[int, str]:
