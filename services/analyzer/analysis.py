@@ -366,30 +366,92 @@ def _resolve(cfg: AnalyzeConfig) -> _Pass | AnalyzeResult:
                  cofiring_images(len(aset), stat_tokens).to(device))
 
 
-class _Buffers:
-    """Memory every batch of a part reuses: the stored rows, the encoder's float32 input, and
-    the codes of the statistics tokens (and of the patches, when the statistics are over other
-    tokens) copied out contiguous. On CPU, writing into memory already in use is several times
-    cheaper than into a fresh tensor, whose pages the kernel must first map in."""
+CHUNK_BYTES = 8 << 20
+"""The codes of about this many bytes are encoded and reduced at once: small enough to stay in
+a CPU's cache between the encode that writes them and the passes that read them (a batch's
+codes, hundreds of MB, would be read back from memory by each pass), large enough for an
+efficient matrix product. The sums are over chunks, so the published means depend on it."""
 
-    def __init__(self, m: Manifest, rows: int, stat_tokens: int, separate_patches: bool, d_sae: int,
-                 device: torch.device):
+
+class _Batch:
+    """What the per-latent bookkeeping needs of one batch of images, gathered from the dense
+    codes chunk by chunk (:meth:`scan`) so that the codes never exist for the whole batch:
+    per image the maximum over the statistics tokens and over the patches, the patch mean and
+    the CLS code; the nonzero entries of the statistics tokens and of the patches."""
+
+    def __init__(self, m: Manifest, rows: int, positions: np.ndarray, d_sae: int, device: torch.device):
+        layout = m.layout
+        self.tokens = layout.tokens_per_image
+        self.patch_start, self.n_patches = layout.patch_start, layout.n_patches
+        self.n_cls = layout.n_cls
+        self.stat_tokens = len(positions)
+        self.stat_slice = _contiguous(positions)
+        self.stat_positions = torch.as_tensor(positions, device=device)
+        self.separate_patches = self.stat_slice != slice(self.patch_start, self.tokens)
+        # Per stored position: its index among the statistics tokens, -1 for the others.
+        rank = np.full(self.tokens, -1, dtype=np.int64)
+        rank[positions] = np.arange(len(positions))
+        self.stat_rank = torch.as_tensor(rank, device=device)
+        self.chunk = max(1, min(rows, CHUNK_BYTES // (self.tokens * d_sae * 4)))
         self.bfloat16 = m.dtype == "bfloat16"
-        self.stage = np.empty((rows, m.layout.tokens_per_image, m.d_model), dtype=m.np_dtype)
-        self.x = torch.empty(rows, m.layout.tokens_per_image, m.d_model, device=device)
-        self.stats = torch.empty(rows, stat_tokens, d_sae, device=device)
-        self.patches = torch.empty(rows, m.layout.n_patches, d_sae, device=device) if separate_patches else None
+        self.stage = np.empty((self.chunk, self.tokens, m.d_model), dtype=m.np_dtype)
+        self.x = torch.empty(self.chunk, self.tokens, m.d_model, device=device)
+        self.gathered = torch.empty(self.chunk, self.stat_tokens, d_sae, device=device) if self.stat_slice is None else None
+        self.stat_max = torch.empty(rows, d_sae, device=device)
+        self.patch_max = torch.empty(rows, d_sae, device=device) if self.separate_patches else self.stat_max
+        self.mean = torch.empty(rows, d_sae, device=device)
+        self.cls = torch.empty(rows, d_sae, device=device) if self.n_cls else None
 
-    def rows(self, a: np.ndarray) -> torch.Tensor:
+    def _rows(self, a: np.ndarray) -> torch.Tensor:
         """Stored rows [n, T, d] as float32 (the conversion is exact, as from_storage's)."""
         n = len(a)
         np.copyto(self.stage[:n], a)  # memory-mapped pages are read-only, and torch wants writable ones
         stored = torch.from_numpy(self.stage[:n].view(np.int16) if self.bfloat16 else self.stage[:n])
         return self.x[:n].copy_(stored.view(torch.bfloat16) if self.bfloat16 else stored)
 
+    def scan(self, sae: Sae, a: np.ndarray, sums: torch.Tensor, cofire: torch.Tensor, cofiring: CoFiring) -> None:
+        """Encode the stored rows ``a`` [n, T, d] and keep what the batch needs; add the
+        statistics tokens' sums to ``sums`` (float64) and the images chosen by ``cofire`` (a bool
+        per row) to ``cofiring``."""
+        n, d_sae = len(a), sums.shape[0]
+        stat_entries, patch_entries = [], []
+        for lo in range(0, n, self.chunk):
+            hi = min(lo + self.chunk, n)
+            z = sae.encode(self._rows(a[lo:hi]))  # [c, T, d_sae], contiguous
+            if self.stat_slice is None:
+                stats = torch.index_select(z, 1, self.stat_positions, out=self.gathered[:hi - lo])
+            else:
+                stats = z[:, self.stat_slice]
+            # Over the tokens of each image first: a reduction over the innermost kept dimension
+            # is several times faster on CPU than one over both leading dimensions at once.
+            sums += stats.sum(dim=1).double().sum(dim=0)
+            torch.amax(stats, dim=1, out=self.stat_max[lo:hi])
+            patches = z[:, self.patch_start:]
+            if self.separate_patches:
+                torch.amax(patches, dim=1, out=self.patch_max[lo:hi])
+            torch.mean(patches, dim=1, out=self.mean[lo:hi])
+            if self.cls is not None:
+                self.cls[lo:hi].copy_(z[:, 0])
+            chosen = cofire[lo:hi]
+            if chosen.any():
+                cofiring.add(stats[chosen].reshape(-1, d_sae))
+            # One scan of the chunk's codes finds the firings of both token sets.
+            token, latent, value = _nonzero(z)
+            image, position = token // self.tokens + lo, token % self.tokens
+            rank = self.stat_rank[position]
+            kept = (rank >= 0).nonzero().squeeze(1)
+            stat_entries.append((image[kept] * self.stat_tokens + rank[kept], latent[kept], value[kept]))
+            if self.separate_patches:
+                kept = (position >= self.patch_start).nonzero().squeeze(1)
+                patch_entries.append((image[kept] * self.n_patches + position[kept] - self.patch_start,
+                                      latent[kept], value[kept]))
+        self.stat_entries = tuple(torch.cat(t) for t in zip(*stat_entries, strict=True))
+        self.patch_entries = (tuple(torch.cat(t) for t in zip(*patch_entries, strict=True))
+                              if self.separate_patches else self.stat_entries)
+
 
 def _contiguous(positions: np.ndarray) -> slice | None:
-    """The token positions as a slice when they are a contiguous run (a copy, not a gather)."""
+    """The token positions as a slice when they are a contiguous run (a view, not a gather)."""
     if len(positions) and (np.diff(positions) == 1).all():
         return slice(int(positions[0]), int(positions[-1]) + 1)
     return None
@@ -438,12 +500,9 @@ def _run_part(p: _Pass, cfg: AnalyzeConfig, part: int, parts: int) -> PassState:
     m, record, sae = p.aset.manifest, p.record, p.sae
     device = p.device
     d_sae = sae.cfg.d_sae
-    positions = m.layout.token_indices(record.tokens)
-    stat_slice, stat_positions = _contiguous(positions), torch.as_tensor(positions, device=device)
-    patch_slice = slice(m.layout.patch_start, m.layout.tokens_per_image)
     shards = [m.shards[i] for i in p.part_shards(part, parts)]
-    buf = _Buffers(m, min(cfg.batch_images, max((s.n_images for s in shards), default=0)), len(positions),
-                   stat_slice != patch_slice, d_sae, device)
+    batch = _Batch(m, min(cfg.batch_images, max((s.n_images for s in shards), default=0)),
+                   m.layout.token_indices(record.tokens), d_sae, device)
     with tqdm(total=sum(s.n_images for s in shards), unit="img", disable=not cfg.progress,
               desc=f"analyze {record.sae_id[:8]}" + (f" part {part + 1}/{parts}" if parts > 1 else "")) as bar:
         for shard in shards:
@@ -451,36 +510,24 @@ def _run_part(p: _Pass, cfg: AnalyzeConfig, part: int, parts: int) -> PassState:
             shard_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
             for lo in range(0, shard.n_images, cfg.batch_images):
                 hi = min(lo + cfg.batch_images, shard.n_images)
-                z = sae.encode(buf.rows(arr[lo:hi]))  # [B, T, d_sae]
-                stats = buf.stats[:hi - lo]
-                if stat_slice is None:
-                    torch.index_select(z, 1, stat_positions, out=stats)
-                else:
-                    stats.copy_(z[:, stat_slice])
-                shard_sum += stats.view(-1, d_sae).sum(dim=0).double()
-                # Reducing over tokens within each image first avoids a slow long column max.
-                stat_max = stats.amax(dim=1)
+                n = hi - lo
+                batch.scan(sae, arr[lo:hi], shard_sum, p.cofire_images[shard.first_image + lo:shard.first_image + hi],
+                           state.cofiring)
+                stat_max, best = batch.stat_max[:n], batch.patch_max[:n]
                 state.act_max = torch.maximum(state.act_max, stat_max.amax(dim=0))
-                token, latent, value = _nonzero(stats)
+                _, latent, value = batch.stat_entries
                 state.histogram.add(latent, value)
-                chosen = p.cofire_images[shard.first_image + lo:shard.first_image + hi]
-                state.cofiring.add(stats[chosen].reshape(-1, d_sae))
-                state.n_tokens += stats.shape[0] * stats.shape[1]
+                state.n_tokens += n * batch.stat_tokens
                 # One score per image and view, so each image enters a latent's top-k at most
                 # once; every view keeps the image's best patch, where its heatmap peaks.
-                if buf.patches is None:  # the statistics are over the patches
-                    best = stat_max
-                else:
-                    patches = buf.patches[:hi - lo].copy_(z[:, patch_slice])
-                    best = patches.amax(dim=1)
-                    token, latent, value = _nonzero(patches)
-                where = _first_peak(token, latent, value, best, m.layout.n_patches).T.int()
-                scores = {"best_patch": best, "mean": z[:, patch_slice].mean(dim=1), "cls": z[:, 0] if m.layout.n_cls else None}
+                where = _first_peak(*batch.patch_entries, best, m.layout.n_patches).T.int()
+                scores = {"best_patch": best, "mean": batch.mean[:n],
+                          "cls": batch.cls[:n] if batch.cls is not None else None}
                 images = torch.arange(shard.first_image + lo, shard.first_image + hi, device=device)[None].expand(d_sae, -1)
                 for view, top in state.tops.items():
                     top.merge(scores[view].T, images, where)
                 state.bands.merge(best.T, images, where)
-                bar.update(hi - lo)
+                bar.update(n)
             state.act_sum += (shard_sum * SUM_SCALE).round().long()
     if parts > 1:
         p.store.put_bytes(key, save(state.to_tensors()))
