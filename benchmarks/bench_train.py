@@ -63,6 +63,7 @@ from _common import (
     write_activation_set,
 )
 
+from vitscope.groundtruth import GroundTruth, recovery, write_ground_truth_set
 from vitscope.sae import (
     BatchTopKHyper,
     JumpReluHyper,
@@ -76,7 +77,6 @@ from vitscope.shards import ActivationSet, Manifest
 from vitscope.store import LocalStore
 from vitscope.trainer.config import TrainConfig
 from vitscope.trainer.config import train_config as flat_config
-from vitscope.trainer.groundtruth import GroundTruth, recovery, write_ground_truth_set
 from vitscope.trainer.stream import TokenStream
 from vitscope.trainer.training import SaeTrainer, plan_saes, train, train_sweep
 

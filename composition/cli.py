@@ -12,8 +12,11 @@ import importlib
 import inspect
 import logging
 import os
+import signal
 import socket
+import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +36,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vitscope.trainer", "TrainConfig"),
     "sweep": ("vitscope.trainer", "SweepConfig"),
     "analyze": ("vitscope.analyzer", "AnalyzeConfig"),
+    "evaluate": ("vitscope.evaluator", "EvaluateConfig"),
     "serve": ("vitscope.analyzer", "ServeConfig"),
     "explore": ("vitscope.composition.cli", "ExploreConfig"),
     "verify": ("vitscope.composition.cli", "VerifyConfig"),
@@ -40,11 +44,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 """Subcommand -> (module, config class): importing the module must stay cheap."""
 
 SUMMARIES = {
-    "pipeline": "Run extract -> train -> analyze under one Prefect flow.",
+    "pipeline": "Run extract -> train -> analyze -> evaluate under one Prefect flow.",
     "extract": "Extract ViT activations from an image folder into an activation set.",
     "train": "Train a sparse autoencoder on activations from `vitscope extract`.",
     "sweep": "Train many SAEs from one pass over an activation set: each batch is read once and given to every SAE.",
     "analyze": "Compute per-latent statistics and top-k images of a trained SAE.",
+    "evaluate": ("Evaluate a trained SAE: reconstruction, the SAE spliced into its ViT, probing, label alignment, "
+                 "stability."),
     "serve": "Serve a store's SAEs, analyses and images over gRPC (the explorer's back end).",
     "explore": "Open the explorer (a Streamlit app) on a store's SAEs.",
     "verify": "Check a published activation set end to end: every shard's size, checksum and counts.",
@@ -96,7 +102,8 @@ def run_pipeline(cfg: PipelineConfig) -> None:
 
     result = pipeline_flow(cfg)
     print(f"\nactivation set  {result.set_id}\nSAE             {result.sae_id}\n"
-          f"analysis        {result.analysis_id}\nskipped         {', '.join(result.skipped) or 'nothing'}\n")
+          f"analysis        {result.analysis_id}\nevaluation      {result.report_id or 'not run'}\n"
+          f"skipped         {', '.join(result.skipped) or 'nothing'}\n")
     print(f"Explore it:  vitscope explore --store {result.store}")
 
 
@@ -126,6 +133,10 @@ def run_explore(cfg: ExploreConfig) -> int:
         s.bind(("127.0.0.1", 0))
         analyzer_port = s.getsockname()[1]
     target = f"127.0.0.1:{analyzer_port}"
+    if threading.current_thread() is threading.main_thread():
+        # `kill` (SIGTERM) stops Streamlit too: Python's default ends this process at once, with
+        # no `finally`, and left Streamlit serving, orphaned.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     proc = start_explorer(target, port=cfg.port, token=token, address=cfg.host)
     server = None
     try:
@@ -139,7 +150,11 @@ def run_explore(cfg: ExploreConfig) -> int:
     finally:
         if proc.poll() is None:
             proc.terminate()
-            proc.wait(timeout=20)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:  # a Streamlit stuck in its shutdown
+                proc.kill()
+                proc.wait()
         if server is not None:
             server.stop(grace=1)
 
@@ -230,6 +245,13 @@ def run_analyze(cfg) -> None:
     print(analyze(cfg).analysis_id)
 
 
+def run_evaluate(cfg) -> None:
+    from vitscope.evaluator import evaluate
+
+    result = evaluate(cfg)
+    print(result.report_id)
+
+
 def run_serve(cfg) -> int | None:
     from vitscope.analyzer import InsecureBindError, serve_forever
 
@@ -242,7 +264,7 @@ def run_serve(cfg) -> int | None:
 
 
 RUNNERS = {"pipeline": run_pipeline, "extract": run_extract, "train": run_train, "sweep": run_sweep,
-           "analyze": run_analyze, "serve": run_serve, "explore": run_explore, "verify": run_verify}
+           "analyze": run_analyze, "evaluate": run_evaluate, "serve": run_serve, "explore": run_explore, "verify": run_verify}
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from vitscope.analyzer import AnalyzeConfig, AnalyzeResult, analyze
+from vitscope.evaluator import EvaluateConfig, EvaluateResult, evaluate
 from vitscope.extractor import ExtractConfig, ExtractResult, extract
 from vitscope.metrics import METRICS
 from vitscope.store import is_transient
@@ -169,6 +170,57 @@ def analyze_flow(cfg: AnalyzeConfig, parts: int = 1) -> AnalyzeResult:
     return analyze_task(replace(cfg, parts=parts, finish=True))
 
 
+def evaluation_summary(report: dict[str, Any]) -> str:
+    """The report's headline figures as a markdown table (a section that was skipped says why)."""
+
+    def cell(section: dict[str, Any] | list, *path: str) -> str:
+        node: Any = section
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return (f"skipped: {section['skipped']}" if isinstance(section, dict) and "skipped" in section
+                        else "n/a")
+            node = node[key]
+        return f"{node:.4g}" if isinstance(node, float) else str(node)
+
+    r = report
+    rows = [
+        ("split", r["split"]), ("images", r["images"]),
+        ("NMSE", cell(r["reconstruction"], "nmse")), ("explained variance", cell(r["reconstruction"], "explained_variance")),
+        ("L0", cell(r["reconstruction"], "l0")), ("shrinkage", cell(r["reconstruction"], "shrinkage")),
+        ("never fired / dense", f"{cell(r['reconstruction'], 'never_fired')} / {cell(r['reconstruction'], 'dense')}"),
+        ("decoder duplicates (cos > 0.9)", cell(r["decoder"], "duplicates_above_0.9")),
+        ("embedding cosine with SAE", cell(r["substitution"], "cosine_sae")),
+        ("probe accuracy recovered", cell(r["substitution"], "linear_probe", "accuracy", "recovered")),
+        ("zero-shot accuracy recovered", cell(r["substitution"], "zero_shot", "accuracy", "recovered")),
+        ("probe on latents - on activations", cell(r["probing"], "delta")),
+        ("patch mAP: SAE / PCA / k-means", " / ".join(cell(r["label_alignment"], m, "map") for m in ("sae", "pca", "kmeans"))),
+    ]
+    body = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"| measure | value |\n|---|---|\n{body}\n"
+
+
+@task(name="evaluate", **_RETRY)
+def evaluate_task(cfg: EvaluateConfig) -> EvaluateResult:
+    """Evaluate an SAE (skipped when the same report is already published); its headline figures
+    become a Prefect artifact."""
+    result = evaluate(cfg)
+    _report("evaluate", "report", result.report_id, result.reused)
+    create_markdown_artifact(
+        key=f"evaluation-{result.report_id[:12]}",
+        markdown=(f"# Evaluation of SAE `{result.report['sae_id']}`\n\n{evaluation_summary(result.report)}\n"
+                  f"Report: `evaluations/{result.report_id}/report.json` in `{cfg.store}`, with plots "
+                  f"{', '.join(result.report['plots']) or 'none'}\n"),
+        description="SAE evaluation: reconstruction, substitution, probing, label alignment",
+    )
+    return result
+
+
+@flow(name="vitscope-evaluate")
+def evaluate_flow(cfg: EvaluateConfig) -> EvaluateResult:
+    """Evaluate one SAE (`vitscope evaluate` as a flow)."""
+    return evaluate_task(cfg)
+
+
 @dataclass
 class PipelineResult:
     """What a pipeline run published (or found published), by id."""
@@ -178,6 +230,8 @@ class PipelineResult:
     analysis_id: str
     store: str
     skipped: list[str]
+    report_id: str | None = None
+    """The evaluation report (None with --no-evaluation)."""
 
 
 def prepare_data(cfg: PipelineConfig) -> str:
@@ -192,9 +246,22 @@ def prepare_data(cfg: PipelineConfig) -> str:
     return str(root)
 
 
+def prepare_heldout(cfg: PipelineConfig) -> str | None:
+    """The held-out images to evaluate on: the user's, a generated held-out demo set (other photos'
+    crops and squares: another seed) with the demo, or none."""
+    if cfg.heldout_data or cfg.data:
+        return cfg.heldout_data
+    from vitscope.synthetic import make_planted_dataset
+
+    root = Path(cfg.workdir) / "demo-heldout"
+    if not root.exists() or not any(root.rglob("*.jpg")):
+        make_planted_dataset(root, n_images=cfg.demo_heldout_images, size=224, square=64, seed=1)
+    return str(root)
+
+
 @flow(name="vitscope-pipeline", log_prints=True)
 def pipeline_flow(cfg: PipelineConfig) -> PipelineResult:
-    """extract -> train -> analyze, each skipped when its output is already published."""
+    """extract -> train -> analyze -> evaluate, each skipped when its output is already published."""
     log = get_run_logger()
     data = prepare_data(cfg)
     runner = task_runner(cfg.parts, cfg.dask_address, cfg.dask_cluster_class,
@@ -204,14 +271,22 @@ def pipeline_flow(cfg: PipelineConfig) -> PipelineResult:
     tr = train_task(replace(cfg.train, activations=ex.set_id, store=cfg.store))
     an = analyze_flow.with_options(task_runner=runner)(replace(cfg.analyze, sae=tr.sae_id, store=cfg.store),
                                                        parts=cfg.parts)
-    skipped = [name for name, r in (("extract", ex), ("train", tr), ("analyze", an)) if r.reused]
-    if len(skipped) == 3:
+    stages: list[tuple[str, Any]] = [("extract", ex), ("train", tr), ("analyze", an)]
+    ev = None
+    if cfg.evaluation:
+        heldout = prepare_heldout(cfg)
+        held = (extract_flow.with_options(task_runner=runner)(replace(cfg.extract, data=heldout, store=cfg.store),
+                                                             parts=cfg.parts) if heldout else None)
+        ev = evaluate_task(replace(cfg.evaluate, sae=tr.sae_id, store=cfg.store, heldout=held.set_id if held else None))
+        stages.append(("evaluate", ev))
+    skipped = [name for name, r in stages if r.reused]
+    if len(skipped) == len(stages):
         log.info("nothing to do: every stage's output is already published")
-    result = PipelineResult(ex.set_id, tr.sae_id, an.analysis_id, cfg.store, skipped)
+    result = PipelineResult(ex.set_id, tr.sae_id, an.analysis_id, cfg.store, skipped, ev.report_id if ev else None)
     create_markdown_artifact(
         key="pipeline-result",
         markdown=(f"# vitscope pipeline\n\n- activation set: `{ex.set_id}`\n- SAE: `{tr.sae_id}`\n"
-                  f"- analysis: `{an.analysis_id}`\n- store: `{cfg.store}`\n- skipped: {', '.join(skipped) or 'none'}\n\n"
+                  f"- analysis: `{an.analysis_id}`\n- evaluation report: `{result.report_id}`\n- store: `{cfg.store}`\n- skipped: {', '.join(skipped) or 'none'}\n\n"
                   f"Explore: `vitscope explore --store {cfg.store}`\n"),
         description="What the pipeline published",
     )

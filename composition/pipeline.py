@@ -1,8 +1,8 @@
-"""What ``vitscope pipeline`` is asked to do: the three stage configs, nested, plus what only the
+"""What ``vitscope pipeline`` is asked to do: the four stage configs, nested, plus what only the
 pipeline decides (the data, the store, how extraction is split). Reading it imports no Prefect.
 
-The stage settings are the stages' own configs (``--extract.*``, ``--train.*``, ``--analyze.*``
-on the command line), so a default cannot differ between ``vitscope pipeline`` and the stage
+The stage settings are the stages' own configs (``--extract.*``, ``--train.*``, ``--analyze.*``,
+``--evaluate.*`` on the command line), so a default cannot differ between ``vitscope pipeline`` and the stage
 commands. The fields the pipeline fills in itself (each stage's store, extraction's data, the
 activation set that training reads and the SAE that analysis reads) default to empty and are
 hidden from the command line.
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vitscope.analyzer import AnalyzeConfig
+from vitscope.evaluator import EvaluateConfig
 from vitscope.extractor import ExtractConfig
 from vitscope.trainer import TrainConfig
 
@@ -41,13 +42,23 @@ class AnalyzeStage(AnalyzeConfig):
     store: str = ""
 
 
-PIPELINE_FILLED = {ExtractStage: ("data", "store"), TrainStage: ("activations", "store"), AnalyzeStage: ("sae", "store")}
+@dataclass
+class EvaluateStage(EvaluateConfig):
+    """Evaluation as the pipeline runs it (of the SAE the training published, on the held-out set
+    the pipeline extracted, if any)."""
+
+    sae: str = ""
+    store: str = ""
+
+
+PIPELINE_FILLED = {ExtractStage: ("data", "store"), TrainStage: ("activations", "store"),
+                   AnalyzeStage: ("sae", "store"), EvaluateStage: ("sae", "store", "heldout")}
 """The fields of each stage that the pipeline sets itself (hidden from its command line)."""
 
 
 @dataclass
 class PipelineConfig:
-    """Run extract -> train -> analyze under one Prefect flow.
+    """Run extract -> train -> analyze -> evaluate under one Prefect flow.
 
     With no --data, a small image set with a planted concept (red squares on real photos, from
     scikit-image) is generated and the demo settings apply (see `PipelineConfig.demo`), so the
@@ -61,6 +72,14 @@ class PipelineConfig:
     """Scratch space for generated demo data."""
     demo_images: int = 256
     """Size of the generated demo set (when --data is not given)."""
+    heldout_data: str | None = None
+    """Images the SAE does not train on, extracted with the same settings and evaluated on. Default:
+    with the demo set, a generated held-out demo set of --demo-heldout-images; with --data, none (the
+    evaluation then runs on the training images, and its report says so)."""
+    demo_heldout_images: int = 64
+    """Size of the generated held-out demo set."""
+    evaluation: bool = True
+    """Evaluate the SAE after training (`vitscope evaluate`); --no-evaluation skips it."""
     parts: int = 1
     """Extract and analyse in this many parallel parts (Prefect tasks over blocks of shards); the set
     and the analysis are identical whatever the number."""
@@ -76,6 +95,8 @@ class PipelineConfig:
     """Training settings, as `vitscope train` has them."""
     analyze: AnalyzeStage = field(default_factory=AnalyzeStage)
     """Analysis settings, as `vitscope analyze` has them."""
+    evaluate: EvaluateStage = field(default_factory=EvaluateStage)
+    """Evaluation settings, as `vitscope evaluate` has them."""
 
     @classmethod
     def demo(cls) -> PipelineConfig:

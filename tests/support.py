@@ -261,6 +261,7 @@ class PipelineRun:
     model_name: str
     items: list[PlantedImage]
     skipped: list[str]
+    report_id: str | None = None
 
 
 def tiny_model(folder: Path, seed: int = 0) -> str:
@@ -322,7 +323,7 @@ def pipeline(prefect_server, tiny_model_name, planted_data, tmp_path_factory) ->
     store = str(tmp_path_factory.mktemp("store"))
     result = pipeline_flow(pipeline_config(store, data_root, tiny_model_name))
     return PipelineRun(store, result.set_id, result.sae_id, result.analysis_id, data_root, tiny_model_name,
-                       items, result.skipped)
+                       items, result.skipped, result.report_id)
 
 
 @pytest.fixture(scope="session")

@@ -25,10 +25,10 @@ from vitscope.composition.pipeline import (
     PipelineConfig,
     TrainStage,
 )
+from vitscope.groundtruth import GroundTruth, write_ground_truth_set
 from vitscope.sae import LossContext, LossResult, Sae, SaeHyper, TopKHyper, load_sae_from
 from vitscope.store import LocalStore
 from vitscope.trainer import TrainConfig, train
-from vitscope.trainer.groundtruth import GroundTruth, write_ground_truth_set
 
 
 def run_cli(*argv: str) -> tuple[int, str]:

@@ -166,7 +166,7 @@ class _RangedReads(LocalStore):
 
 @pytest.fixture
 def small_set(tmp_path):
-    from vitscope.trainer.groundtruth import GroundTruth, write_ground_truth_set
+    from vitscope.groundtruth import GroundTruth, write_ground_truth_set
 
     store = LocalStore(tmp_path / "set")
     m = write_ground_truth_set(store, GroundTruth(d_model=8, n_directions=8, active=2, n_images=24, grid=(2, 2),

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from vitscope.groundtruth import GroundTruth, write_ground_truth_set
 from vitscope.sae import load_sae_from
 from vitscope.store import LocalStore
 from vitscope.trainer import TrainConfig, train
-from vitscope.trainer.groundtruth import GroundTruth, write_ground_truth_set
 
 BATCH = 256
 

@@ -92,14 +92,16 @@ def test_rerun_skips_every_finished_stage(pipeline, caplog, tmp_path):
         again = pipeline_flow(pipeline_config(pipeline.store_uri, pipeline.data_root, pipeline.model_name))
     finally:
         prefect_log.removeHandler(caplog.handler)
-    assert again.skipped == ["extract", "train", "analyze"]
+    assert again.skipped == ["extract", "train", "analyze", "evaluate"]
     said = caplog.text
     for line in (f"skipping extract: activation set {pipeline.set_id} is already published",
                  f"skipping train: SAE {pipeline.sae_id} is already published",
                  f"skipping analyze: analysis {pipeline.analysis_id} is already published",
+                 f"skipping evaluate: report {pipeline.report_id} is already published",
                  "nothing to do: every stage's output is already published"):
         assert line in said
-    assert (again.set_id, again.sae_id, again.analysis_id) == (pipeline.set_id, pipeline.sae_id, pipeline.analysis_id)
+    assert (again.set_id, again.sae_id, again.analysis_id, again.report_id) == \
+        (pipeline.set_id, pipeline.sae_id, pipeline.analysis_id, pipeline.report_id)
     # A changed training setting retrains and re-analyses but reuses the extracted set (in a copy
     # of the store: other tests count the shared store's SAEs).
     shutil.copytree(pipeline.store_uri, tmp_path / "store")

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from vitscope.groundtruth import GroundTruth, recovery, write_ground_truth_set
 from vitscope.sae import ReluHyper, TopKHyper, load_record, load_sae_from
 from vitscope.shards import ActivationSet
 from vitscope.store import LocalStore, open_store
 from vitscope.trainer import checkpoint
 from vitscope.trainer.config import ConfigError, SweepConfig, sweep_configs, train_config
-from vitscope.trainer.groundtruth import GroundTruth, recovery, write_ground_truth_set
 from vitscope.trainer.stream import TokenStream
 from vitscope.trainer.training import SaeTrainer, TrainConfig, TrainingError, plan_saes, train, train_sweep
 

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,40 @@ class ViT:
                 h.remove()
         return captured
 
+    @torch.inference_mode()
+    def embed(self, pixels: torch.Tensor, layer: int | None = None,
+              edit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The model's final image embedding [B, e] of ``pixels`` (what its head reads: open_clip's
+        projected embedding, timm's pooled pre-logits), optionally with the residual stream after
+        block ``layer`` replaced by ``edit(residual)``: ``edit`` takes and returns [B, tokens, d]
+        (every token of :attr:`layout`), and the rest of the network runs on what it returns.
+        This is how an SAE's reconstruction is spliced in, and how latents are steered."""
+        handles = []
+        if edit is not None:
+            if layer is None:
+                raise ValueError("an edit needs the layer whose output it replaces")
+            owner = threading.get_ident()  # as in residuals: the module is shared across threads
+
+            def hook(_module, _inp, out):
+                if threading.get_ident() != owner:
+                    return None
+                rest = out[1:] if isinstance(out, tuple) else None
+                h = out[0] if rest is not None else out
+                h = edit(h if self.batch_first else h.transpose(0, 1))
+                h = h if self.batch_first else h.transpose(0, 1)
+                return (h, *rest) if rest is not None else h
+
+            handles.append(self.blocks[self.resolve_layers([layer])[0]].register_forward_hook(hook))
+        device = self.device
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                pixels = pixels.to(device, non_blocking=True)
+                out = self.module.embed(pixels) if isinstance(self.module, _ForwardFeatures) else self.module(pixels)
+        finally:
+            for h in handles:
+                h.remove()
+        return (out[0] if isinstance(out, tuple) else out).float()
+
     def stored_layout(self, cls: bool = True, registers: bool = False) -> TokenLayout:
         """The token layout an extraction with these options stores: CLS (if ``cls`` and the
         model has one), registers (if ``registers``), then every patch."""
@@ -339,6 +373,32 @@ def _build(spec: ModelSpec, device: str) -> ViT:
         return loader(spec, device)
 
 
+def load_text_tower(spec: ModelSpec, device: str | torch.device = "cpu") -> Callable[[Sequence[str]], torch.Tensor] | None:
+    """For a CLIP-family model (open_clip), a function from texts to their unit embeddings in
+    the image embedding's space, with the same weights :func:`load_vit` gives ``spec`` (random
+    ones are drawn from the same seed); None for a model without a text tower (timm). Kept apart
+    from :class:`ViT`, which only needs the vision tower, so serving pays nothing for it."""
+    if spec.family == "timm":
+        return None
+    import open_clip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init_seed)
+        model, _, _ = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained,
+                                                            device=str(resolve_device(str(device))),
+                                                            **dict(spec.options))
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(spec.name)
+
+    @torch.inference_mode()
+    def encode(texts: Sequence[str]) -> torch.Tensor:
+        tokens = tokenizer(list(texts)).to(next(model.parameters()).device)
+        e = model.encode_text(tokens).float()
+        return e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    return encode
+
+
 def _timm_layout(trunk: torch.nn.Module) -> TokenLayout:
     """Token layout of a timm VisionTransformer: [cls][registers][patches]."""
     n_cls = 1 if getattr(trunk, "has_class_token", False) else 0
@@ -411,6 +471,10 @@ class _ForwardFeatures(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features the classifier head reads (pre-logits)."""
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
 
 def save_open_clip_dir(model: torch.nn.Module, model_cfg: dict[str, Any], folder: str | os.PathLike,
                        preprocess_cfg: dict[str, Any] | None = None) -> str:
@@ -431,10 +495,11 @@ def save_open_clip_dir(model: torch.nn.Module, model_cfg: dict[str, Any], folder
 
 
 def tiny_open_clip_config(image_size: int = 112, patch_size: int = 16, width: int = 64, layers: int = 2) -> dict[str, Any]:
-    """A very small CLIP architecture (for tests and quick demos on a CPU)."""
+    """A very small CLIP architecture (for tests and quick demos on a CPU). The text tower keeps
+    the real tokenizer's vocabulary, so zero-shot readouts run on it."""
     return {
         "embed_dim": 32,
         "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "patch_size": patch_size,
                        "head_width": 32},
-        "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     }

@@ -47,12 +47,14 @@ def _backgrounds() -> list[np.ndarray]:
 
 
 def make_planted_dataset(root: str | Path, n_images: int = 64, size: int = 112, square: int = 32,
-                         seed: int = 0, quality: int = 92) -> list[PlantedImage]:
+                         seed: int = 0, quality: int = 92, align: int = 1) -> list[PlantedImage]:
     """Write ``n_images`` JPEGs under ``root/{plain,square}/`` and ``root/../<name>.planted.json``.
 
     Every other image (in canonical order) carries a red ``square``×``square`` pixel square.
     Backgrounds are random crops of real photos, resized to ``size``×``size`` (the tiny test
-    model's input size, so patch coordinates equal pixel coordinates / patch size)."""
+    model's input size, so patch coordinates equal pixel coordinates / patch size). With ``align``
+    (the patch size, say) the squares' corners sit on multiples of it, so every patch is either
+    covered or not: labels without ambiguous edges, for tests of patch-level alignment."""
     rng = np.random.default_rng(seed)
     root = Path(root)
     photos = _backgrounds()
@@ -66,7 +68,7 @@ def make_planted_dataset(root: str | Path, n_images: int = 64, size: int = 112, 
         planted = i % 2 == 1
         box = None
         if planted:
-            x, y = int(rng.integers(0, size - square + 1)), int(rng.integers(0, size - square + 1))
+            x, y = (int(rng.integers(0, (size - square) // align + 1)) * align for _ in range(2))
             arr = np.asarray(im).copy()
             arr[y:y + square, x:x + square] = (230, 20, 20)
             im = Image.fromarray(arr)
