@@ -32,7 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -46,7 +46,6 @@ from PIL import Image
 from vitscope.datasets import DatasetError, load_image_by_id
 from vitscope.hashing import content_id
 from vitscope.metrics import FrequencyRange, frequency_histogram, scalar_metrics
-from vitscope.models import ModelSpec, TransformInfo, ViT, load_vit
 from vitscope.proto import SERVICE, ResourceNameError, names, pb, rpc
 from vitscope.sae import Sae, SaeRecord, list_saes, load_record, load_sae_from
 from vitscope.shards import ActivationSet
@@ -55,6 +54,9 @@ from vitscope.store import InvalidKey, NotFound, Store, open_store
 from .config import ServeConfig
 from .labels import LabelBook, LabelConflict, LabelError, LabelRevision
 from .results import AnalysisManifest, LatentTable, list_analyses, load_analysis
+
+if TYPE_CHECKING:
+    from vitscope.models import ViT
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,14 @@ MAX_STRING_LENGTH = 4096
 shorter limits): nothing longer is a real id, path or name."""
 
 T = TypeVar("T")
+
+
+def _models():
+    """``vitscope.models``, imported on first use: it imports torchvision (1.5 s here), which
+    neither the listings the explorer opens with nor the stored-rows calls need."""
+    import vitscope.models
+
+    return vitscope.models
 
 
 class RequestError(Exception):
@@ -479,7 +489,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
     def GetImage(self, request: pb.GetImageRequest, context: grpc.ServicerContext) -> pb.Image:
         aset, index = self._image(request.name, "name")
         info = self._image_record(aset, index)
-        image = TransformInfo.from_json(aset.manifest.transform).geometric()(self._dataset_image(aset, index))
+        image = _models().TransformInfo.from_json(aset.manifest.transform).geometric()(self._dataset_image(aset, index))
         png = io.BytesIO()
         image.save(png, format="PNG")
         return pb.Image(name=names.image(aset.manifest.set_id, index), data=png.getvalue(), mime_type="image/png",
@@ -498,9 +508,10 @@ class AnalyzerService(rpc.AnalyzerServicer):
     # --- live calls ------------------------------------------------------------------------------
     def _vit(self, aset: ActivationSet, record: SaeRecord) -> ViT:
         """The SAE's ViT, loaded once per model (the lock keeps two first calls from loading it twice)."""
-        spec = ModelSpec.from_record(record.model_record or aset.manifest.model)
+        models = _models()
+        spec = models.ModelSpec.from_record(record.model_record or aset.manifest.model)
         with self._vit_lock:
-            return self._vits.get(json.dumps(spec.record(), sort_keys=True), lambda: load_vit(spec))
+            return self._vits.get(json.dumps(spec.record(), sort_keys=True), lambda: models.load_vit(spec))
 
     def _image_codes(self, record: SaeRecord, source: pb.ImageSource,
                      field: str = "image") -> tuple[ActivationSet, torch.Tensor]:
@@ -641,7 +652,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
         if a.sae_id == b.sae_id or a.activation_set_id == b.activation_set_id:
             return a.layer == b.layer
         def model(r: SaeRecord) -> dict[str, Any]:
-            return ModelSpec.from_record(r.model_record or self._set(r.activation_set_id).manifest.model).identity()
+            return _models().ModelSpec.from_record(r.model_record or self._set(r.activation_set_id).manifest.model).identity()
         return a.layer == b.layer and a.config.d_in == b.config.d_in and model(a) == model(b)
 
     def _unit_decoder(self, record: SaeRecord) -> torch.Tensor:
