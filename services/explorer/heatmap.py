@@ -6,7 +6,6 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
 
@@ -22,6 +21,8 @@ def overlay(image_png: bytes, heatmap: Sequence[float], grid: tuple[int, int], b
     ``best_patch`` (row-major index) gets a box. ``size`` scales the longer side first, so the box
     stays crisp when a small model input is shown large.
     """
+    from matplotlib import colormaps  # a third of a second to import: only pages that draw heatmaps pay it
+
     rows, cols = grid
     values = np.asarray(heatmap, dtype=np.float32)
     if values.size != rows * cols:

@@ -1,7 +1,5 @@
 """SAEs page: the selected SAE's health (the Sweep page compares it with the other SAEs of its set)."""
 
-import altair as alt
-import pandas as pd
 import streamlit as st
 
 from vitscope.explorer.client import sae_id
@@ -38,6 +36,11 @@ def health(s: pb.Sae) -> None:
 
 
 def frequency_histogram(s: pb.Sae) -> None:
+    # Imported here, after the metrics are drawn: altair and pandas take a second to import on a
+    # 2-core machine, which the first page after `vitscope explore` starts would otherwise wait on.
+    import altair as alt
+    import pandas as pd
+
     st.subheader("Firing frequency")
     if not s.log_frequency_counts:
         st.info("No frequency histogram: this SAE has not been analysed yet.")
