@@ -54,10 +54,17 @@ for start in range(0, len(tiles), 4):
 """
 IMAGES_DONE = """n => {
     const imgs = [...document.querySelectorAll("[role='tabpanel'] [data-testid='stImage'] img, "
-                                                + ".bare [data-testid='stImage'] img")];
+                                                + "[role='tabpanel'] img.vitscope-tile, .bare [data-testid='stImage'] img")];
     const shown = imgs.length ? imgs : [...document.querySelectorAll("[data-testid='stImage'] img")];
     return shown.length >= n && shown.every(i => i.complete && i.naturalWidth > 0);
 }"""
+LATENT_PAGE_DONE = "n => (" + IMAGES_DONE + ")(n) && " + """[
+    "[data-testid='stNumberInput'] input", "[data-testid='stSidebar'] input[type='text']",
+    "[role='tabpanel'] [data-testid='stSelectbox']", "[role='tabpanel'] [data-testid='stButton'] button",
+].every(q => document.querySelector(q) !== null)"""
+"""The latent page is drawn when every tile has decoded and its controls are there too (the
+latent's number, the sidebar, the add-to-search picker and buttons): tiles drawn as plain HTML
+need none of Streamlit's widget code, so they may show before the widgets do."""
 
 
 def parse_args():
@@ -193,8 +200,8 @@ def main() -> None:
                 port = free_port()
                 with explore(store, port):
                     url = f"http://127.0.0.1:{port}/latent?sae={sid}&latent={latent}"
-                    load(browser, url, IMAGES_DONE, n)  # warms the server's caches
-                    warm = [load(browser, url, IMAGES_DONE, n) for _ in range(args.loads)]
+                    load(browser, url, LATENT_PAGE_DONE, n)  # warms the server's caches
+                    warm = [load(browser, url, LATENT_PAGE_DONE, n) for _ in range(args.loads)]
                 port = free_port()
                 with bare(tiles, port):
                     bare_url = f"http://127.0.0.1:{port}/"

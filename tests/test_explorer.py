@@ -3,7 +3,10 @@ through Streamlit's AppTest, and the served app in headless Chromium."""
 
 from __future__ import annotations
 
+import base64
+import html
 import io
+import re
 
 import grpc
 import numpy as np
@@ -15,6 +18,7 @@ from support import free_port, metrics, no_problems
 from vitscope.analyzer import ServeConfig, serve
 from vitscope.explorer.client import AnalyzerClient, AnalyzerError, image_index, sae_id
 from vitscope.explorer.heatmap import overlay, to_png
+from vitscope.explorer.search_basket import Example
 from vitscope.proto import names, pb
 
 TOKEN = "s3cret-token"
@@ -174,15 +178,32 @@ def test_latent_page_from_a_link_renders_top_k_heatmaps(explorer_app, explorer_t
     m = metrics(at)
     assert m["Frequency"] == f"{lat.frequency:.3e}" and m["Max activation"] == f"{lat.max_activation:.4f}"
     assert m["Top images"] == "8"
-    top = at.tabs[0]  # "Top images"; the other tabs hold band samples
-    captions = [img.proto.imgs[0].caption for img in top.image]
-    assert captions == [f"{e.label} · {e.score:.3g} · #{image_index(e)}" for e in lat.examples]
+    tiles = _tiles(at)
+    assert [caption for caption, _, _ in tiles] == [f"{e.label} · {e.score:.3g} · #{image_index(e)}"
+                                                    for e in lat.examples]
+    for (_, link, picture), e in zip(tiles, lat.examples, strict=True):
+        assert link == f"probe?sae={sae_id(explorer_sae)}&image={image_index(e)}&latent={square_latent}&patch={e.patch}"
+        assert picture.size == (256, 256)  # a heatmap tile at the explorer's tile size
+    # The grid's picker adds a tile's boxed patch to the concept search.
+    at.selectbox(key=f"top_pick_{sae_id(explorer_sae)}").set_value(2).run()
+    at.button(key=f"top_{sae_id(explorer_sae)}_neg").click().run()
+    assert at.session_state["search_negatives"] == [Example(lat.examples[2].image, lat.examples[2].patch)]
 
     at.selectbox(key="latent_top_images").set_value(4).run()
-    assert len(at.tabs[0].image) == 4
+    assert len(_tiles(at)) == 4
     at.button[1].click().run()  # next latent
     assert at.title[0].value == f"Latent {square_latent + 1}"
     assert at.query_params["latent"] == str(square_latent + 1)
+
+
+def _tiles(at) -> list[tuple[str, str, Image.Image]]:
+    """(caption, link, picture) of each tile of the Latent page's top-images grid, in order."""
+    (grid,) = at.tabs[0].html  # "Top images"; the other tabs hold band samples
+    found = re.findall(r'<a href="([^"]+)"[^>]*><img class="vitscope-tile"[^>]* src="data:image/jpeg;base64,([^"]+)">'
+                       r"</a><figcaption[^>]*><b>(\d+)</b> · (.*?)</figcaption>", grid.value)
+    assert [int(n) for _, _, n, _ in found] == list(range(1, len(found) + 1))
+    return [(html.unescape(caption), html.unescape(link), Image.open(io.BytesIO(base64.b64decode(data))))
+            for link, data, _, caption in found]
 
 
 def test_unanalysed_sae_explains_what_to_run(explorer_app, explorer_target, sweep_store):
@@ -217,11 +238,11 @@ def test_latent_page_in_headless_chromium(explorer_browser, explorer_client, exp
     k = len(explorer_client.get_latent(sid, square_latent, heatmaps=False).examples)
     page = explorer_browser.goto(f"latent?sae={sid}&latent={square_latent}")
     # The "Top images" tab; the others (band samples) are in the page too, hidden.
-    images = page.locator("[role='tabpanel']").first.locator("[data-testid='stImage'] img")
+    images = page.locator("[role='tabpanel']").first.locator("img.vitscope-tile")
     images.nth(k - 1).wait_for(timeout=45_000)
     # Wait until every tile has decoded, not merely been inserted.
     page.wait_for_function(
-        "() => [...document.querySelectorAll(\"[role='tabpanel'] [data-testid='stImage'] img\")]"
+        "() => [...document.querySelectorAll(\"[role='tabpanel'] img.vitscope-tile\")]"
         ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
     assert images.count() == k
     text = page.inner_text("body")

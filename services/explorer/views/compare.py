@@ -139,7 +139,7 @@ def show_latent(s: pb.Sae, latent: int, text: str, label: str, tiles: list[Tile]
     if label:
         link.caption(label)
     if tiles:
-        images.image([t.png for t in tiles], caption=[t.caption for t in tiles], width=96, output_format="PNG")
+        images.image([t.data for t in tiles], caption=[t.caption for t in tiles], width=96, output_format="PNG")
 
 
 def method_note(found: pb.FindSimilarLatentsResponse, left: pb.Sae) -> str:

@@ -2,7 +2,10 @@
 strongly it fires (histogram and typical examples per band), the latents near it (by decoder
 direction and by co-firing), and its label and notes."""
 
+import base64
+import html
 import math
+from urllib.parse import urlencode
 
 import altair as alt
 import pandas as pd
@@ -28,7 +31,7 @@ from vitscope.explorer.data import (
     url_state,
 )
 from vitscope.explorer.search_basket import add_buttons
-from vitscope.proto import pb
+from vitscope.proto import names, pb
 
 GRID_COLUMNS = 4
 BAND_COLUMNS = 8
@@ -99,14 +102,39 @@ def stats_row(s: pb.Latent, n_images: int) -> None:
     cols[3].metric("Top images", n_images)
 
 
-def top_images(sid: str, tiles) -> None:
+TILE_CLASS = "vitscope-tile"  # of each top image in the grid: tests and benchmarks find them by it
+
+
+def tile_grid(sid: str, latent: int, tiles) -> str:
+    """The top images as one HTML grid: each tile its picture (a data URI: no request of its
+    own), a number, its caption and a link that opens the image in the Image probe. One element
+    instead of a row of columns per four tiles with a picture and two buttons each: a fresh page
+    drew those 16 images in 1.6 s, against 1.1 s for 16 images alone."""
+    cells = []
+    for n, tile in enumerate(tiles, 1):
+        row = names.parse_image(tile.image)[1]
+        probe = html.escape(f"probe?{urlencode({'sae': sid, 'image': row, 'latent': latent, 'patch': tile.patch})}")
+        cells.append(
+            f'<figure style="margin:0"><a href="{probe}" target="_blank" title="Open in the Image probe">'
+            f'<img class="{TILE_CLASS}" alt="top image {n}" style="width:100%;display:block;border-radius:4px" '
+            f'src="data:{tile.mime};base64,{base64.b64encode(tile.data).decode()}"></a>'
+            f'<figcaption style="font-size:0.85rem;opacity:0.75;text-align:center;padding-top:2px">'
+            f"<b>{n}</b> · {html.escape(tile.caption)}</figcaption></figure>")
+    return (f'<div style="display:grid;grid-template-columns:repeat({GRID_COLUMNS},minmax(0,1fr));gap:1rem">'
+            f"{''.join(cells)}</div>")
+
+
+def top_images(sid: str, latent: int, tiles) -> None:
     st.caption("Colour shows the latent's activation on each patch (one scale for all images); the box marks "
-               "the strongest patch. Captions: label · score in this view · image row. + and - add the image's "
-               "boxed patch to the concept search as a positive or negative example.")
-    for start in range(0, len(tiles), GRID_COLUMNS):  # the last row may be short, hence strict=False
-        for col, tile in zip(st.columns(GRID_COLUMNS), tiles[start:start + GRID_COLUMNS], strict=False):
-            col.image(tile.png, caption=tile.caption, width="stretch", output_format="PNG")
-            add_buttons(col, tile.image, tile.patch, key=f"top_{sid}_{tile.image}")
+               "the strongest patch. Captions: number · label · score in this view · image row; a click opens "
+               "the image in the Image probe (a new tab).")
+    st.html(tile_grid(sid, latent, tiles))
+    pick, buttons = st.columns([3, 1], vertical_alignment="bottom")
+    # One picker and one pair of buttons rather than a pair under every tile (32 widgets).
+    n = pick.selectbox("Add a top image to the concept search (its boxed patch)", range(len(tiles)),
+                       format_func=lambda i: f"{i + 1} · {tiles[i].caption}", key=f"top_pick_{sid}")
+    n = min(n or 0, len(tiles) - 1)  # fewer tiles than the last pick (another latent, fewer top images)
+    add_buttons(buttons, tiles[n].image, tiles[n].patch, key=f"top_{sid}")
 
 
 def distribution(sid: str, lat: pb.Latent) -> None:
@@ -132,7 +160,7 @@ def distribution(sid: str, lat: pb.Latent) -> None:
         tiles = thumbnails(connection(), tuple(band.examples), grid)
         st.markdown(f"**10^{band.log10_low:.2f} – 10^{band.log10_high:.2f}** · {len(tiles)} shown")
         for col, tile in zip(st.columns(BAND_COLUMNS), tiles, strict=False):
-            col.image(tile.png, caption=tile.caption, width="stretch", output_format="PNG")
+            col.image(tile.data, caption=tile.caption, width="stretch", output_format="auto")
 
 
 def related(conn, sid: str, lat: pb.Latent) -> None:
@@ -215,7 +243,7 @@ images_tab, distribution_tab, related_tab, label_tab = st.tabs(
 if images_tab.open:
     with images_tab:
         if tiles:
-            top_images(sid, tiles)
+            top_images(sid, latent, tiles)
         else:
             st.info("This latent never fired on the analysed images: it has no top images.")
 if distribution_tab.open:

@@ -209,7 +209,7 @@ def results(conn: Connection, sae: pb.Sae, found: pb.SearchLatentsResponse, n_po
             with analyzer_errors(conn):
                 _, tiles = latent_tiles(conn, sid, m.latent_index, None)
             for col, tile in zip(st.columns(GRID_IMAGES), tiles[:GRID_IMAGES], strict=False):
-                col.image(tile.png, caption=tile.caption, width="stretch", output_format="PNG")
+                col.image(tile.data, caption=tile.caption, width="stretch", output_format="auto")
 
 
 def concept_search(conn: Connection, sae: pb.Sae) -> None:
