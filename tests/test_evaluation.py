@@ -253,7 +253,51 @@ def test_interventions_change_only_what_they_touch(layer0):
         intervene(vit, sae, record, pixels, {sae.cfg.d_sae: 0.0})
 
 
+def test_the_evaluation_page_runs(layer0):
+    from test_python_api import DOCS, run_blocks
+
+    from vitscope.datasets import load_image_by_id
+    from vitscope.shards import ActivationSet
+
+    store, sae_id = layer0
+    aset = ActivationSet.open(store, load_sae_from(store, sae_id)[1].activation_set_id)
+    image = load_image_by_id(aset.manifest.dataset, aset.image_record(1)["id"])
+    ns = run_blocks(DOCS / "evaluation.md", {"store": str(store.root), "sae_id": sae_id, "heldout": None,
+                                              "image": image})
+    assert ns["report"]["sae_id"] == sae_id and ns["recovered"] == \
+        ns["report"]["substitution"]["linear_probe"]["accuracy"]["recovered"]
+    assert ns["moved"].shape == (1,)
+
+
+def test_the_cli_evaluates_and_prints_the_report_id(layer0, capsys):
+    from vitscope.composition.cli import main
+
+    store, sae_id = layer0
+    args = ["evaluate", "--sae", sae_id, "--store", str(store.root), "--images", "6", "--no-progress",
+            "--device", "cpu"]
+    assert main(args) == 0
+    rid = capsys.readouterr().out.strip().splitlines()[-1]
+    rep = load_report(store, rid)
+    assert rep["sae_id"] == sae_id and rep["images"] == 6 and rep["settings"]["images"] == 6
+
+
 def test_spread_picks_images_evenly_and_never_twice():
     assert spread(10, 4).tolist() == [0, 3, 6, 9]
     assert spread(3, 10).tolist() == [0, 1, 2]
     assert spread(0, 5).tolist() == []
+
+
+def test_the_pipelines_evaluation_is_a_prefect_artifact(pipeline):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def latest_artifacts():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    rid = pipeline.report_id
+    mine = [a for a in asyncio.run(latest_artifacts()) if a.key == f"evaluation-{rid[:12]}"]
+    assert mine, "the evaluate task published no artifact"
+    text = str(mine[0].data)
+    assert pipeline.sae_id in text and f"evaluations/{rid}/report.json" in text and "| NMSE |" in text
