@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from vitscope.evaluator import EvaluateConfig, Splice, evaluate, intervene
+from vitscope.evaluator import EvaluateConfig, evaluate
 from vitscope.evaluator.evaluation import EvaluationError, spread
 from vitscope.groundtruth import GroundTruth, write_ground_truth_set
 from vitscope.models import load_vit
@@ -24,6 +24,7 @@ from vitscope.reports import (
     report_prefix,
 )
 from vitscope.sae import SaeConfig, SaeRecord, build_sae, load_sae_from, save_sae
+from vitscope.splice import Splice, intervene
 from vitscope.store import LocalStore, open_store
 
 IMAGES = 96

@@ -29,7 +29,7 @@ SLURM = REPO / "deploy" / "slurm"
 APPTAINER_DEF = REPO / "deploy" / "apptainer.def"
 
 SUBCOMMANDS = ("pipeline", "extract", "train", "sweep", "analyze", "serve", "explore", "verify")
-STAGES = ("extractor", "trainer", "analyzer", "explorer")
+STAGES = ("extractor", "trainer", "analyzer", "evaluator", "explorer")
 # The composition layer (the CLI and the Prefect flows): the only package that imports the stages.
 COMPOSITION = "composition"
 
@@ -624,3 +624,12 @@ def test_the_client_type_checks_against_the_generated_stubs(tmp_path):
     wrong.write_text("from vitscope.proto import pb\n\nprint(pb.Sae().sae_id)\n")
     bad = subprocess.run([*cmd, str(wrong)], capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and '"Sae" has no attribute "sae_id"' in bad.stdout
+
+
+def test_the_package_version_is_the_distributions():
+    import importlib.metadata
+
+    import vitscope
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert vitscope.__version__ == project["version"] == importlib.metadata.version("vitscope")

@@ -33,6 +33,7 @@ from vitscope.models import ModelLoadError, ModelSpec, TransformInfo, load_text_
 from vitscope.reports import load_report, report_exists, report_id, save_report
 from vitscope.sae import Sae, SaeRecord, load_sae_from
 from vitscope.shards import ActivationSet
+from vitscope.splice import Splice
 from vitscope.store import Store, open_store
 
 from .config import EvaluateConfig
@@ -49,7 +50,6 @@ from .metrics import (
     stability,
 )
 from .plots import report_plots
-from .splice import Splice
 
 log = logging.getLogger(__name__)
 
