@@ -8,7 +8,7 @@ command a user runs (it starts the analyzer and the Streamlit app):
   answers, over --starts restarts;
 - **warm latent page**: a latent with 16 top images and their heatmaps, opened --loads times
   in a fresh browser page each (a new Streamlit session, the server's caches warm), until every
-  tile has decoded.
+  tile has decoded and the page's controls are drawn.
 
 Each is measured against a baseline in the same run: a bare Streamlit app that draws the same
 number of images of the same size (or, for the start, one line of text), served and loaded the

@@ -92,12 +92,12 @@ def caption(e: pb.Example) -> str:
     return f"{label}{e.score:.3g} · #{image_index(e)}"
 
 
-# Tiles are ~15 kB each (JPEG), so keep only the latents looked at most recently.
+# Tiles are ~10 kB each (JPEG), so keep only the latents looked at most recently.
 @st.cache_data(ttl=600, show_spinner=False, max_entries=32)
 def latent_tiles(conn: Connection, sae: str, latent: int, top_images: int | None,
                  view: str = "") -> tuple[pb.Latent, list[Tile]]:
     """A latent (in ``view``, a key of :data:`VIEWS`; "" for the analysis' default) with its
-    top-k images, each overlaid with its patch heatmap, as JPEG tiles (a fifth of PNG's bytes,
+    top-k images, each overlaid with its patch heatmap, as JPEG tiles (a sixth of PNG's bytes,
     which the browser fetches and decodes on every visit).
 
     All tiles share one colour scale (the strongest activation among them), so tiles compare."""
