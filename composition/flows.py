@@ -20,6 +20,7 @@ from vitscope.analyzer import AnalyzeConfig, AnalyzeResult, analyze
 from vitscope.evaluator import EvaluateConfig, EvaluateResult, evaluate
 from vitscope.extractor import ExtractConfig, ExtractResult, extract
 from vitscope.metrics import METRICS
+from vitscope.reports import headline
 from vitscope.store import is_transient
 from vitscope.trainer import SweepConfig, TrainConfig, TrainResult, sweep_configs, train, train_sweep
 
@@ -171,31 +172,8 @@ def analyze_flow(cfg: AnalyzeConfig, parts: int = 1) -> AnalyzeResult:
 
 
 def evaluation_summary(report: dict[str, Any]) -> str:
-    """The report's headline figures as a markdown table (a section that was skipped says why)."""
-
-    def cell(section: dict[str, Any] | list, *path: str) -> str:
-        node: Any = section
-        for key in path:
-            if not isinstance(node, dict) or key not in node:
-                return (f"skipped: {section['skipped']}" if isinstance(section, dict) and "skipped" in section
-                        else "n/a")
-            node = node[key]
-        return f"{node:.4g}" if isinstance(node, float) else str(node)
-
-    r = report
-    rows = [
-        ("split", r["split"]), ("images", r["images"]),
-        ("NMSE", cell(r["reconstruction"], "nmse")), ("explained variance", cell(r["reconstruction"], "explained_variance")),
-        ("L0", cell(r["reconstruction"], "l0")), ("shrinkage", cell(r["reconstruction"], "shrinkage")),
-        ("never fired / dense", f"{cell(r['reconstruction'], 'never_fired')} / {cell(r['reconstruction'], 'dense')}"),
-        ("decoder duplicates (cos > 0.9)", cell(r["decoder"], "duplicates_above_0.9")),
-        ("embedding cosine with SAE", cell(r["substitution"], "cosine_sae")),
-        ("probe accuracy recovered", cell(r["substitution"], "linear_probe", "accuracy", "recovered")),
-        ("zero-shot accuracy recovered", cell(r["substitution"], "zero_shot", "accuracy", "recovered")),
-        ("probe on latents - on activations", cell(r["probing"], "delta")),
-        ("patch mAP: SAE / PCA / k-means", " / ".join(cell(r["label_alignment"], m, "map") for m in ("sae", "pca", "kmeans"))),
-    ]
-    body = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    """The report's headline figures as a markdown table."""
+    body = "\n".join(f"| {k} | {v} |" for k, v in headline(report))
     return f"| measure | value |\n|---|---|\n{body}\n"
 
 

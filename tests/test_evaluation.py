@@ -30,8 +30,19 @@ from vitscope.store import LocalStore, open_store
 IMAGES = 96
 
 
-def _cfg(pipeline, sae_id: str, **kw) -> EvaluateConfig:
-    return EvaluateConfig(**({"sae": sae_id, "store": pipeline.store_uri, "images": IMAGES, "device": "cpu",
+@pytest.fixture(scope="module")
+def store_uri(pipeline, tmp_path_factory) -> str:
+    """A copy of the pipeline's store: this module publishes SAEs, sets and reports, and other
+    tests count the shared store's."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("evaluation") / "store"
+    shutil.copytree(pipeline.store_uri, copy)
+    return str(copy)
+
+
+def _cfg(store_uri: str, sae_id: str, **kw) -> EvaluateConfig:
+    return EvaluateConfig(**({"sae": sae_id, "store": store_uri, "images": IMAGES, "device": "cpu",
                               "progress": False} | kw))
 
 
@@ -55,7 +66,7 @@ def _identity_sae(d: int):
 
 
 @pytest.fixture(scope="module")
-def layer0(pipeline, tmp_path_factory):
+def layer0(pipeline, store_uri, tmp_path_factory):
     """Planted squares on the patch grid (so every patch is plainly on or off the square)
     extracted at the tiny ViT's first block (the pipeline's own SAE reads the last block's
     patches, which a CLS-pooled model's embedding never sees), and an SAE trained there as the
@@ -68,11 +79,11 @@ def layer0(pipeline, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("aligned") / "images"
     make_planted_dataset(root, n_images=IMAGES, size=TINY_IMAGE, square=TINY_SQUARE, seed=2, align=16)
-    set_id = extract(extract_config(root, pipeline.store_uri, pipeline.model_name, layers=(0,),
+    set_id = extract(extract_config(root, store_uri, pipeline.model_name, layers=(0,),
                                     images_per_shard=16)).set_id
-    cfg = train_config({"activations": set_id, "store": pipeline.store_uri, "expansion": 8, "l1_coeff": 3.0,
+    cfg = train_config({"activations": set_id, "store": store_uri, "expansion": 8, "l1_coeff": 3.0,
                         "lr": 1e-3, "batch_size": 1024, "n_tokens": 300_000, "progress": False, "device": "cpu"})
-    return open_store(pipeline.store_uri), train(cfg).sae_id
+    return open_store(store_uri), train(cfg).sae_id
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +112,8 @@ def known(layer0):
 
 
 @pytest.fixture(scope="module")
-def reports(pipeline, known):
-    return {name: evaluate(_cfg(pipeline, sae_id, compare=(known["permuted"], known["random"])
+def reports(store_uri, known):
+    return {name: evaluate(_cfg(store_uri, sae_id, compare=(known["permuted"], known["random"])
                                 if name == "trained" else ())).report
             for name, sae_id in known.items()}
 
@@ -158,15 +169,15 @@ def test_stability_of_a_permuted_copy_is_one_and_of_a_random_sae_is_low(reports,
     assert reports["identity"]["stability"] == {"skipped": "no other seeds given (--compare)"}
 
 
-def test_the_report_is_versioned_self_describing_and_reused(pipeline, known, reports):
-    store = open_store(pipeline.store_uri)
+def test_the_report_is_versioned_self_describing_and_reused(store_uri, known, reports):
+    store = open_store(store_uri)
     rep = reports["trained"]
     assert rep["format"] == FORMAT and rep["version"] == VERSION
     assert rep["split"] == "training" and rep["activation_set_id"] == rep["trained_on"]
     assert rep["images"] == IMAGES and rep["reconstruction"]["n_tokens"] == IMAGES * 49
     assert {"sparsity", "substitution", "label_alignment"} <= set(rep["plots"])
     assert load_plot(store, rep["report_id"], "sparsity")[:8] == b"\x89PNG\r\n\x1a\n"
-    again = evaluate(_cfg(pipeline, known["trained"], compare=(known["permuted"], known["random"])))
+    again = evaluate(_cfg(store_uri, known["trained"], compare=(known["permuted"], known["random"])))
     assert again.reused and again.report == rep
     assert rep["report_id"] in {r["report_id"] for r in list_reports(store, known["trained"])}
     # a report of a version this code does not read says what to do
@@ -189,24 +200,23 @@ def test_the_pipeline_evaluated_its_sae(pipeline):
     assert "do not reach the readout" in sub["note"] and sub["cosine_ablated"] == 1.0
 
 
-def test_a_heldout_set_is_evaluated_on_and_one_of_another_model_is_refused(pipeline, tmp_path):
+def test_a_heldout_set_is_evaluated_on_and_one_of_another_model_is_refused(pipeline, store_uri, tmp_path):
     from support import extract_config, tiny_model
 
     from vitscope.extractor import extract
     from vitscope.synthetic import make_planted_dataset
 
-    store = open_store(pipeline.store_uri)
-    _, record = load_sae_from(store, pipeline.sae_id)
+    store = open_store(store_uri)
     manifest = json.loads(store.get_bytes(f"activations/{pipeline.set_id}/manifest.json"))
     held_root = tmp_path / "heldout"
     make_planted_dataset(held_root, n_images=12, size=112, square=32, seed=5)
-    cfg = extract_config(held_root, pipeline.store_uri, pipeline.model_name, layers=tuple(manifest["layers"]))
+    cfg = extract_config(held_root, store_uri, pipeline.model_name, layers=tuple(manifest["layers"]))
     held = extract(cfg).set_id
-    rep = evaluate(_cfg(pipeline, pipeline.sae_id, heldout=held)).report
+    rep = evaluate(_cfg(store_uri, pipeline.sae_id, heldout=held)).report
     assert rep["split"] == "held-out" and rep["activation_set_id"] == held and rep["images"] == 12
     other = extract(dataclasses.replace(cfg, model=tiny_model(tmp_path / "other-model", seed=9))).set_id
     with pytest.raises(EvaluationError, match="same model"):
-        evaluate(_cfg(pipeline, pipeline.sae_id, heldout=other))
+        evaluate(_cfg(store_uri, pipeline.sae_id, heldout=other))
 
 
 def test_ground_truth_directions_are_recovered_by_a_decoder_made_of_them(tmp_path):
@@ -254,26 +264,28 @@ def test_interventions_change_only_what_they_touch(layer0):
         intervene(vit, sae, record, pixels, {sae.cfg.d_sae: 0.0})
 
 
-def test_the_evaluation_page_runs(layer0):
+def test_the_evaluation_page_runs(layer0, known):
     from test_python_api import DOCS, run_blocks
 
     from vitscope.datasets import load_image_by_id
     from vitscope.shards import ActivationSet
 
-    store, sae_id = layer0
+    # the identity SAE: the trained one's newest report is served below, and for the identity
+    # ablating a latent (one side of one dimension) surely moves the embedding
+    store, sae_id = layer0[0], known["identity"]
     aset = ActivationSet.open(store, load_sae_from(store, sae_id)[1].activation_set_id)
     image = load_image_by_id(aset.manifest.dataset, aset.image_record(1)["id"])
     ns = run_blocks(DOCS / "evaluation.md", {"store": str(store.root), "sae_id": sae_id, "heldout": None,
                                               "image": image})
     assert ns["report"]["sae_id"] == sae_id and ns["recovered"] == \
         ns["report"]["substitution"]["linear_probe"]["accuracy"]["recovered"]
-    assert ns["moved"].shape == (1,)
+    assert ns["moved"].shape == (1,) and float(ns["moved"][0]) > 1e-6
 
 
-def test_the_cli_evaluates_and_prints_the_report_id(layer0, capsys):
+def test_the_cli_evaluates_and_prints_the_report_id(layer0, known, capsys):
     from vitscope.composition.cli import main
 
-    store, sae_id = layer0
+    store, sae_id = layer0[0], known["random"]  # not the trained SAE: its newest report is served below
     args = ["evaluate", "--sae", sae_id, "--store", str(store.root), "--images", "6", "--no-progress",
             "--device", "cpu"]
     assert main(args) == 0
@@ -302,3 +314,120 @@ def test_the_pipelines_evaluation_is_a_prefect_artifact(pipeline):
     assert mine, "the evaluate task published no artifact"
     text = str(mine[0].data)
     assert pipeline.sae_id in text and f"evaluations/{rid}/report.json" in text and "| NMSE |" in text
+
+
+# --- the analyzer serves reports and steering -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_stub(store_uri, reports):
+    import grpc
+
+    from vitscope.analyzer import ServeConfig, serve
+    from vitscope.proto import rpc
+
+    server = serve(ServeConfig(store=store_uri, port=0))
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield rpc.AnalyzerStub(channel)
+    finally:
+        channel.close()
+        server.stop(grace=None)
+
+
+def _code(call) -> object:
+    import grpc
+
+    try:
+        call()
+    except grpc.RpcError as e:
+        return e.code()
+    return None
+
+
+def test_get_evaluation_serves_the_newest_report_and_its_plots(served_stub, known, reports):
+    import grpc
+
+    from vitscope.proto import names, pb
+
+    got = served_stub.GetEvaluation(pb.GetEvaluationRequest(name=names.evaluation(known["trained"])))
+    assert got.name == f"saes/{known['trained']}/evaluation"
+    assert json.loads(got.report_json) == reports["trained"] and got.report_id == reports["trained"]["report_id"]
+    assert sorted(p.name for p in got.plots) == reports["trained"]["plots"]
+    assert all(p.png.startswith(b"\x89PNG") for p in got.plots)
+    assert _code(lambda: served_stub.GetEvaluation(pb.GetEvaluationRequest(name="saes/nosuchsae/evaluation"))) \
+        == grpc.StatusCode.NOT_FOUND
+    assert _code(lambda: served_stub.GetEvaluation(pb.GetEvaluationRequest(name=f"saes/{known['trained']}"))) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_steer_latents_reads_the_zero_shot_change_and_refuses_bad_requests(served_stub, layer0):
+    import grpc
+
+    from vitscope.proto import names, pb
+    from vitscope.shards import ActivationSet
+
+    store, sae_id = layer0
+    sae, record = load_sae_from(store, sae_id)
+    aset = ActivationSet.open(store, record.activation_set_id)
+    image = pb.ImageSource(image=names.image(aset.manifest.set_id, 1))
+    codes = sae.encode(aset.image_tokens(record.layer, 1)[1:])
+    firing = int(codes.amax(dim=0).argmax())
+
+    def steer(scales: dict[int, float]) -> pb.SteerLatentsResponse:
+        return served_stub.SteerLatents(pb.SteerLatentsRequest(
+            sae=names.sae(sae_id), image=image,
+            scales=[pb.LatentScale(latent_index=k, factor=v) for k, v in scales.items()]), timeout=120)
+
+    same = steer({firing: 1.0})
+    assert same.embedding_cosine == pytest.approx(1.0, abs=1e-5)
+    assert [c.label for c in same.classes] and {c.label for c in same.classes} == {"plain", "square"}
+    assert sum(c.before for c in same.classes) == pytest.approx(1.0, abs=1e-4)
+    assert all(c.before == pytest.approx(c.after, abs=1e-4) for c in same.classes)
+    assert [c.before for c in same.classes] == sorted((c.before for c in same.classes), reverse=True)
+    pushed = steer({firing: 20.0})
+    assert pushed.embedding_cosine < 1 - 1e-4
+    assert max(abs(c.after - c.before) for c in pushed.classes) > 0
+    for bad in ({}, {sae.cfg.d_sae: 0.0}, {firing: 1000.0}):
+        assert _code(lambda b=bad: steer(b)) == grpc.StatusCode.INVALID_ARGUMENT
+    twice = pb.SteerLatentsRequest(sae=names.sae(sae_id), image=image,
+                                   scales=[pb.LatentScale(latent_index=firing, factor=0)] * 2)
+    assert _code(lambda: served_stub.SteerLatents(twice)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- the explorer shows reports and steers latents --------------------------------------------
+
+
+def test_the_sae_page_shows_the_evaluation_report(explorer_app, explorer_target, explorer_client, pipeline,
+                                                  sweep_store):
+    from support import no_problems
+
+    from vitscope.reports import headline
+
+    at = explorer_app(explorer_target, sae=pipeline.sae_id).run()
+    no_problems(at)
+    report = json.loads(explorer_client.get_evaluation(pipeline.sae_id).report_json)
+    (table,) = at.table
+    shown = dict(zip(table.value["measure"], table.value["value"], strict=True))
+    assert shown == dict(headline(report)) and shown["NMSE"] == f"{report['reconstruction']['nmse']:.4g}"
+    captions = [i.caption for img in at.image for i in img.proto.imgs]
+    assert captions == [name.replace("_", " ") for name in report["plots"]]
+    assert any(report["report_id"] in c.value for c in at.caption)
+    assert any("do not reach the readout" in c.value for c in at.caption)  # its substitution note
+    # an SAE never evaluated says how to evaluate it
+    at.sidebar.selectbox(key="sae").set_value(sweep_store[1]).run()
+    assert not at.exception and any(f"vitscope evaluate --sae {sweep_store[1]}" in i.value for i in at.info)
+
+
+def test_the_probe_steers_a_latent_and_shows_the_classes(explorer_app, explorer_target, pipeline):
+    at = explorer_app(explorer_target, sae=pipeline.sae_id).run()
+    at.switch_page("views/probe.py").run()
+    assert not at.exception
+    at.number_input(key="probe_steer_factor").set_value(5.0).run()
+    at.button(key="probe_steer").click().run()
+    assert not at.exception and not at.error
+    cosine = next(m for m in at.metric if m.label.startswith("Cosine of the final embeddings"))
+    assert 0.0 <= float(cosine.value) <= 1.00001
+    (classes,) = at.dataframe
+    assert set(classes.value["class"]) == {"plain", "square"}
+    assert classes.value["before"].sum() == pytest.approx(1.0, abs=1e-4)

@@ -77,12 +77,13 @@ class names:
         "sae": re.compile(rf"saes/({_ID})"),
         "latent": re.compile(rf"saes/({_ID})/latents/({_INDEX})"),
         "label": re.compile(rf"saes/({_ID})/latents/({_INDEX})/label"),
+        "evaluation": re.compile(rf"saes/({_ID})/evaluation"),
         "activation_set": re.compile(rf"activationSets/({_ID})"),
         "image": re.compile(rf"activationSets/({_ID})/images/({_INDEX})"),
         "analysis": re.compile(rf"analyses/({_ID})"),
     }
     _FORMS = {"sae": "saes/{sae}", "latent": "saes/{sae}/latents/{latent}", "activation_set": "activationSets/{set}",
-              "label": "saes/{sae}/latents/{latent}/label",
+              "label": "saes/{sae}/latents/{latent}/label", "evaluation": "saes/{sae}/evaluation",
               "image": "activationSets/{set}/images/{image}", "analysis": "analyses/{analysis}"}
 
     @staticmethod
@@ -96,6 +97,10 @@ class names:
     @staticmethod
     def label(sae_id: str, index: int) -> str:
         return f"saes/{sae_id}/latents/{index}/label"
+
+    @staticmethod
+    def evaluation(sae_id: str) -> str:
+        return f"saes/{sae_id}/evaluation"
 
     @staticmethod
     def activation_set(set_id: str) -> str:
@@ -137,6 +142,11 @@ class names:
         """(SAE id, latent index) of ``saes/{sae}/latents/{latent}/label``."""
         sae_id, index = cls._parse("label", name, field)
         return sae_id, int(index)
+
+    @classmethod
+    def parse_evaluation(cls, name: str, field: str = "name") -> str:
+        """The SAE id of ``saes/{sae}/evaluation``."""
+        return cls._parse("evaluation", name, field)[0]
 
     @classmethod
     def parse_image(cls, name: str, field: str = "image") -> tuple[str, int]:

@@ -36,6 +36,36 @@ def report_id(sae_id: str, activation_set_id: str, settings: dict[str, Any]) -> 
     return content_id({"evaluation": VERSION, "sae": sae_id, "set": activation_set_id, "settings": settings})
 
 
+def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The report's headline figures as (measure, value) rows, for artifacts and dashboards; a
+    skipped section's rows say why."""
+
+    def cell(section: Any, *path: str) -> str:
+        node = section
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return (f"skipped: {section['skipped']}" if isinstance(section, dict) and "skipped" in section
+                        else "n/a")
+            node = node[key]
+        return f"{node:.4g}" if isinstance(node, float) else str(node)
+
+    rec, sub, align = report["reconstruction"], report["substitution"], report["label_alignment"]
+    return [
+        ("split", report["split"]), ("images", str(report["images"])),
+        ("NMSE", cell(rec, "nmse")), ("explained variance", cell(rec, "explained_variance")),
+        ("L0", cell(rec, "l0")), ("shrinkage", cell(rec, "shrinkage")),
+        ("never fired / dense", f"{cell(rec, 'never_fired')} / {cell(rec, 'dense')}"),
+        ("decoder duplicates (cos > 0.9)", cell(report["decoder"], "duplicates_above_0.9")),
+        ("embedding cosine with SAE", cell(sub, "cosine_sae")),
+        ("probe accuracy recovered", cell(sub, "linear_probe", "accuracy", "recovered")),
+        ("zero-shot accuracy recovered", cell(sub, "zero_shot", "accuracy", "recovered")),
+        ("probe on latents - on activations", cell(report["probing"], "delta")),
+        ("sparse probe AP, 1 / 5 latents", f"{cell(report['probing'], 'sparse', 'ap_k1')} / "
+                                           f"{cell(report['probing'], 'sparse', 'ap_k5')}"),
+        ("patch mAP: SAE / PCA / k-means", " / ".join(cell(align, m, "map") for m in ("sae", "pca", "kmeans"))),
+    ]
+
+
 def report_prefix(rid: str) -> str:
     return f"{PREFIX}/{rid}"
 

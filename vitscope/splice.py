@@ -13,6 +13,15 @@ import torch
 from vitscope.models import ViT
 from vitscope.sae import Sae, SaeRecord
 
+ZERO_SHOT_TEMPLATE = "a photo of a {}."
+"""The prompt of CLIP zero-shot readouts, one per class name."""
+
+
+def zero_shot_logits(embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """CLIP zero-shot logits [B, classes]: 100 x the cosine of each image embedding [B, e] with
+    each class prompt's unit text embedding [classes, e] (:func:`vitscope.models.load_text_tower`)."""
+    return 100.0 * (embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ prompts.T
+
 
 @dataclass
 class Splice:

@@ -78,6 +78,10 @@ DEFAULT_SEARCH_LATENTS = 20
 MAX_SEARCH_LATENTS = 200
 DEFAULT_SIMILAR_LATENTS = 10
 MAX_SIMILAR_LATENTS = 100
+MAX_STEERED_LATENTS = 64
+MAX_STEER_FACTOR = 100.0
+STEER_CLASSES = 10
+"""Zero-shot classes SteerLatents reports, the most probable before steering first."""
 COFIRING_IMAGES = 64
 """Images of the first SAE's set that FindSimilarLatents encodes with both SAEs when they read
 different spaces: enough to rank clear matches, few enough to encode live through a ViT."""
@@ -276,6 +280,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
         self._labels = LabelBook(store)
         self._directions = _Lru(4)  # per SAE: unit decoder rows, for decoder-cosine neighbours
         self._firing = _Lru(8)  # per (SAE, sampled set): which latents fire on which sampled image
+        self._prompts = _Lru(4)  # per (model, set): the set's class names and their zero-shot prompts
 
     # --- loading, cached ---------------------------------------------------------------------
     def _record(self, sae_id: str) -> SaeRecord:
@@ -715,6 +720,83 @@ class AnalyzerService(rpc.AnalyzerServicer):
         return pb.ListLatentLabelRevisionsResponse(
             labels=[_label_message(r) for r in page], total_size=len(revisions),
             next_page_token=_encode_page_token(end, query) if end < len(revisions) else "")
+
+
+    # --- evaluation --------------------------------------------------------------------------
+    @_rpc
+    def GetEvaluation(self, request: pb.GetEvaluationRequest, context: grpc.ServicerContext) -> pb.Evaluation:
+        from vitscope.reports import list_reports, load_plot
+
+        sae_id = names.parse_evaluation(request.name, "name")
+        self._record(sae_id)  # NOT_FOUND for an unknown SAE, before the reports are listed
+        reports = list_reports(self.store, sae_id)
+        if not reports:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"SAE {sae_id} has no evaluation report: run `vitscope evaluate --sae {sae_id}`")
+        newest = reports[0]
+        rid = newest["report_id"]
+        return pb.Evaluation(name=names.evaluation(sae_id), report_id=rid, report_json=json.dumps(newest),
+                             plots=[pb.EvaluationPlot(name=n, png=load_plot(self.store, rid, n)) for n in newest["plots"]])
+
+    def _zero_shot(self, record: SaeRecord, aset: ActivationSet, vit: ViT) -> tuple[list[str], torch.Tensor] | str:
+        """The SAE set's class names and their prompts' text embeddings, or why there are none."""
+        def load() -> tuple[list[str], torch.Tensor] | str:
+            from vitscope.splice import ZERO_SHOT_TEMPLATE
+
+            labels = sorted({str(r["label"]) for s in aset.manifest.shards for r in aset.shard_records(s)
+                             if r.get("label") is not None})
+            if len(labels) < 2:
+                return "the SAE's activation set has no class labels (two or more) to read zero-shot"
+            text = _models().load_text_tower(vit.spec, vit.device)
+            if text is None:
+                return "the model has no text tower (zero-shot needs a CLIP-family model)"
+            return labels, text([ZERO_SHOT_TEMPLATE.format(n) for n in labels])
+
+        return self._prompts.get((json.dumps(vit.spec.record(), sort_keys=True), aset.manifest.set_id), load)
+
+    @_rpc
+    def SteerLatents(self, request: pb.SteerLatentsRequest, context: grpc.ServicerContext) -> pb.SteerLatentsResponse:
+        from vitscope.splice import intervene, zero_shot_logits
+
+        record = self._named(request.sae, "sae")
+        if not 1 <= len(request.scales) <= MAX_STEERED_LATENTS:
+            raise _invalid(f"scales: give 1 to {MAX_STEERED_LATENTS} latents, got {len(request.scales)}")
+        scales: dict[int, float] = {}
+        for i, s in enumerate(request.scales):
+            if not 0 <= s.latent_index < record.config.d_sae:
+                raise _invalid(f"scales[{i}].latent_index {s.latent_index} is not a latent of SAE {record.sae_id} "
+                               f"(0..{record.config.d_sae - 1})")
+            if not -MAX_STEER_FACTOR <= s.factor <= MAX_STEER_FACTOR:
+                raise _invalid(f"scales[{i}].factor must be between -{MAX_STEER_FACTOR:g} and {MAX_STEER_FACTOR:g}")
+            if s.latent_index in scales:
+                raise _invalid(f"scales[{i}]: latent {s.latent_index} is listed twice")
+            scales[s.latent_index] = s.factor
+        aset = self._set(record.activation_set_id)
+        kind = request.image.WhichOneof("source")
+        if kind == "image":
+            image = self._dataset_image(*self._image(request.image.image, "image.image"))
+        elif kind == "image_data" and request.image.image_data:
+            image = _decode_image(request.image.image_data)
+        else:
+            raise _invalid("image: give image_data or image (activationSets/{set}/images/{image})")
+        if not self._live.acquire(timeout=max(0.0, _time_left())):
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many images being encoded: retry")
+        try:
+            _check_deadline()
+            vit = self._vit(aset, record)
+            readout = self._zero_shot(record, aset, vit)
+            read = None if isinstance(readout, str) else (lambda e: zero_shot_logits(e, readout[1]).softmax(dim=-1))
+            out = intervene(vit, self._sae(record.sae_id), record, vit.preprocess(image), scales, read)
+        finally:
+            self._live.release()
+        reply = pb.SteerLatentsResponse(embedding_cosine=float(out["cosine"][0]))
+        if isinstance(readout, str):
+            reply.readout_note = readout
+            return reply
+        before, after = out["before"][0], out["after"][0]
+        for c in before.argsort(descending=True)[:STEER_CLASSES].tolist():
+            reply.classes.add(label=readout[0][c], before=float(before[c]), after=float(after[c]))
+        return reply
 
 
 def _label_message(rev: LabelRevision) -> pb.LatentLabel:

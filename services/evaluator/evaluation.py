@@ -33,7 +33,7 @@ from vitscope.models import ModelLoadError, ModelSpec, TransformInfo, load_text_
 from vitscope.reports import load_report, report_exists, report_id, save_report
 from vitscope.sae import Sae, SaeRecord, load_sae_from
 from vitscope.shards import ActivationSet
-from vitscope.splice import Splice
+from vitscope.splice import ZERO_SHOT_TEMPLATE, Splice, zero_shot_logits
 from vitscope.store import Store, open_store
 
 from .config import EvaluateConfig
@@ -58,7 +58,6 @@ BASELINE_COMPONENTS = 64
 activations have fewer dimensions or there are fewer patches)."""
 PURITY_K = 16
 COVERAGE_TAU = 0.3
-ZERO_SHOT_TEMPLATE = "a photo of a {}."
 
 
 def _probe(n_train: int) -> LogisticProbe:
@@ -225,7 +224,7 @@ def _substitution(embeds: dict[str, torch.Tensor] | str, classes: tuple[list[str
     prompts = text([ZERO_SHOT_TEMPLATE.format(n) for n in names]).cpu()
     acc, ll = {}, {}
     for k, e in embeds.items():
-        logits = 100.0 * (e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ prompts.T
+        logits = zero_shot_logits(e, prompts)
         acc[k] = float((logits.argmax(dim=1) == y).float().mean())
         ll[k] = float(logits.log_softmax(dim=1).gather(1, y[:, None]).mean())
     out["zero_shot"] = {"template": ZERO_SHOT_TEMPLATE, "classes": names, "images": len(y),

@@ -175,6 +175,24 @@ class AnalyzerClient:
         return self._every_page("ListLatentLabelRevisions", lambda t: pb.ListLatentLabelRevisionsRequest(
             name=name, page_size=MAX_PAGE, page_token=t), "labels")
 
+    def get_evaluation(self, sae_id: str) -> pb.Evaluation | None:
+        """The SAE's newest evaluation report with its plots, or None when it has none."""
+        try:
+            return self._call("GetEvaluation", pb.GetEvaluationRequest(name=names.evaluation(sae_id)))
+        except AnalyzerError as e:
+            if e.code == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    def steer_latents(self, sae_id: str, image: ImageRef, scales: dict[int, float],
+                      timeout: float | None = None) -> pb.SteerLatentsResponse:
+        """Scale latents ({latent: factor}; 0 ablates) inside the SAE's ViT for one image: the
+        final embedding's cosine before and after and the zero-shot classes' probabilities. It
+        runs the ViT twice, which can outlast the usual deadline: ``timeout`` overrides it."""
+        request = pb.SteerLatentsRequest(sae=names.sae(sae_id), image=_source(image),
+                                         scales=[pb.LatentScale(latent_index=k, factor=v) for k, v in scales.items()])
+        return self._call("SteerLatents", request, timeout)
+
     def close(self) -> None:
         self._channel.close()
 

@@ -66,6 +66,12 @@ def get_sae(conn: Connection, sae: str) -> pb.Sae:
     return _client(conn).get_sae(sae)
 
 
+@st.cache_data(ttl=30, show_spinner=False, max_entries=64)
+def get_evaluation(conn: Connection, sae: str) -> pb.Evaluation | None:
+    # Short-lived: `vitscope evaluate` may publish a newer report while the page is open.
+    return _client(conn).get_evaluation(sae)
+
+
 # Short-lived: the pages carry labels, which anyone may change (a save here clears it at once).
 @st.cache_data(ttl=30, show_spinner=False, max_entries=512)
 def list_latents(conn: Connection, sae: str, page_size: int, page_token: str, order_by: str,

@@ -4,6 +4,7 @@ click a patch to list the latents strongest there, and read the image's stronges
 overall, each linking to its latent page."""
 
 import base64
+import hashlib
 from collections.abc import Callable, Sequence
 
 import altair as alt
@@ -16,6 +17,7 @@ from vitscope.explorer.client import ImageRef, sae_id
 from vitscope.explorer.data import (
     Connection,
     analyzer_errors,
+    client,
     connection,
     dataset_image,
     latent_link,
@@ -207,9 +209,37 @@ def probe(conn: Connection, sae: pb.Sae) -> None:
                 st.caption("The latents strongest on the image's CLS token.")
                 latent_list(sid, encoded.cls_latents, labels, "probe_cls_latent")
 
+    steer(conn, sid, image, latent)
     if upload is None:
         publish("latent", "probe_latent", latent)
         publish("patch", "probe_patch", patch)
+
+
+def steer(conn: Connection, sid: str, image: ImageRef, latent: int) -> None:
+    """Scale the latent inside the SAE's ViT for this image and show what the model's output does."""
+    with st.expander(f"Steer latent {latent} inside the model", icon=":material/tune:"):
+        st.caption("Multiplies the latent's activation at the SAE's layer (0 ablates it), keeps the SAE's error "
+                   "term (so nothing else changes) and runs the rest of the ViT: how far the final embedding "
+                   "moves and, for CLIP models on labelled sets, how the zero-shot classes change.")
+        factor = st.number_input("Factor", min_value=-100.0, max_value=100.0, value=0.0, step=0.5,
+                                 key="probe_steer_factor")
+        what = (sid, image if isinstance(image, str) else hashlib.sha256(image).hexdigest(), latent, factor)
+        if st.button("Steer", icon=":material/play_arrow:", key="probe_steer"):
+            with analyzer_errors(conn), st.spinner("Running the ViT with the latent steered…"):
+                st.session_state["probe_steered"] = (what, client(conn).steer_latents(sid, image, {latent: factor},
+                                                                                      timeout=120))
+        done = st.session_state.get("probe_steered")
+        if done is None or done[0] != what:
+            return
+        reply = done[1]
+        st.metric("Cosine of the final embeddings, before and after", f"{reply.embedding_cosine:.5f}")
+        if reply.classes:
+            st.dataframe(pd.DataFrame({"class": [c.label for c in reply.classes],
+                                       "before": [c.before for c in reply.classes],
+                                       "after": [c.after for c in reply.classes]}),
+                         hide_index=True)
+        else:
+            st.info(reply.readout_note)
 
 
 conn = connection()

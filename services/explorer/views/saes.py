@@ -1,12 +1,15 @@
 """SAEs page: the selected SAE's health (the Sweep page compares it with the other SAEs of its set)."""
 
+import json
+
 import streamlit as st
 
 from vitscope.explorer.client import sae_id
-from vitscope.explorer.data import connection, selected_sae
+from vitscope.explorer.data import Connection, analyzer_errors, connection, get_evaluation, selected_sae
 from vitscope.explorer.summary import fmt, metric_values, never_fired
 from vitscope.metrics import METRICS
 from vitscope.proto import names, pb
+from vitscope.reports import headline
 
 
 def definition(s: pb.Sae, key: str) -> str:
@@ -60,6 +63,32 @@ def frequency_histogram(s: pb.Sae) -> None:
                "are not in the histogram.")
 
 
+def evaluation(conn: Connection, s: pb.Sae) -> None:
+    st.subheader("Evaluation")
+    with analyzer_errors(conn):
+        ev = get_evaluation(conn, sae_id(s))
+    if ev is None:
+        st.info(f"No evaluation report yet: `vitscope evaluate --sae {sae_id(s)}` makes one (docs/evaluation.md): "
+                "reconstruction on held-out images, the SAE spliced into its ViT, probing, label alignment.",
+                icon=":material/fact_check:")
+        return
+    report = json.loads(ev.report_json)
+    split = ("on held-out images" if report["split"] == "held-out"
+             else "on its training images (no held-out set was given)")
+    st.caption(f"Report `{ev.report_id}` ({report['created_at']}), {report['images']} images of activation set "
+               f"`{report['activation_set_id'][:12]}`, {split}.")
+    table, plots = st.columns([2, 3], gap="large")
+    table.table({"measure": [k for k, _ in headline(report)], "value": [v for _, v in headline(report)]})
+    note = report["substitution"].get("note")
+    if note:
+        table.caption(f"Substitution: {note}.")
+    with plots:
+        for plot in ev.plots:
+            st.image(plot.png, caption=plot.name.replace("_", " "))
+    with st.expander("The whole report (JSON)"):
+        st.json(report, expanded=False)
+
+
 conn = connection()
 sae = selected_sae(conn)
 st.title("SAE health")
@@ -68,6 +97,7 @@ st.caption(f"`{sae_id(sae)}` · {sae.variant} · {sae.d_in} → {sae.d_sae} · t
            f"{sae.grid_rows}×{sae.grid_cols} patches")
 health(sae)
 frequency_histogram(sae)
+evaluation(conn, sae)
 st.page_link("views/sweep.py", label="Sweep: how it compares with every SAE of its activation set",
              icon=":material/scatter_plot:",
              query_params={"sae": sae_id(sae), "set": names.parse_activation_set(sae.activation_set)})
