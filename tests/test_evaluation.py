@@ -335,18 +335,9 @@ def served_stub(store_uri, reports):
         server.stop(grace=None)
 
 
-def _code(call) -> object:
-    import grpc
-
-    try:
-        call()
-    except grpc.RpcError as e:
-        return e.code()
-    return None
-
-
 def test_get_evaluation_serves_the_newest_report_and_its_plots(served_stub, known, reports):
     import grpc
+    from support import grpc_code
 
     from vitscope.proto import names, pb
 
@@ -355,14 +346,15 @@ def test_get_evaluation_serves_the_newest_report_and_its_plots(served_stub, know
     assert json.loads(got.report_json) == reports["trained"] and got.report_id == reports["trained"]["report_id"]
     assert sorted(p.name for p in got.plots) == reports["trained"]["plots"]
     assert all(p.png.startswith(b"\x89PNG") for p in got.plots)
-    assert _code(lambda: served_stub.GetEvaluation(pb.GetEvaluationRequest(name="saes/nosuchsae/evaluation"))) \
+    assert grpc_code(lambda: served_stub.GetEvaluation(pb.GetEvaluationRequest(name="saes/nosuchsae/evaluation"))) \
         == grpc.StatusCode.NOT_FOUND
-    assert _code(lambda: served_stub.GetEvaluation(pb.GetEvaluationRequest(name=f"saes/{known['trained']}"))) \
+    assert grpc_code(lambda: served_stub.GetEvaluation(pb.GetEvaluationRequest(name=f"saes/{known['trained']}"))) \
         == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_steer_latents_reads_the_zero_shot_change_and_refuses_bad_requests(served_stub, layer0):
     import grpc
+    from support import grpc_code
 
     from vitscope.proto import names, pb
     from vitscope.shards import ActivationSet
@@ -389,10 +381,10 @@ def test_steer_latents_reads_the_zero_shot_change_and_refuses_bad_requests(serve
     assert pushed.embedding_cosine < 1 - 1e-4
     assert max(abs(c.after - c.before) for c in pushed.classes) > 0
     for bad in ({}, {sae.cfg.d_sae: 0.0}, {firing: 1000.0}):
-        assert _code(lambda b=bad: steer(b)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert grpc_code(lambda b=bad: steer(b)) == grpc.StatusCode.INVALID_ARGUMENT
     twice = pb.SteerLatentsRequest(sae=names.sae(sae_id), image=image,
                                    scales=[pb.LatentScale(latent_index=firing, factor=0)] * 2)
-    assert _code(lambda: served_stub.SteerLatents(twice)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert grpc_code(lambda: served_stub.SteerLatents(twice)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 # --- the explorer shows reports and steers latents --------------------------------------------
