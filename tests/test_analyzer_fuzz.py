@@ -66,9 +66,12 @@ class Fuzzed:
     analysis_id: str
 
     def name(self, kind: str, index: int = 0) -> str:
-        """A valid name of ``kind`` ("sae", "latent", "label" or "image"); ``index`` wraps to a valid one."""
+        """A valid name of ``kind`` ("sae", "latent", "label", "evaluation" or "image"); ``index`` wraps to
+        a valid one."""
         if kind == "sae":
             return SAE
+        if kind == "evaluation":
+            return names.evaluation(SAE_ID)
         if kind == "latent":
             return names.latent(SAE_ID, index % D_SAE)
         if kind == "label":
@@ -157,8 +160,11 @@ NAME_FIELDS = {
     "vitscope.v2.GetLatentLabelRequest.name": "label",
     "vitscope.v2.LatentLabel.name": "label",
     "vitscope.v2.ListLatentLabelRevisionsRequest.name": "label",
+    "vitscope.v2.GetEvaluationRequest.name": "evaluation",
+    "vitscope.v2.SteerLatentsRequest.sae": "sae",
 }
-"""Every request field that holds a resource name, and the kind of name ("sae", "latent", "label", "image")."""
+"""Every request field that holds a resource name, and the kind of name ("sae", "latent", "label", "evaluation",
+"image")."""
 FREE_STRINGS = {f"vitscope.v2.{name}" for name in (
     "ListSaesRequest.page_token", "ListLatentsRequest.page_token", "ListLatentsRequest.order_by",
     "ListLatentsRequest.label_query", "LatentLabel.text", "LatentLabel.notes", "LatentLabel.author", "LatentLabel.etag",
@@ -303,6 +309,12 @@ def _specific(kind: str, f: Fuzzed) -> list[tuple[str, frozenset[Code]]]:
                     f"{latent}/labels", f"{latent}/Label", f"{latent}/label/1", f"{latent}/labels/1", f"{SAE}/label",
                     f"{SAE}/latents/label", f"{latent}/label/label", f"{latent}/label/revisions", f"{latent}:label",
                     f"{set_name}/images/0/label")])
+    if kind == "evaluation":  # an SAE's singleton: every SAE case, and the singleton's own segment
+        return ([(name + "/evaluation", codes) for name, codes in _specific("sae", f)]
+                + [(name, INVALID) for name in (
+                    f"{SAE}/evaluations", f"{SAE}/Evaluation", f"{SAE}/evaluation/1", f"{SAE}/evaluations/1",
+                    f"{latent}/evaluation", f"{SAE}/evaluation/evaluation", f"{SAE}:evaluation",
+                    f"{set_name}/evaluation", f"evaluations/{SAE_ID}")])
     return ([(names.image(i, 0), INVALID) for i in BAD_IDS]
             + [(f"{set_name}/images/{n}", INVALID) for n in BAD_INDICES]
             + [(f"{set_name}/images/{n}", codes) for n, codes in _huge_indices(N_IMAGES)]
@@ -322,6 +334,7 @@ def _hostile_names(kind: str, f: Fuzzed) -> list[tuple[str, frozenset[Code]]]:
     set_name = names.activation_set(f.set_id)
     others = {  # valid names of every other kind
         "sae": SAE, "latent": names.latent(SAE_ID, 0), "label": names.label(SAE_ID, 0),
+        "evaluation": names.evaluation(SAE_ID),
         "image": names.image(f.set_id, 0), "set": set_name, "analysis": names.analysis(f.analysis_id),
     }
     wrong_kind = [name for k, name in others.items() if k != kind] + [
@@ -387,6 +400,13 @@ SITES = {
         reached=frozenset({Code.OK, Code.ABORTED})),
     "ListLatentLabelRevisions.name": Site("ListLatentLabelRevisions", "label",
                                           lambda n, f: pb.ListLatentLabelRevisionsRequest(name=n)),
+    # The fuzzed SAE was never evaluated: a valid name gets past the parsing to NOT_FOUND.
+    "GetEvaluation.name": Site("GetEvaluation", "evaluation", lambda n, f: pb.GetEvaluationRequest(name=n),
+                               reached=frozenset({Code.NOT_FOUND})),
+    "SteerLatents.sae": Site("SteerLatents", "sae", lambda n, f: pb.SteerLatentsRequest(
+        sae=n, image=_source(f.name("image")), scales=[pb.LatentScale(latent_index=0, factor=0.0)])),
+    "SteerLatents.image.image": Site("SteerLatents", "image", lambda n, f: pb.SteerLatentsRequest(
+        sae=SAE, image=_source(n), scales=[pb.LatentScale(latent_index=0, factor=0.0)])),
 }
 """Every place a request holds a resource name."""
 
