@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -423,3 +424,35 @@ def test_the_probe_steers_a_latent_and_shows_the_classes(explorer_app, explorer_
     (classes,) = at.dataframe
     assert set(classes.value["class"]) == {"plain", "square"}
     assert classes.value["before"].sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_segmentation_masks_label_the_patches(layer0, store_uri, reports):
+    """Masks drawn from the planted boxes (for every other image only: the rest have none) give
+    the same patches the planted boxes give, under the masks' own class names."""
+    from PIL import Image
+
+    from vitscope.shards import ActivationSet
+
+    store, sae_id = layer0
+    record = load_sae_from(store, sae_id)[1]
+    aset = ActivationSet.open(store, record.activation_set_id)
+    root = Path(aset.manifest.dataset["root"])
+    masks = root.parent / "masks"
+    items = json.loads((root.parent / f"{root.name}.planted.json").read_text())
+    for n, item in enumerate(items):
+        if n % 4 >= 2:
+            continue  # no mask: the image is left out of label alignment
+        mask = Image.new("L", (112, 112), 0)
+        if item["box"]:
+            mask.paste(1, tuple(item["box"]))
+        (masks / item["id"]).parent.mkdir(parents=True, exist_ok=True)
+        mask.save((masks / item["id"]).with_suffix(".png"))
+    (masks / "classes.txt").write_text("background\nred square\n")
+    rep = evaluate(_cfg(store_uri, sae_id, masks=str(masks))).report["label_alignment"]
+    boxes = reports["trained"]["label_alignment"]
+    assert rep["classes"] == ["background", "red square"] and rep["source"] == f"masks in {masks}"
+    assert rep["patches"] == 49 * len(items[::4]) * 2 and 0 < rep["class_patches"][1] < boxes["class_patches"][1]
+    assert rep["sae"]["ap"][1] >= 0.9 and rep["sae"]["ap"][1] > rep["pca"]["ap"][1]
+    (masks / "classes.txt").write_text("background\n")
+    with pytest.raises(ValueError, match="two or more"):
+        evaluate(_cfg(store_uri, sae_id, masks=str(masks), seed=1))

@@ -22,6 +22,10 @@ class EvaluateConfig:
     images: int = 256
     """Images of the evaluation set used (spread evenly over it): their tokens for reconstruction and
     label alignment, the images themselves for substitution and probing."""
+    masks: str | None = None
+    """Segmentation masks for patch-level label alignment: a folder with <image id>.png per image
+    (pixels are class indices, 0 background) and optionally classes.txt (the names, one per line).
+    Default: the planted-object boxes of sets made by vitscope.synthetic, or none."""
     patch_tokens: int = 8192
     """At most this many labelled patches for label alignment (bounds memory: patches x d_sae floats)."""
     compare: tuple[str, ...] = ()

@@ -37,7 +37,15 @@ from vitscope.splice import ZERO_SHOT_TEMPLATE, Splice, zero_shot_logits
 from vitscope.store import Store, open_store
 
 from .config import EvaluateConfig
-from .labels import PATCH_CLASSES, box_patch_labels, image_classes, planted_boxes
+from .labels import (
+    BACKGROUND,
+    PATCH_CLASSES,
+    box_patch_labels,
+    image_classes,
+    mask_classes,
+    mask_patch_labels,
+    planted_boxes,
+)
 from .metrics import (
     LogisticProbe,
     ReconstructionStats,
@@ -140,13 +148,14 @@ def _token_pass(aset: ActivationSet, sae: Sae, record: SaeRecord, chosen: np.nda
         # pooled as linear-probe baselines pool them (mean).
         out.pooled_z.append(z.amax(dim=1).cpu())
         out.pooled_x.append(x.mean(dim=1).cpu())
-        if patch_labels is None or out.patches >= cfg.patch_tokens:
+        labelled = [j for j, i in enumerate(batch) if patch_labels is not None and int(i) in patch_labels]
+        if not labelled or out.patches >= cfg.patch_tokens:
             continue
-        pn = sae.normalize(rows[:, patch_slice]).reshape(-1, sae.cfg.d_in)
+        pn = sae.normalize(rows[labelled][:, patch_slice]).reshape(-1, sae.cfg.d_in)
         room = cfg.patch_tokens - out.patches
         out.patch_x.append(pn[:room].cpu())
         out.patch_z.append(sae.encode_normalized(pn[:room]).cpu())
-        out.patch_y.append(torch.as_tensor(np.concatenate([patch_labels[int(i)] for i in batch]))[:room])
+        out.patch_y.append(torch.as_tensor(np.concatenate([patch_labels[int(batch[j])] for j in labelled]))[:room])
         out.patches += len(out.patch_x[-1])
     return out
 
@@ -248,10 +257,11 @@ def _probing(tokens: _Tokens, classes: tuple[list[str], np.ndarray] | None, cfg:
                                    l2=1.0 / max(len(train), 1))}
 
 
-def _alignment_scores(result: Any, classes: tuple[str, ...]) -> dict[str, Any]:
-    """mAP, Purity@16 and Coverage@0.3 over the object classes (background, which nearly every
-    score ranks well, would flatter every method alike), and per class its best latent's AP."""
-    scored = np.array([c for c, name in enumerate(classes) if name != "background"])
+def _alignment_scores(result: Any, classes: list[str]) -> dict[str, Any]:
+    """mAP, Purity@16 and Coverage@0.3 over the object classes present (background, which nearly
+    every score ranks well, would flatter every method alike), and per class its best latent's AP."""
+    present = result.present.numpy()
+    scored = np.array([c for c, name in enumerate(classes) if name != BACKGROUND and present[c]], dtype=np.int64)
     ap = result.ap.numpy()
     purity = result.purity_at(min(PURITY_K, result.top_labels.shape[1])).numpy()
     return {"map": float(np.nanmean(ap[scored])), f"purity_at_{PURITY_K}": float(np.nanmean(purity[scored])),
@@ -260,19 +270,26 @@ def _alignment_scores(result: Any, classes: tuple[str, ...]) -> dict[str, Any]:
             "purity": [float(p) for p in purity]}
 
 
-def _label_alignment(tokens: _Tokens, has_labels: bool, record: SaeRecord, cfg: EvaluateConfig) -> dict[str, Any]:
-    if not has_labels:
-        return _skipped("the dataset has no patch labels (planted-object boxes or masks)")
+def _label_alignment(tokens: _Tokens, classes: list[str] | None, source: str, record: SaeRecord,
+                     cfg: EvaluateConfig) -> dict[str, Any]:
+    if classes is None:
+        return _skipped("the dataset has no patch labels (give --masks, or use a planted-object set)")
     if not tokens.patch_z:
         return _skipped("no labelled patches among the evaluated images")
     z, x, y = torch.cat(tokens.patch_z), torch.cat(tokens.patch_x), torch.cat(tokens.patch_y)
+    used = torch.unique(y)
+    classes = [classes[int(c)] for c in used]  # only the classes some patch has: each is a column of probe1d
+    y = torch.searchsorted(used, y)
     k = max(1, min(BASELINE_COMPONENTS, x.shape[1], len(x) // 4))
-    n_classes = len(PATCH_CLASSES)
-    return {"classes": list(PATCH_CLASSES), "patches": len(y), "class_patches": torch.bincount(y, minlength=n_classes).tolist(),
+    n = len(classes)
+    if n < 2:
+        return _skipped(f"the labelled patches are all of one class ({classes[0]})")
+    return {"classes": classes, "source": source, "patches": len(y),
+            "class_patches": torch.bincount(y, minlength=n).tolist(),
             "sae_tokens": list(record.tokens), "baseline_components": k,
-            "sae": _alignment_scores(probe1d(z, y, n_classes), PATCH_CLASSES),
-            "pca": _alignment_scores(probe1d(pca_scores(x, k), y, n_classes), PATCH_CLASSES),
-            "kmeans": _alignment_scores(probe1d(kmeans_scores(x, k, seed=cfg.seed), y, n_classes), PATCH_CLASSES)}
+            "sae": _alignment_scores(probe1d(z, y, n), classes),
+            "pca": _alignment_scores(probe1d(pca_scores(x, k), y, n), classes),
+            "kmeans": _alignment_scores(probe1d(kmeans_scores(x, k, seed=cfg.seed), y, n), classes)}
 
 
 def _stability(store: Store, sae: Sae, others: tuple[str, ...]) -> dict[str, Any] | list[dict[str, Any]]:
@@ -297,6 +314,24 @@ def _ground_truth(aset: ActivationSet, sae: Sae, record: SaeRecord) -> dict[str,
             "mean_best_cosine": float((directions @ dec.T).max(dim=1).values.mean())}
 
 
+def _patch_labels(m: Any, chosen: np.ndarray, records: list[dict[str, Any]], sizes: list[tuple[int, int]] | str,
+                  cfg: EvaluateConfig) -> tuple[dict[int, np.ndarray] | None, list[str] | None, str]:
+    """Patch labels of the chosen images that have them, by image index, with the class names and
+    where they came from: the masks folder, else planted boxes, else none."""
+    transform = TransformInfo.from_json(m.transform) if m.transform else None
+    if cfg.masks:
+        classes = mask_classes(cfg.masks)
+        labels = {int(i): y for i, r in zip(chosen, records, strict=True)
+                  if (y := mask_patch_labels(cfg.masks, r["id"], transform, m.layout.grid, len(classes))) is not None}
+        return labels, classes, f"masks in {cfg.masks}"
+    boxes = planted_boxes(m.dataset)
+    if boxes is None or isinstance(sizes, str):
+        return None, None, ""
+    labels = {int(i): box_patch_labels(boxes.get(r["id"]), size, transform, m.layout.grid)
+              for i, r, size in zip(chosen, records, sizes, strict=True)}
+    return labels, list(PATCH_CLASSES), "planted boxes"
+
+
 def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Evaluate the SAE ``cfg.sae`` (or find the report, if one with these settings exists) and
     publish the report under ``evaluations/<report_id>/``."""
@@ -307,7 +342,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     sae, record = load_sae_from(store, cfg.sae, device)
     aset = _resolve(store, cfg, sae, record)
     m = aset.manifest
-    settings = {"images": cfg.images, "patch_tokens": cfg.patch_tokens, "compare": sorted(cfg.compare),
+    settings = {"images": cfg.images, "masks": cfg.masks, "patch_tokens": cfg.patch_tokens, "compare": sorted(cfg.compare),
                 "ablation": cfg.ablation, "seed": cfg.seed}
     rid = report_id(record.sae_id, m.set_id, settings)
     if report_exists(store, rid):
@@ -322,12 +357,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     t = time.perf_counter()
     embeds, sizes, spec = _image_pass(aset, sae, record, chosen, cfg, device)
     timings["images"] = time.perf_counter() - t
-    boxes = planted_boxes(m.dataset)
-    patch_labels = None
-    if boxes is not None and not isinstance(sizes, str):
-        transform = TransformInfo.from_json(m.transform)
-        patch_labels = {int(i): box_patch_labels(boxes.get(r["id"]), size, transform, m.layout.grid)
-                        for i, r, size in zip(chosen, records, sizes, strict=True)}
+    patch_labels, patch_classes, label_source = _patch_labels(m, chosen, records, sizes, cfg)
     t = time.perf_counter()
     tokens = _token_pass(aset, sae, record, chosen, patch_labels, cfg, device)
     timings["tokens"] = time.perf_counter() - t
@@ -351,7 +381,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     report["probing"] = _probing(tokens, classes, cfg)
     timings["probing"] = time.perf_counter() - t
     t = time.perf_counter()
-    report["label_alignment"] = _label_alignment(tokens, patch_labels is not None, record, cfg)
+    report["label_alignment"] = _label_alignment(tokens, patch_classes, label_source, record, cfg)
     timings["label_alignment"] = time.perf_counter() - t
     report["stability"] = _stability(store, sae, cfg.compare)
     report["ground_truth"] = _ground_truth(aset, sae, record)
