@@ -186,11 +186,35 @@ def parse(sub: str, args: list[str]):
     return v.to_real(parsed)
 
 
+_STAGE_ERRORS = {
+    "vitscope.models": ("ModelLoadError",),
+    "vitscope.extractor.extraction": ("ExtractError",),
+    "vitscope.trainer.stream": ("StreamError",),
+    "vitscope.trainer.training": ("TrainingError",),
+}
+"""Errors (besides ValueError and store errors) that describe the user's request, not a bug:
+looked up only in modules already imported, so reading them imports nothing."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a command reports as one line rather than a traceback: bad values and names (every
+    ValueError: configs, ids, layouts), a store that says no (a missing id is a NotFound), a
+    model or dataset that cannot be read."""
+    from vitscope.store import StoreError
+
+    found: list[type[BaseException]] = [ValueError, StoreError, FileNotFoundError, PermissionError]
+    for module, names in _STAGE_ERRORS.items():
+        loaded = sys.modules.get(module)
+        found += [getattr(loaded, n) for n in names if loaded is not None and hasattr(loaded, n)]
+    return tuple(found)
+
+
 def _usage() -> str:
     width = max(map(len, SUBCOMMANDS))
     lines = [f"usage: vitscope [-h] {{{','.join(SUBCOMMANDS)}}} ...", "", DESCRIPTION, "", "subcommands:"]
     lines += [f"  {name:<{width}}  {SUMMARIES[name]}" for name in SUBCOMMANDS]
-    lines += ["", "Run `vitscope <subcommand> --help` for its options."]
+    lines += ["", "Run `vitscope <subcommand> --help` for its options; add --debug to any of them to see a "
+              "failure's full traceback."]
     return "\n".join(lines)
 
 
@@ -201,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     sub, args = argv[0], argv[1:]
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
     if sub not in SUBCOMMANDS:
         print(f"{_usage()}\n\nvitscope: error: unknown subcommand {sub!r}", file=sys.stderr)
         return 2
@@ -210,14 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     # default for that start is too short on a busy 2-core machine (the pipeline failed so).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
-        cfg = parse(sub, args)
-    except ValueError as e:
-        trainer = sys.modules.get("vitscope.trainer.config")  # a ConfigError can only come from there
-        if trainer is None or not isinstance(e, trainer.ConfigError):
+        return RUNNERS[sub](parse(sub, args)) or 0
+    except KeyboardInterrupt:
+        print(f"vitscope {sub}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug or not isinstance(e, _user_errors()):
             raise
+        # One line the user can act on; `--debug` shows where it came from.
         print(f"vitscope {sub}: error: {e}", file=sys.stderr)
         return 2
-    return RUNNERS[sub](cfg) or 0
 
 
 def run_extract(cfg) -> None:

@@ -198,3 +198,25 @@ def test_every_command_in_the_readme_parses():
     assert {c[0] for c in commands} >= {"pipeline", "extract", "train", "sweep", "analyze", "serve", "explore", "verify"}
     for words in commands:
         parse(words[0], words[1:])  # raises (SystemExit from tyro, or ConfigError) on an unknown option
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--activations", "nosuchset", "--store", "{store}", "--no-progress"],
+    ["sweep", "--activations", "nosuchset", "--store", "{store}", "--grid", "expansion=2,4"],
+    ["analyze", "--sae", "nosuchsae", "--store", "{store}", "--no-progress"],
+    ["evaluate", "--sae", "nosuchsae", "--store", "{store}", "--no-progress"],
+    ["verify", "nosuchset", "--store", "{store}"],
+    ["extract", "--data", "{store}/no/such/folder", "--store", "{store}", "--no-progress"],
+    ["analyze", "--sae", "../escape", "--store", "{store}"],
+])
+def test_a_user_mistake_is_one_clear_line_and_debug_shows_the_traceback(argv, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    words = [w.format(store=store) for w in argv]
+    code, text = run_cli(*words)
+    lines = text.strip().splitlines()
+    assert code == 2 and "Traceback" not in text, text
+    assert lines[-1].startswith(f"vitscope {argv[0]}: error: ") and len(lines[-1]) > len(f"vitscope {argv[0]}: error: ") + 10
+    with pytest.raises(Exception) as raised:  # noqa: PT011 (any of the errors above)
+        main([*words, "--debug"])
+    assert str(raised.value) in lines[-1]

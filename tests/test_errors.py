@@ -372,15 +372,18 @@ def test_a_mistyped_activation_set_fails_at_once_under_prefect(warm_prefect, tmp
     assert run.run_count == 1 and not {"AwaitingRetry", "Retrying"} & set(states), states
 
 
-def test_the_cli_names_a_mistyped_activation_set_and_fails_at_once(warm_prefect, tmp_path):
+def test_the_cli_names_a_mistyped_activation_set_and_fails_at_once(warm_prefect, tmp_path, capsys):
     from vitscope.composition.cli import main
 
     store = LocalStore(tmp_path / "store")
     t0 = time.monotonic()
-    with pytest.raises(NotFound) as info:
-        main(["sweep", "--activations", TYPO, "--store", str(store.root)])
+    assert main(["sweep", "--activations", TYPO, "--store", str(store.root)]) == 2
     assert time.monotonic() - t0 < NO_RETRY_BOUND_S
-    assert str(info.value) == f"no published activation set {TYPO!r} in {store.uri}"
+    said = f"no published activation set {TYPO!r} in {store.uri}"
+    assert capsys.readouterr().err.strip() == f"vitscope sweep: error: {said}"
+    with pytest.raises(NotFound) as info:  # --debug: the error itself, with its traceback
+        main(["sweep", "--activations", TYPO, "--store", str(store.root), "--debug"])
+    assert str(info.value) == said
 
 
 def test_a_transient_fault_is_retried_by_the_flow_task(prefect_server, tmp_path, eio_file):
