@@ -40,6 +40,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("vitscope.analyzer", "ServeConfig"),
     "explore": ("vitscope.composition.cli", "ExploreConfig"),
     "verify": ("vitscope.composition.cli", "VerifyConfig"),
+    "ls": ("vitscope.composition.cli", "LsConfig"),
 }
 """Subcommand -> (module, config class): importing the module must stay cheap."""
 
@@ -54,6 +55,7 @@ SUMMARIES = {
     "serve": "Serve a store's SAEs, analyses and images over gRPC (the explorer's back end).",
     "explore": "Open the explorer (a Streamlit app) on a store's SAEs.",
     "verify": "Check a published activation set end to end: every shard's size, checksum and counts.",
+    "ls": "List a store's activation sets, SAEs, analyses and evaluation reports with their key facts.",
 }
 """What `vitscope --help` lists, without importing every config: the first sentence of each
 config's docstring (a test keeps them equal)."""
@@ -64,6 +66,15 @@ class VerifyConfig:
     """Check a published activation set end to end: every shard's size, checksum and counts."""
 
     set_id: tyro.conf.Positional[str]
+    store: str = ".vitscope/store"
+
+
+@dataclass
+class LsConfig:
+    """List a store's activation sets, SAEs, analyses and evaluation reports with their key facts.
+
+    The ids are what the other subcommands take (--activations, --sae, --heldout)."""
+
     store: str = ".vitscope/store"
 
 
@@ -119,6 +130,48 @@ def run_verify(cfg: VerifyConfig) -> int:
     print(f"{cfg.set_id}: {m.n_images} images, {len(m.shards)} shards, layers {m.layers}, {m.dtype}, "
           f"{len(m.skipped)} skipped images: {'OK' if not problems else f'{len(problems)} problems'}")
     return 1 if problems else 0
+
+
+def _table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    print(f"{title} ({len(rows)})")
+    if not rows:
+        print("  none")
+        return
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+    for r in (header, *rows):
+        print("  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def run_ls(cfg: LsConfig) -> None:
+    from vitscope.analyzer import list_analyses
+    from vitscope.reports import list_reports
+    from vitscope.sae import list_saes, load_record
+    from vitscope.shards import list_sets
+    from vitscope.store import open_store
+
+    store = open_store(cfg.store)
+    print(f"store {store.uri}\n")
+    _table("activation sets", ("id", "model", "layers", "images", "tokens/image", "dtype"),
+           [(m.set_id, str(m.model.get("spec", "")), ",".join(map(str, m.layers)), str(m.n_images),
+             str(m.layout.tokens_per_image), m.dtype) for m in sorted(list_sets(store), key=lambda m: m.set_id)])
+    records = [load_record(store, i) for i in sorted(list_saes(store))]
+
+    def fmt(value: object, spec: str) -> str:
+        return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+    print()
+    _table("SAEs", ("id", "family", "d_in -> d_sae", "layer", "tokens", "activation set", "NMSE", "L0"),
+           [(r.sae_id, r.config.variant, f"{r.config.d_in} -> {r.config.d_sae}", str(r.layer), ",".join(r.tokens),
+             r.activation_set_id, fmt(r.metrics.get("nmse"), ".4f"), fmt(r.metrics.get("l0"), ".1f"))
+            for r in records])
+    print()
+    _table("analyses", ("id", "SAE", "images", "top images"),
+           [(a.analysis_id, a.sae_id, str(a.n_images), str(a.top_images))
+            for a in sorted(list_analyses(store), key=lambda a: a.analysis_id)])
+    print()
+    _table("evaluation reports", ("id", "SAE", "evaluated on", "split", "images", "created"),
+           [(r["report_id"], r["sae_id"], r["activation_set_id"], r["split"], str(r["images"]), r["created_at"])
+            for r in list_reports(store)])
 
 
 def run_explore(cfg: ExploreConfig) -> int:
@@ -292,7 +345,8 @@ def run_serve(cfg) -> int | None:
 
 
 RUNNERS = {"pipeline": run_pipeline, "extract": run_extract, "train": run_train, "sweep": run_sweep,
-           "analyze": run_analyze, "evaluate": run_evaluate, "serve": run_serve, "explore": run_explore, "verify": run_verify}
+           "analyze": run_analyze, "evaluate": run_evaluate, "serve": run_serve, "explore": run_explore,
+           "verify": run_verify, "ls": run_ls}
 
 
 if __name__ == "__main__":

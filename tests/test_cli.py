@@ -220,3 +220,15 @@ def test_a_user_mistake_is_one_clear_line_and_debug_shows_the_traceback(argv, tm
     with pytest.raises(Exception) as raised:  # noqa: PT011 (any of the errors above)
         main([*words, "--debug"])
     assert str(raised.value) in lines[-1]
+
+
+def test_ls_lists_what_the_pipeline_published(pipeline, tmp_path):
+    code, text = run_cli("ls", "--store", pipeline.store_uri)
+    assert code == 0
+    sections = dict(zip(("sets", "saes", "analyses", "reports"), text.split("\n\n")[1:], strict=True))
+    assert pipeline.set_id in sections["sets"]
+    sae_row = next(line for line in sections["saes"].splitlines() if line.strip().startswith(pipeline.sae_id))
+    assert pipeline.set_id in sae_row and "relu" in sae_row
+    assert pipeline.analysis_id in sections["analyses"] and pipeline.report_id in sections["reports"]
+    code, text = run_cli("ls", "--store", str(tmp_path / "empty"))
+    assert code == 0 and text.count("  none") == 4

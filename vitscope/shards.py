@@ -328,6 +328,12 @@ class ShardWriter:
         return m
 
 
+def list_sets(store: Store) -> list[Manifest]:
+    """Every published activation set in the store (manifests only)."""
+    return [Manifest.from_json(json.loads(store.get_bytes(k))) for k in store.list(f"{PREFIX}/")
+            if k.endswith("/manifest.json") and k.count("/") == 2]
+
+
 def set_exists(store: Store, set_id: str) -> bool:
     return store.exists(f"{set_prefix(set_id)}/manifest.json")
 
