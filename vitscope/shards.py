@@ -346,6 +346,7 @@ class ActivationSet:
         self.manifest = manifest
         self.prefix = set_prefix(manifest.set_id)
         self._starts = np.asarray([s.first_image for s in manifest.shards], dtype=np.int64)
+        self._last_records: tuple[str, list[dict[str, Any]]] | None = None
 
     @classmethod
     def open(cls, store: Store, set_id: str) -> ActivationSet:
@@ -414,9 +415,14 @@ class ActivationSet:
         return [json.loads(line) for line in io.StringIO(raw.decode())]
 
     def image_record(self, image_index: int) -> dict[str, Any]:
-        """{"id", "label"} of one image."""
+        """{"id", "label"} of one image. The last shard's records are kept, so reading the
+        images of a shard in turn reads its list once, not once per image."""
         shard, row = self.locate(image_index)
-        return self.shard_records(shard)[row]
+        cached = self._last_records  # one read of the attribute: other threads may replace it
+        if cached is None or cached[0] != shard.name:
+            cached = (shard.name, self.shard_records(shard))
+            self._last_records = cached
+        return cached[1][row]
 
     def verify(self, progress: bool = False) -> list[str]:
         """Check every listed file's size and checksum and every shard's counts.

@@ -161,9 +161,10 @@ def _token_pass(aset: ActivationSet, sae: Sae, record: SaeRecord, chosen: np.nda
 
 
 @torch.no_grad()
-def _image_pass(aset: ActivationSet, sae: Sae, record: SaeRecord, chosen: np.ndarray, cfg: EvaluateConfig,
-                device: torch.device) -> tuple[dict[str, torch.Tensor] | str, list[tuple[int, int]] | str, Any]:
-    """Final embeddings of the chosen images clean, with the SAE spliced in and with the layer
+def _image_pass(aset: ActivationSet, sae: Sae, record: SaeRecord, records: list[dict[str, Any]],
+                cfg: EvaluateConfig, device: torch.device
+                ) -> tuple[dict[str, torch.Tensor] | str, list[tuple[int, int]] | str, Any]:
+    """Final embeddings of the images of ``records`` clean, with the SAE spliced in and with the layer
     ablated; the images' sizes (for patch labels); the ViT's spec. A string instead says why
     there are none."""
     m = aset.manifest
@@ -178,9 +179,9 @@ def _image_pass(aset: ActivationSet, sae: Sae, record: SaeRecord, chosen: np.nda
     splice = Splice.of(vit, sae, record) if vit is not None else None
     embeds: dict[str, list[torch.Tensor]] = {"clean": [], "sae": [], "ablated": []}
     sizes: list[tuple[int, int]] = []
-    for lo in tqdm(range(0, len(chosen), cfg.batch_images), desc="evaluate: images", disable=not cfg.progress):
+    for lo in tqdm(range(0, len(records), cfg.batch_images), desc="evaluate: images", disable=not cfg.progress):
         try:
-            images = [load_image_by_id(m.dataset, aset.image_record(int(i))["id"]) for i in chosen[lo:lo + cfg.batch_images]]
+            images = [load_image_by_id(m.dataset, r["id"]) for r in records[lo:lo + cfg.batch_images]]
         except (OSError, DatasetError) as e:
             why = f"the set's images could not be read ({type(e).__name__}: {e})"
             return why, why, spec
@@ -355,7 +356,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     classes = image_classes(records)
 
     t = time.perf_counter()
-    embeds, sizes, spec = _image_pass(aset, sae, record, chosen, cfg, device)
+    embeds, sizes, spec = _image_pass(aset, sae, record, records, cfg, device)
     timings["images"] = time.perf_counter() - t
     patch_labels, patch_classes, label_source = _patch_labels(m, chosen, records, sizes, cfg)
     t = time.perf_counter()
