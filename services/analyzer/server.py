@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import contextvars
 import functools
 import hmac
@@ -28,7 +29,7 @@ import time
 import uuid
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -546,18 +547,24 @@ class AnalyzerService(rpc.AnalyzerServicer):
         with torch.inference_mode():
             return aset, self._codes.get(key, load)
 
-    def _live_codes(self, record: SaeRecord, aset: ActivationSet, image: Image.Image) -> torch.Tensor:
-        """An image's codes through the SAE's ViT, layer and transform. Bounded in concurrency:
-        each encode holds a ViT's activations; more callers wait their turn up to their deadline."""
+    @contextlib.contextmanager
+    def _live_turn(self) -> Iterator[None]:
+        """A turn to run the ViT: bounded in concurrency, since each run holds a ViT's
+        activations; more callers wait their turn up to their deadline."""
         if not self._live.acquire(timeout=max(0.0, _time_left())):
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many images being encoded: retry")
         try:
             _check_deadline()
+            yield
+        finally:
+            self._live.release()
+
+    def _live_codes(self, record: SaeRecord, aset: ActivationSet, image: Image.Image) -> torch.Tensor:
+        """An image's codes through the SAE's ViT, layer and transform, in a :meth:`_live_turn`."""
+        with self._live_turn():
             vit = self._vit(aset, record)
             x = vit.activations(image, record.layer, aset.layout)[record.layer][0]
             return self._sae(record.sae_id).encode(x.float().cpu())
-        finally:
-            self._live.release()
 
     @_rpc
     def EncodeImage(self, request: pb.EncodeImageRequest, context: grpc.ServicerContext) -> pb.EncodedImage:
@@ -721,7 +728,6 @@ class AnalyzerService(rpc.AnalyzerServicer):
             labels=[_label_message(r) for r in page], total_size=len(revisions),
             next_page_token=_encode_page_token(end, query) if end < len(revisions) else "")
 
-
     # --- evaluation --------------------------------------------------------------------------
     @_rpc
     def GetEvaluation(self, request: pb.GetEvaluationRequest, context: grpc.ServicerContext) -> pb.Evaluation:
@@ -738,7 +744,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
         return pb.Evaluation(name=names.evaluation(sae_id), report_id=rid, report_json=json.dumps(newest),
                              plots=[pb.EvaluationPlot(name=n, png=load_plot(self.store, rid, n)) for n in newest["plots"]])
 
-    def _zero_shot(self, record: SaeRecord, aset: ActivationSet, vit: ViT) -> tuple[list[str], torch.Tensor] | str:
+    def _zero_shot(self, aset: ActivationSet, vit: ViT) -> tuple[list[str], torch.Tensor] | str:
         """The SAE set's class names and their prompts' text embeddings, or why there are none."""
         def load() -> tuple[list[str], torch.Tensor] | str:
             from vitscope.splice import ZERO_SHOT_TEMPLATE
@@ -779,16 +785,11 @@ class AnalyzerService(rpc.AnalyzerServicer):
             image = _decode_image(request.image.image_data)
         else:
             raise _invalid("image: give image_data or image (activationSets/{set}/images/{image})")
-        if not self._live.acquire(timeout=max(0.0, _time_left())):
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many images being encoded: retry")
-        try:
-            _check_deadline()
+        with self._live_turn():
             vit = self._vit(aset, record)
-            readout = self._zero_shot(record, aset, vit)
+            readout = self._zero_shot(aset, vit)
             read = None if isinstance(readout, str) else (lambda e: zero_shot_logits(e, readout[1]).softmax(dim=-1))
             out = intervene(vit, self._sae(record.sae_id), record, vit.preprocess(image), scales, read)
-        finally:
-            self._live.release()
         reply = pb.SteerLatentsResponse(embedding_cosine=float(out["cosine"][0]))
         if isinstance(readout, str):
             reply.readout_note = readout

@@ -65,10 +65,15 @@ def box_patch_labels(box: tuple[int, int, int, int] | None, image_size: tuple[in
     mask = Image.new("L", image_size, 0)
     mask.paste(255, box)
     seen = np.asarray(transform.geometric()(mask).convert("L"), dtype=np.float64) / 255.0
+    return (_patch_pixels(seen, grid).mean(axis=1) >= COVERED).astype(np.int64)
+
+
+def _patch_pixels(seen: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """An image as the model sees it [H, W] cut into its patches: [patches (row-major), pixels]."""
     rows, cols = grid
     h, w = seen.shape
-    cover = seen[: h - h % rows, : w - w % cols].reshape(rows, h // rows, cols, w // cols).mean(axis=(1, 3))
-    return (cover >= COVERED).astype(np.int64).reshape(-1)
+    cells = seen[: h - h % rows, : w - w % cols].reshape(rows, h // rows, cols, w // cols).transpose(0, 2, 1, 3)
+    return cells.reshape(rows * cols, -1)
 
 
 def mask_classes(masks: str | Path) -> list[str]:
@@ -94,9 +99,5 @@ def mask_patch_labels(masks: str | Path, image_id: str, transform: TransformInfo
         seen = np.asarray(replace(transform, interpolation="nearest").geometric()(mask.convert("L")).convert("L"))
     if int(seen.max()) >= n_classes:
         raise ValueError(f"mask {path} has class {int(seen.max())}, beyond the {n_classes} classes named")
-    rows, cols = grid
-    h, w = seen.shape
-    cells = seen[: h - h % rows, : w - w % cols].reshape(rows, h // rows, cols, w // cols).transpose(0, 2, 1, 3)
-    cells = cells.reshape(rows * cols, -1).astype(np.int64)
-    counts = np.apply_along_axis(np.bincount, 1, cells, minlength=n_classes)
+    counts = np.apply_along_axis(np.bincount, 1, _patch_pixels(seen, grid).astype(np.int64), minlength=n_classes)
     return counts.argmax(axis=1).astype(np.int64)  # ties: the lower class
