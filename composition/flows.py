@@ -193,12 +193,6 @@ def evaluate_task(cfg: EvaluateConfig) -> EvaluateResult:
     return result
 
 
-@flow(name="vitscope-evaluate")
-def evaluate_flow(cfg: EvaluateConfig) -> EvaluateResult:
-    """Evaluate one SAE (`vitscope evaluate` as a flow)."""
-    return evaluate_task(cfg)
-
-
 @dataclass
 class PipelineResult:
     """What a pipeline run published (or found published), by id."""
@@ -212,16 +206,19 @@ class PipelineResult:
     """The evaluation report (None with --no-evaluation)."""
 
 
-def prepare_data(cfg: PipelineConfig) -> str:
-    """The image folder to use: the user's, or the generated demo set (made once)."""
-    if cfg.data:
-        return cfg.data
+def _demo_images(cfg: PipelineConfig, folder: str, n_images: int, seed: int) -> str:
+    """A generated planted-square image folder under the workdir (made once)."""
     from vitscope.synthetic import make_planted_dataset
 
-    root = Path(cfg.workdir) / "demo-images"
+    root = Path(cfg.workdir) / folder
     if not root.exists() or not any(root.rglob("*.jpg")):
-        make_planted_dataset(root, n_images=cfg.demo_images, size=224, square=64)
+        make_planted_dataset(root, n_images=n_images, size=224, square=64, seed=seed)
     return str(root)
+
+
+def prepare_data(cfg: PipelineConfig) -> str:
+    """The image folder to use: the user's, or the generated demo set."""
+    return cfg.data or _demo_images(cfg, "demo-images", cfg.demo_images, seed=0)
 
 
 def prepare_heldout(cfg: PipelineConfig) -> str | None:
@@ -229,12 +226,7 @@ def prepare_heldout(cfg: PipelineConfig) -> str | None:
     crops and squares: another seed) with the demo, or none."""
     if cfg.heldout_data or cfg.data:
         return cfg.heldout_data
-    from vitscope.synthetic import make_planted_dataset
-
-    root = Path(cfg.workdir) / "demo-heldout"
-    if not root.exists() or not any(root.rglob("*.jpg")):
-        make_planted_dataset(root, n_images=cfg.demo_heldout_images, size=224, square=64, seed=1)
-    return str(root)
+    return _demo_images(cfg, "demo-heldout", cfg.demo_heldout_images, seed=1)
 
 
 @flow(name="vitscope-pipeline", log_prints=True)
@@ -264,7 +256,8 @@ def pipeline_flow(cfg: PipelineConfig) -> PipelineResult:
     create_markdown_artifact(
         key="pipeline-result",
         markdown=(f"# vitscope pipeline\n\n- activation set: `{ex.set_id}`\n- SAE: `{tr.sae_id}`\n"
-                  f"- analysis: `{an.analysis_id}`\n- evaluation report: `{result.report_id}`\n- store: `{cfg.store}`\n- skipped: {', '.join(skipped) or 'none'}\n\n"
+                  f"- analysis: `{an.analysis_id}`\n- evaluation report: `{result.report_id}`\n"
+                  f"- store: `{cfg.store}`\n- skipped: {', '.join(skipped) or 'none'}\n\n"
                   f"Explore: `vitscope explore --store {cfg.store}`\n"),
         description="What the pipeline published",
     )
