@@ -41,6 +41,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "explore": ("vitscope.composition.cli", "ExploreConfig"),
     "verify": ("vitscope.composition.cli", "VerifyConfig"),
     "ls": ("vitscope.composition.cli", "LsConfig"),
+    "health": ("vitscope.composition.health", "HealthConfig"),
 }
 """Subcommand -> (module, config class): importing the module must stay cheap."""
 
@@ -56,6 +57,7 @@ SUMMARIES = {
     "explore": "Open the explorer (a Streamlit app) on a store's SAEs.",
     "verify": "Check a published activation set end to end: every shard's size, checksum and counts.",
     "ls": "List a store's activation sets, SAEs, analyses and evaluation reports with their key facts.",
+    "health": "Check that the server this container runs is answering: an analyzer, an explorer, a Prefect server or worker.",
 }
 """What `vitscope --help` lists, without importing every config: the first sentence of each
 config's docstring (a test keeps them equal)."""
@@ -344,9 +346,26 @@ def run_serve(cfg) -> int | None:
     return None
 
 
+def run_health(cfg) -> int:
+    from vitscope.composition.health import Unhealthy, check, probe_for
+
+    probe = probe_for(cfg)
+    if probe is None:
+        print("healthy: PID 1 runs no server (a batch job, or not a vitscope container), so there is nothing to check")
+        return 0
+    try:
+        said = check(probe, cfg.timeout)
+    except Unhealthy as e:
+        # Exit 1, not the CLI's 2 for a user mistake: Docker reserves 2 in health checks.
+        print(f"vitscope health: unhealthy: {probe.server} at {probe.url}: {e}", file=sys.stderr)
+        return 1
+    print(f"healthy: {probe.server} at {probe.url}: {said}")
+    return 0
+
+
 RUNNERS = {"pipeline": run_pipeline, "extract": run_extract, "train": run_train, "sweep": run_sweep,
            "analyze": run_analyze, "evaluate": run_evaluate, "serve": run_serve, "explore": run_explore,
-           "verify": run_verify, "ls": run_ls}
+           "verify": run_verify, "ls": run_ls, "health": run_health}
 
 
 if __name__ == "__main__":

@@ -232,3 +232,99 @@ def test_ls_lists_what_the_pipeline_published(pipeline, tmp_path):
     assert pipeline.analysis_id in sections["analyses"] and pipeline.report_id in sections["reports"]
     code, text = run_cli("ls", "--store", str(tmp_path / "empty"))
     assert code == 0 and text.count("  none") == 4
+
+
+# --- vitscope health: the image's HEALTHCHECK ----------------------------------------------------
+
+
+def _health(*argv: str) -> subprocess.CompletedProcess:
+    """``vitscope health argv...`` in a process of its own, as the image's HEALTHCHECK runs it."""
+    return subprocess.run([sys.executable, "-m", "vitscope.composition.cli", "health", *argv],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_health_passes_on_a_serving_analyzer_and_fails_in_one_line_on_a_closed_port(tmp_path):
+    from support import free_port
+
+    from vitscope.analyzer import ServeConfig, serve
+
+    # With a token: health checks must not need it (a container's check has none to send).
+    server = serve(ServeConfig(store=str(tmp_path / "store"), port=0, token="not-sent-by-health"))
+    try:
+        ok = _health("--target", f"grpc://127.0.0.1:{server.port}")
+        assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stdout + ok.stderr
+    finally:
+        server.stop(grace=None)
+    closed = _health("--target", f"grpc://127.0.0.1:{free_port()}", "--timeout", "2")
+    assert closed.returncode == 1 and closed.stdout == "", closed.stdout
+    (line,) = closed.stderr.strip().splitlines()
+    assert line.startswith("vitscope health: unhealthy: the server at grpc://127.0.0.1:") and "UNAVAILABLE" in line
+
+
+def test_health_finds_the_server_from_what_pid_1_runs(tmp_path, monkeypatch):
+    """Without --target, the check reads PID 1's command line (here a stand-in for /proc/1/cmdline)
+    and checks the analyzer it names on loopback; a batch job's PID 1 has nothing to check."""
+    from vitscope.analyzer import ServeConfig, serve
+    from vitscope.composition import health
+
+    server = serve(ServeConfig(store=str(tmp_path / "store"), port=0))
+    cmdline = tmp_path / "cmdline"
+    monkeypatch.setattr(health, "PID1_CMDLINE", cmdline)
+    try:
+        # As under `docker run --init` / compose's `init: true`: docker-init, then the console script.
+        cmdline.write_bytes(b"\0".join([b"/sbin/docker-init", b"--", b"/usr/local/bin/python3.11",
+                                        b"/usr/local/bin/vitscope", b"serve", b"--host", b"0.0.0.0",
+                                        b"--port", str(server.port).encode(), b"--store", b"s3://vitscope"]) + b"\0")
+        code, text = run_cli("health")
+        assert code == 0 and f"the analyzer at grpc://127.0.0.1:{server.port}: SERVING" in text, text
+    finally:
+        server.stop(grace=None)
+    code, text = run_cli("health")
+    assert code == 1 and text.strip().startswith("vitscope health: unhealthy: the analyzer"), text
+    cmdline.write_bytes(b"vitscope\0extract\0--data\0/data\0")
+    code, text = run_cli("health")
+    assert code == 0 and "runs no server" in text
+
+
+@pytest.mark.parametrize(("argv", "env", "url"), [
+    (["/usr/local/bin/python3.11", "/usr/local/bin/vitscope", "serve"], {}, "grpc://127.0.0.1:50051"),
+    (["vitscope", "serve", "--host", "::", "--port=6000", "--debug"], {}, "grpc://[::1]:6000"),
+    (["vitscope", "serve", "--tls-cert", "c.pem", "--tls-key", "k.pem"], {}, "grpcs://localhost:50051"),
+    (["tini", "--", "vitscope", "explore", "--analyzer", "analyzer:50051", "--host", "0.0.0.0", "--port", "8600"],
+     {}, "http://127.0.0.1:8600/_stcore/health"),
+    (["/usr/local/bin/python", "/usr/local/bin/prefect", "server", "start", "--host", "0.0.0.0"], {},
+     "http://127.0.0.1:4200/api/health"),
+    (["prefect", "server", "start"], {"PREFECT_SERVER_API_PORT": "4300"}, "http://127.0.0.1:4300/api/health"),
+    (["prefect", "worker", "start", "--pool", "gpu", "--with-healthcheck"], {"PREFECT_WORKER_WEBSERVER_PORT": "8081"},
+     "http://127.0.0.1:8081/health"),
+    (["prefect", "worker", "start", "--pool", "gpu"], {}, None),
+    (["vitscope", "train", "--activations", "x"], {}, None),
+    (["/bin/bash"], {}, None),
+    ([], {}, None),
+])
+def test_health_checks_the_server_that_a_command_line_runs(argv, env, url):
+    from vitscope.composition.health import probe_of_command
+
+    probe = probe_of_command(argv, env)
+    assert (probe.url if probe else None) == url
+
+
+def test_health_passes_on_a_serving_explorer(tmp_path):
+    from support import free_port, wait_for_port
+
+    from vitscope.explorer.launch import explorer_command, explorer_env
+
+    port = free_port()
+    with open(tmp_path / "streamlit.log", "w") as log:
+        # Streamlit's health endpoint answers without the analyzer, so none is started.
+        proc = subprocess.Popen(explorer_command(port), env=explorer_env(f"127.0.0.1:{free_port()}"),
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, proc)
+            ok = _health("--target", f"http://127.0.0.1:{port}/_stcore/health")
+            assert ok.returncode == 0 and "HTTP 200" in ok.stdout, ok.stdout + ok.stderr
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+    closed = _health("--target", f"http://127.0.0.1:{port}/_stcore/health", "--timeout", "2")
+    assert closed.returncode == 1 and len(closed.stderr.strip().splitlines()) == 1, closed.stderr
