@@ -1,5 +1,6 @@
 """Packaging and deployment checks: the container, the CLI surface, the stage boundaries and the
-files under deploy/ agree with the code. No Docker, GPU or network needed; about 15 s in all."""
+files under deploy/ agree with the code. No Docker daemon, GPU or network needed (Docker Compose
+validates the compose file without a daemon); about 25 s in all."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vitscope.composition.health import HealthConfig, probe_of_command
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pytest depends on tomli before Python 3.11
@@ -29,6 +32,8 @@ SLURM = REPO / "deploy" / "slurm"
 APPTAINER_DEF = REPO / "deploy" / "apptainer.def"
 
 SUBCOMMANDS = ("pipeline", "extract", "train", "sweep", "analyze", "serve", "explore", "verify")
+# Subcommands that take no store: what the deploy files run besides the stages.
+STORELESS_SUBCOMMANDS = ("health",)
 STAGES = ("extractor", "trainer", "analyzer", "evaluator", "explorer")
 # The composition layer (the CLI and the Prefect flows): the only package that imports the stages.
 COMPOSITION = "composition"
@@ -189,6 +194,16 @@ def test_dockerfile_runs_the_cli_as_a_non_root_user(cli_help):
     env = " ".join(a for k, a in instr if k == "ENV")
     for setting in ("HF_HOME=", "PYTHONUNBUFFERED=1", "PREFECT_SERVER_ANALYTICS_ENABLED=false"):
         assert setting in env, f"Dockerfile.gpu does not set {setting}"
+    # One health check for batch jobs and servers alike: `vitscope health` finds the server itself.
+    checks = [a for k, a in instr if k == "HEALTHCHECK"]
+    assert checks, "Dockerfile.gpu has no HEALTHCHECK"
+    options, _, command = checks[-1].partition(" CMD ")
+    health = json.loads(command)
+    assert health[0] in scripts, f"HEALTHCHECK runs {health}, not the package's console script"
+    _check_vitscope_command(health[1:], cli_help, "Dockerfile.gpu HEALTHCHECK")
+    assert health[1] == "health", health
+    timeout = re.search(r"--timeout=(\d+)s", options)
+    assert timeout and int(timeout.group(1)) > HealthConfig.timeout, "the HEALTHCHECK's timeout cuts `vitscope health` short"
 
 
 # --- (b) the CLI ---------------------------------------------------------------------------------
@@ -216,7 +231,7 @@ sys.__stdout__.write("\n@@HELP@@" + json.dumps(answers))
 
 @pytest.fixture(scope="module")
 def cli_help() -> dict[str, dict]:
-    proc = subprocess.run([sys.executable, "-c", _HELP_SCRIPT, *SUBCOMMANDS], cwd=REPO, env=PLAIN_ENV,
+    proc = subprocess.run([sys.executable, "-c", _HELP_SCRIPT, *SUBCOMMANDS, *STORELESS_SUBCOMMANDS], cwd=REPO, env=PLAIN_ENV,
                           capture_output=True, text=True, timeout=300)
     assert "@@HELP@@" in proc.stdout, f"the CLI failed to load:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.split("@@HELP@@", 1)[1])
@@ -229,7 +244,7 @@ def test_console_script_lists_every_subcommand():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     usage = re.search(r"\{([a-z,]+)\}", proc.stdout)
     assert usage, f"no subcommand list in `vitscope --help`:\n{proc.stdout}"
-    missing = set(SUBCOMMANDS) - set(usage.group(1).split(","))
+    missing = {*SUBCOMMANDS, *STORELESS_SUBCOMMANDS} - set(usage.group(1).split(","))
     assert not missing, f"`vitscope` lacks subcommands {sorted(missing)}"
 
 
@@ -378,23 +393,64 @@ HEALTHCHECK_KEYS = {"disable", "interval", "retries", "start_interval", "start_p
 
 
 def _check_vitscope_command(words: list[str], cli_help: dict, where: str) -> None:
-    assert words and words[0] in SUBCOMMANDS, f"{where}: `vitscope {' '.join(words)}` is not a vitscope subcommand"
+    assert words and words[0] in cli_help, f"{where}: `vitscope {' '.join(words)}` is not a vitscope subcommand"
     known = _flags(cli_help[words[0]]["text"]) | {"--help"}
     unknown = {w.split("=")[0] for w in words[1:] if w.startswith("--")} - known
     assert not unknown, f"{where}: `vitscope {words[0]}` has no option(s) {sorted(unknown)}"
+
+
+def _check_options(program: str, words: list[str], help_text: str, where: str) -> None:
+    """Every --option in ``words`` is one that ``help_text`` (``program``'s --help) lists."""
+    unknown = {w.split("=")[0] for w in words if w.startswith("--")} - _flags(help_text) - {"--help"}
+    assert not unknown, f"{where}: `{program}` has no option(s) {sorted(unknown)}"
+
+
+def _help_of(*cmd: str) -> str:
+    proc = subprocess.run([*cmd, "--help"], env=PLAIN_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"`{' '.join(cmd)} --help` failed:\n{proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def prefect_help() -> dict[str, str]:
+    """`prefect server start --help` and `prefect worker start --help`, by "server start" / "worker start"."""
+    prefect = _require_tool("prefect", "prefect")
+    return {sub: _help_of(prefect, *sub.split()) for sub in ("server start", "worker start")}
+
+
+@pytest.fixture(scope="module")
+def torchrun_help() -> str:
+    return _help_of(_require_tool("torchrun", "torch"))
 
 
 def _uses_vitscope_image(service: dict) -> bool:
     return str(service.get("image", "")).startswith("vitscope") or "build" in service
 
 
-def test_compose_file_is_valid_and_runs_existing_commands(cli_help):
+def _service_command(name: str, svc: dict, cli_help: dict, prefect_help: dict) -> list[str]:
+    """The command line a vitscope-image service runs (its entrypoint, else the image's
+    `vitscope`, then its command), checked against the CLI it calls."""
+    command = svc.get("command")
+    assert isinstance(command, list), f"compose service {name}: give the command as a list"
+    command = [str(w) for w in command]
+    entrypoint = [str(w) for w in svc.get("entrypoint") or ["vitscope"]]
+    if entrypoint == ["prefect"]:
+        sub = " ".join(command[:2])
+        assert sub in prefect_help, f"compose service {name}: runs `prefect {sub}`, which nothing here checks"
+        _check_options(f"prefect {sub}", command[2:], prefect_help[sub], f"compose service {name}")
+    else:
+        assert entrypoint == ["vitscope"], f"compose service {name}: entrypoint {entrypoint}"
+        _check_vitscope_command(command, cli_help, f"compose service {name}")
+    return [*entrypoint, *command]
+
+
+def test_compose_file_is_valid_and_runs_existing_commands(cli_help, prefect_help):
     compose = yaml.safe_load(COMPOSE.read_text())
     assert isinstance(compose, dict) and isinstance(compose.get("services"), dict)
     extra = {k for k in compose if not k.startswith("x-")} - COMPOSE_TOP_KEYS
     assert not extra, f"deploy/compose.yaml: unknown top-level keys {sorted(extra)}"
     services = compose["services"]
-    assert {"analyzer", "explorer", "pipeline"} <= set(services), sorted(services)
+    assert {"minio", "prefect-server", "worker", "analyzer", "explorer", "pipeline"} <= set(services), sorted(services)
     declared_volumes = set(compose.get("volumes") or {})
     ran = set()
     for name, svc in services.items():
@@ -405,6 +461,8 @@ def test_compose_file_is_valid_and_runs_existing_commands(cli_help):
         deps = svc.get("depends_on") or {}
         for dep in deps:
             assert dep in services, f"compose service {name} depends on {dep}, which is not defined"
+            if isinstance(deps, dict) and deps[dep].get("condition") == "service_healthy":
+                assert "healthcheck" in services[dep], f"compose service {name} waits for {dep} to be healthy, which has no healthcheck"
         for vol in svc.get("volumes", []):
             source = vol.split(":")[0] if isinstance(vol, str) else vol.get("source", "")
             if source and not source.startswith(("/", ".", "$", "~")):
@@ -414,22 +472,64 @@ def test_compose_file_is_valid_and_runs_existing_commands(cli_help):
             context = (COMPOSE.parent / build.get("context", ".")).resolve()
             assert (context / build.get("dockerfile", "Dockerfile")).is_file(), f"compose service {name}: no Dockerfile"
         if _uses_vitscope_image(svc):
-            command = svc.get("command")
-            assert isinstance(command, list), f"compose service {name}: give the vitscope command as a list"
-            _check_vitscope_command([str(w) for w in command], cli_help, f"compose service {name}")
-            ran.add(command[0])
-    assert {"serve", "explore", "pipeline"} <= ran
+            argv = _service_command(name, svc, cli_help, prefect_help)
+            ran.add(" ".join(argv[:3]) if argv[0] == "prefect" else argv[1])
+            test = (svc.get("healthcheck") or {}).get("test", [])
+            if test[:2] == ["CMD", "vitscope"]:
+                # The image's check must find this service's server from its command line.
+                _check_vitscope_command(test[2:], cli_help, f"compose service {name} healthcheck")
+                if svc.get("restart") != "no":
+                    assert probe_of_command(argv, svc.get("environment") or {}), \
+                        f"compose service {name}: `vitscope health` finds no server in {argv}"
+    assert {"serve", "explore", "pipeline", "prefect server start", "prefect worker start"} <= ran, ran
     # The explorer talks to the analyzer service, which serves on every interface.
     serve = services["analyzer"]["command"]
     assert serve[serve.index("--host") + 1] == "0.0.0.0"
     explore = services["explorer"]["command"]
     port = serve[serve.index("--port") + 1] if "--port" in serve else "50051"
     assert explore[explore.index("--analyzer") + 1] == f"analyzer:{port}"
-    # The pipeline is opt-in and asks for a GPU.
-    pipeline = services["pipeline"]
-    assert pipeline.get("profiles") == ["pipeline"], "the pipeline service must be opt-in (profile \"pipeline\")"
-    devices = pipeline["deploy"]["resources"]["reservations"]["devices"]
-    assert any("gpu" in cap for d in devices for cap in d.get("capabilities", [])), devices
+    # The worker and the pipeline report to the Prefect server, once it is healthy.
+    server = services["prefect-server"]["command"]
+    api = f"http://prefect-server:{server[server.index('--port') + 1]}/api"
+    for name in ("worker", "pipeline"):
+        assert services[name]["environment"].get("PREFECT_API_URL") == api, f"compose service {name}: PREFECT_API_URL"
+        assert services[name]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
+    # The worker and the pipeline (opt-in) ask for GPUs.
+    assert services["pipeline"].get("profiles") == ["pipeline"], "the pipeline service must be opt-in (profile \"pipeline\")"
+    for name in ("worker", "pipeline"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert any("gpu" in cap for d in devices for cap in d.get("capabilities", [])), f"{name}: {devices}"
+
+
+def _docker_compose_v2() -> list[str] | None:
+    """The command of a Docker Compose v2: the docker CLI plugin, or a standalone docker-compose."""
+    docker = shutil.which("docker")
+    candidates = ([[docker, "compose"]] if docker else []) + [[p] for p in filter(None, [shutil.which("docker-compose")])]
+    for cmd in candidates:
+        proc = subprocess.run([*cmd, "version", "--short"], capture_output=True, text=True, timeout=30)
+        if proc.returncode == 0 and proc.stdout.strip().lstrip("v").startswith("2."):
+            return cmd
+    return None
+
+
+def test_docker_compose_config_accepts_the_compose_file():
+    """`docker compose config`: Compose's own parser and schema, without a daemon, on every
+    profile; and it refuses to go on without VITSCOPE_TOKEN."""
+    from support import missing_tool
+
+    compose = _docker_compose_v2()
+    if compose is None:
+        missing_tool("needs Docker Compose v2 (`docker compose`, or docker-compose v2) to validate deploy/compose.yaml")
+    cmd = [*compose, "--project-directory", str(COMPOSE.parent), "-f", str(COMPOSE), "--profile", "pipeline"]
+    env = {k: v for k, v in os.environ.items() if k != "VITSCOPE_TOKEN" and not k.startswith("COMPOSE_")}
+    ok = subprocess.run([*cmd, "config", "--format", "json"], env={**env, "VITSCOPE_TOKEN": "t"},
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    resolved = json.loads(ok.stdout)["services"]
+    assert set(resolved) == set(yaml.safe_load(COMPOSE.read_text())["services"])
+    assert resolved["worker"]["healthcheck"]["test"] == ["CMD", "vitscope", "health"]
+    no_token = subprocess.run([*cmd, "config", "--quiet"], env=env, capture_output=True, text=True, timeout=60)
+    assert no_token.returncode != 0 and "set VITSCOPE_TOKEN" in no_token.stderr, no_token.stderr
 
 
 def _unknown_pipeline_fields(cfg: dict, cls: type | None = None, where: str = "") -> list[str]:
