@@ -606,21 +606,89 @@ def _logical_lines(text: str) -> list[str]:
     return re.sub(r"\\\n\s*", " ", text).splitlines()
 
 
-def test_slurm_jobs_run_existing_commands(cli_help):
+def _check_image_command(words: list[str], exec_mode: bool, cli_help: dict, torchrun_help: str, where: str) -> None:
+    """A command run in the image: `apptainer run` takes vitscope's arguments (the runscript is
+    `vitscope`); `apptainer exec` a program, vitscope itself or torchrun launching it."""
+    if not exec_mode:
+        _check_vitscope_command(words, cli_help, where)
+        return
+    if words[0] == "torchrun":
+        assert "--no-python" in words, f"{where}: torchrun must start the `vitscope` command (--no-python)"
+        cut = words.index("--no-python")
+        _check_options("torchrun", words[1:cut], torchrun_help, where)
+        words = words[cut + 1:]
+    assert words[0] == "vitscope", f"{where}: `apptainer exec` runs {words[0]}, not vitscope"
+    _check_vitscope_command(words[1:], cli_help, where)
+
+
+def test_slurm_jobs_run_existing_commands(cli_help, torchrun_help):
     scripts = sorted(SLURM.glob("*.sbatch"))
-    assert {p.name for p in scripts} >= {"extract.sbatch", "train.sbatch"}
+    assert {p.name for p in scripts} >= {"extract.sbatch", "train.sbatch", "sweep.sbatch", "ddp.sbatch"}
+    ran = set()
     for path in scripts:
         text = path.read_text()
         assert text.startswith("#!/bin/bash"), f"{path.name}: no bash shebang"
         assert re.search(r"^#SBATCH --gres=gpu", text, re.M), f"{path.name}: requests no GPU"
-        assert re.search(r"\bapptainer run\b", text), f"{path.name}: runs nothing in the Apptainer image"
-        runs = [line for line in _logical_lines(text) if '"$SIF" ' in line and not line.lstrip().startswith("#")]
+        code = [line for line in _logical_lines(text) if not line.lstrip().startswith(("#", "echo "))]
+        modes = set(re.findall(r"\bapptainer (run|exec)\b", "\n".join(code)))
+        assert len(modes) == 1, f"{path.name}: runs the Apptainer image with {sorted(modes) or 'nothing'}"
+        runs = [line for line in code if '"$SIF" ' in line]
         assert runs, f"{path.name}: runs no vitscope command in the image"
         for line in runs:
             after = line.split('"$SIF"', 1)[1].split("|")[0]
             words = [w for w in shlex.split(after, comments=True) if not w.startswith("$")]
-            _check_vitscope_command(words, cli_help, path.name)
+            _check_image_command(words, modes == {"exec"}, cli_help, torchrun_help, path.name)
+            ran.add(words[0])
         assert "--nv" in text, f"{path.name}: the GPU driver is not bound in (apptainer --nv)"
+    assert {"extract", "train", "sweep", "torchrun"} <= ran, ran
+    ddp = (SLURM / "ddp.sbatch").read_text()
+    for option in ("--nnodes", "--nproc-per-node", "--rdzv-backend c10d", "--rdzv-endpoint", "--rdzv-id"):
+        assert option in ddp, f"ddp.sbatch: torchrun without {option}"
+
+
+# Stand-ins for the cluster's commands: `apptainer run|exec [options] IMAGE ...` runs the image's
+# runscript (`vitscope`) or the program in this environment, with the APPTAINERENV_* settings
+# (the only ones --cleanenv lets in) and no others; each call is logged.
+_FAKE_APPTAINER = r"""#!/bin/bash
+mode=$1; shift
+while [[ $# -gt 0 && "$1" != *.sif ]]; do shift; done
+shift
+echo "CUDA_VISIBLE_DEVICES=${APPTAINERENV_CUDA_VISIBLE_DEVICES:-unset} $*" >> "$FAKE_LOG"
+settings=(); for v in $(compgen -e); do [[ $v == APPTAINERENV_* ]] && settings+=("${v#APPTAINERENV_}=${!v}"); done
+[[ $mode == run ]] && set -- vitscope "$@"
+exec env -i PATH="$FAKE_BIN:$PATH" HOME="$HOME" HF_HUB_OFFLINE=1 "${settings[@]}" "$@"
+"""
+
+
+def test_the_sweep_job_splits_the_grid_over_the_jobs_gpus(tmp_path):
+    """sweep.sbatch on a node of two GPUs (ids 3 and 5, as Slurm may give them), with a stand-in
+    for apptainer: one `vitscope sweep` per GPU over its share of the first axis, every SAE of
+    the grid published once, their ids in the job's file."""
+    from vitscope.groundtruth import GroundTruth, write_ground_truth_set
+    from vitscope.sae import sae_prefix
+    from vitscope.store import LocalStore
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text(_FAKE_APPTAINER)
+    (bin_dir / "apptainer").chmod(0o755)
+    store = tmp_path / "store"
+    set_id = write_ground_truth_set(LocalStore(store), GroundTruth(n_images=64, grid=(2, 2), d_model=16,
+                                                                   n_directions=32)).set_id
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_BIN": str(Path(sys.executable).parent),
+           "FAKE_LOG": str(tmp_path / "calls.log"), "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "CUDA_VISIBLE_DEVICES": "3,5", "SIF": str(tmp_path / "vitscope.sif"), "STORE": str(store),
+           "SET_ID": set_id, "VITSCOPE_LOG": "WARNING", "GRID": "k=2,4,8 lr=1e-3,4e-3",
+           "SETTINGS": "variant=topk expansion=2 batch_size=64 n_tokens=1024 init_sample=256 eval_tokens=256 device=cpu"}
+    proc = subprocess.run(["bash", str(SLURM / "sweep.sbatch")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    calls = sorted((tmp_path / "calls.log").read_text().splitlines())
+    assert len(calls) == 2, calls
+    assert calls[0].startswith("CUDA_VISIBLE_DEVICES=3 sweep ") and "--grid k=2,8 lr=1e-3,4e-3" in calls[0], calls
+    assert calls[1].startswith("CUDA_VISIBLE_DEVICES=5 sweep ") and "--grid k=4 lr=1e-3,4e-3" in calls[1], calls
+    ids = (tmp_path / "vitscope-sweep-7.txt").read_text().split()
+    assert len(set(ids)) == 6 and all((store / sae_prefix(i) / "cfg.json").is_file() for i in ids), ids
 
 
 def test_deploy_shell_scripts_parse():
@@ -631,14 +699,35 @@ def test_deploy_shell_scripts_parse():
         assert proc.returncode == 0, f"{path.relative_to(REPO)}: {proc.stderr}"
 
 
-def test_apptainer_definition_wraps_the_docker_image():
+def _apptainer_section(text: str, name: str) -> str:
+    m = re.search(rf"^%{name}\n(.*?)(?=^%|\Z)", text, re.M | re.S)
+    assert m, f"apptainer.def has no %{name} section"
+    return m.group(1)
+
+
+def test_apptainer_definition_wraps_the_docker_image(cli_help):
     text = APPTAINER_DEF.read_text()
     header = dict(re.findall(r"^(Bootstrap|From):\s*(\S+)", text, re.M))
     assert header.get("Bootstrap") in ("docker-daemon", "docker"), header
     compose_image = {s.get("image") for s in yaml.safe_load(COMPOSE.read_text())["services"].values()}
     assert header.get("From") in compose_image, f"apptainer.def builds from {header.get('From')}, not the compose image"
-    runscript = re.search(r"^%runscript\n(.*?)(?=^%|\Z)", text, re.M | re.S)
-    assert runscript and 'exec vitscope "$@"' in runscript.group(1)
+    # The Docker image's entry points: `vitscope` for run and instances, `prefect` as an app.
+    assert 'exec vitscope "$@"' in _apptainer_section(text, "runscript")
+    assert 'exec vitscope "$@"' in _apptainer_section(text, "startscript")
+    assert 'exec prefect "$@"' in _apptainer_section(text, "apprun prefect")
+    # The commands the file shows run options that exist.
+    for line in _logical_lines(text):
+        m = re.search(r"apptainer (run|exec|instance start)\b(.*?)\bvitscope\.sif\s+(.*)", line)
+        if not m or "<" in m.group(3) or "--app prefect" in m.group(2):
+            continue
+        words = [w for w in shlex.split(m.group(3)) if not w.startswith("$")]
+        if m.group(1) == "instance start":
+            words = words[1:]  # the instance's name
+        elif m.group(1) == "exec":
+            cut = words.index("--no-python") + 1 if "--no-python" in words else 0
+            assert words[cut] == "vitscope", line
+            words = words[cut + 1:]
+        _check_vitscope_command(words, cli_help, f"apptainer.def: {line.strip()}")
     assert re.search(r"^%help$", text, re.M)
 
 
