@@ -482,6 +482,13 @@ def test_compose_file_is_valid_and_runs_existing_commands(cli_help, prefect_help
                     assert probe_of_command(argv, svc.get("environment") or {}), \
                         f"compose service {name}: `vitscope health` finds no server in {argv}"
     assert {"serve", "explore", "pipeline", "prefect server start", "prefect worker start"} <= ran, ran
+    # `up --wait` counts a one-shot container's exit as a failure unless a service waits for it
+    # to complete (docker/compose#10596).
+    for name, svc in services.items():
+        if svc.get("restart") == "no" and not svc.get("profiles"):
+            waits = [other["depends_on"][name].get("condition") for other in services.values()
+                     if isinstance(other.get("depends_on"), dict) and name in other["depends_on"]]
+            assert "service_completed_successfully" in waits, f"compose service {name}: no service waits for it to complete"
     # The explorer talks to the analyzer service, which serves on every interface.
     serve = services["analyzer"]["command"]
     assert serve[serve.index("--host") + 1] == "0.0.0.0"
@@ -689,6 +696,38 @@ def test_the_sweep_job_splits_the_grid_over_the_jobs_gpus(tmp_path):
     assert calls[1].startswith("CUDA_VISIBLE_DEVICES=5 sweep ") and "--grid k=4 lr=1e-3,4e-3" in calls[1], calls
     ids = (tmp_path / "vitscope-sweep-7.txt").read_text().split()
     assert len(set(ids)) == 6 and all((store / sae_prefix(i) / "cfg.json").is_file() for i in ids), ids
+
+
+_README_COMMAND = re.compile(r"(?:^|[\s(]|bin/)(vitscope:gpu|vitscope\.sif|vitscope)\s+(.*)")
+"""`vitscope ...` in a venv, `docker run ... vitscope:gpu ...`, `apptainer ... vitscope.sif ...`."""
+
+
+def test_the_deploy_readme_runs_existing_commands(cli_help, prefect_help):
+    """Every command in deploy/README.md's shell blocks that runs the image or vitscope runs
+    options its subcommand has (the image's and the Apptainer image's command being `vitscope`,
+    or `prefect` as the other entry point)."""
+    text = (REPO / "deploy" / "README.md").read_text()
+    checked = set()
+    for line in _logical_lines("\n".join(re.findall(r"```bash\n(.*?)```", text, re.S))):
+        m = _README_COMMAND.search(line)
+        if line.lstrip().startswith("#") or not m:
+            continue
+        before = line[:m.start(1)].split()
+        if {"build", "cp"} & set(before):
+            continue  # building or copying the image
+        rest = re.split(r"\s(?:\||&&|;)\s|\)", m.group(2))[0]
+        words = [w for w in shlex.split(rest, comments=True) if not w.startswith("$")]
+        if {"--entrypoint", "--app"} & set(before):
+            sub = " ".join(words[:2])
+            assert sub in prefect_help, f"deploy/README.md: {line.strip()}: `prefect {sub}` is not checked here"
+            _check_options(f"prefect {sub}", words[2:], prefect_help[sub], f"deploy/README.md: {line.strip()}")
+            checked.add(f"prefect {sub}")
+            continue
+        if before[-2:] == ["instance", "start"]:
+            words = words[1:]  # the instance's name
+        _check_vitscope_command(words, cli_help, f"deploy/README.md: {line.strip()}")
+        checked.add(words[0])
+    assert {"extract", "train", "serve", "explore", "pipeline", "health", "prefect worker start"} <= checked, checked
 
 
 def test_deploy_shell_scripts_parse():
