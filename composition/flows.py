@@ -1,30 +1,57 @@
-"""Prefect flows: each stage as a task, and the whole pipeline as one flow.
+"""Prefect flows: each stage as a task, each stage and the whole pipeline as a flow (a deployment of
+deploy/prefect/prefect.yaml each).
 
 This is the one place that composes the stages, through their public entry points
-(``extract``, ``train``, ``analyze`` and their configs). Content ids make reruns cheap: a
-stage whose output is already published is skipped, and the run says so.
+(``extract``, ``train``, ``analyze``, ``evaluate`` and their configs). Content ids make reruns
+cheap: a stage whose output is already published is skipped, and the run says so.
+
+A flow's parameter is its stage's config, read by :func:`parameter` so that a deployment's form in
+the Prefect UI shows each setting with its type, default and the config's own docstring, and so
+that JSON parameters say what the command line says (the flat form of `vitscope train`). Every
+stage task is GPU work: its runs carry the tag :data:`GPU_TAG`, or the worker's own tag from
+:data:`GPU_TAG_ENV`, for a tag concurrency limit to bound.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import io
 import json
-from dataclasses import asdict, dataclass, replace
+import os
+import typing
+from collections.abc import Collection, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import flow, get_run_logger, tags, task, unmapped
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from pydantic import TypeAdapter
+from pydantic_core import core_schema
 
 from vitscope.analyzer import AnalyzeConfig, AnalyzeResult, analyze
 from vitscope.evaluator import EvaluateConfig, EvaluateResult, evaluate
 from vitscope.extractor import ExtractConfig, ExtractResult, extract
 from vitscope.metrics import METRICS
 from vitscope.reports import headline
-from vitscope.store import is_transient
-from vitscope.trainer import SweepConfig, TrainConfig, TrainResult, sweep_configs, train, train_sweep
+from vitscope.sae import Sae, load_record
+from vitscope.store import is_transient, open_store
+from vitscope.trainer import (
+    SweepConfig,
+    TrainConfig,
+    TrainResult,
+    family_settings,
+    sweep_configs,
+    train,
+    train_config,
+    train_sweep,
+)
 
-from .pipeline import PipelineConfig
+from .options import _summary, field_docs
+from .pipeline import PIPELINE_FILLED, PipelineConfig
 
 
 def _retry_on_transient_errors(task_, task_run, state) -> bool:
@@ -39,6 +66,135 @@ def _retry_on_transient_errors(task_, task_run, state) -> bool:
 
 
 _RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_on_transient_errors)
+
+GPU_TAG = "gpu"
+"""The tag of every stage's task runs, unless :data:`GPU_TAG_ENV` names another: with
+``prefect concurrency-limit create gpu 1``, one stage runs at a time on the whole server."""
+GPU_TAG_ENV = "VITSCOPE_GPU_TAG"
+"""Environment variable: the tag this process's stage task runs carry instead of :data:`GPU_TAG`.
+A process worker's flow runs inherit its environment, so a worker started with its own tag
+(``VITSCOPE_GPU_TAG=gpu-host1 prefect worker start ...``) and a tag concurrency limit on it
+(``prefect concurrency-limit create gpu-host1 1``) bounds the GPU work of that worker (of every
+worker sharing the tag, e.g. those of one host). Prefect holds a task run in Pending until it gets
+a slot, so waiting costs no GPU memory."""
+
+
+def _gpu_work() -> AbstractContextManager:
+    """Tags every task run started inside as GPU work of this process (see :data:`GPU_TAG_ENV`)."""
+    return tags(os.environ.get(GPU_TAG_ENV) or GPU_TAG)
+
+
+# --- flow parameters: the stages' configs as the Prefect UI's forms -------------------------------
+
+
+def parameter(cls: type, hidden: Mapping[type, Collection[str]] | None = None) -> Any:
+    """``cls`` (a config dataclass) as the type of a flow parameter, read and described by
+    :class:`_ConfigForm`; ``hidden`` names, per (nested) config class, the fields the flow sets
+    itself, which the form leaves out."""
+    return Annotated[cls, _ConfigForm(cls, hidden or {})]
+
+
+class _ConfigForm:
+    """Pydantic metadata of a config parameter (see :func:`parameter`):
+
+    - its JSON schema, Prefect's parameter schema and so the deployment's form in the UI, describes
+      each field by the attribute docstring under it in the config (the text of ``--help``), leaves
+      the hidden fields out and admits no other keys, so that a misspelt setting fails at
+      ``prefect deployment run`` rather than being ignored;
+    - a TrainConfig (the config itself or one nested in it) takes the flat form of `vitscope train`:
+      ``variant`` and that family's settings beside the others (``{"variant": "topk", "k": 32}``);
+    - JSON (a mapping) with a setting the config lacks is an error naming it. An instance of the
+      config passes untouched."""
+
+    def __init__(self, cls: type, hidden: Mapping[type, Collection[str]]):
+        self.cls = cls
+        self.hidden = hidden
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_before_validator_function(lambda value: _settings(self.cls, value), handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema, handler: Any) -> dict[str, Any]:
+        json_schema = handler(schema)
+        self._describe(self.cls, handler.resolve_ref_schema(json_schema), handler)
+        return json_schema
+
+    def _describe(self, cls: type, schema: dict[str, Any], handler: Any) -> None:
+        docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+        props = schema.setdefault("properties", {})
+        if _is_train(cls):
+            _flatten_train_schema(cls, props)
+        for f in fields(cls):
+            if f.name in self.hidden.get(cls, ()):
+                props.pop(f.name, None)
+            if f.name not in props:
+                continue
+            if f.name in docs:
+                props[f.name]["description"] = docs[f.name]
+            if is_dataclass(hints[f.name]):
+                self._describe(hints[f.name], handler.resolve_ref_schema(props[f.name]), handler)
+        schema["additionalProperties"] = False
+
+
+# inspect.getsource parses a class's whole module each time: once per class is enough.
+_field_docs = functools.cache(field_docs)
+
+
+def _is_train(cls: Any) -> bool:
+    return isinstance(cls, type) and issubclass(cls, TrainConfig)
+
+
+def _settings(cls: type, value: Any) -> Any:
+    """JSON settings of the config class ``cls`` (a mapping) as its fields, those of nested configs
+    likewise; anything else (an instance) as it is."""
+    if not isinstance(value, Mapping):
+        return value
+    values = _train_fields(dict(value)) if _is_train(cls) else dict(value)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no setting {', '.join(map(repr, unknown))}; its settings are "
+                         f"{', '.join(names)}")
+    return {k: _settings(hints[k], v) if is_dataclass(hints[k]) else v for k, v in values.items()}
+
+
+def _train_fields(flat: dict[str, Any]) -> dict[str, Any]:
+    """The flat form of a TrainConfig as its fields: ``sae`` is the chosen family's typed settings.
+    The names are checked by :func:`vitscope.trainer.train_config` (a setting of no family, or of
+    another family, raises its ConfigError); the other values are left to pydantic to convert."""
+    from .pipeline import TrainStage  # every field has a default: checks the names, whichever are given
+
+    family = {"variant", *family_settings()}
+    # A form sends an unset family setting as null: that family's default, as on the command line.
+    hyper = train_config({k: v for k, v in flat.items() if not (k in family and v is None)}, TrainStage).sae
+    return {**{k: v for k, v in flat.items() if k not in family},
+            "sae": TypeAdapter(type(hyper)).validate_python(asdict(hyper))}
+
+
+def _flatten_train_schema(cls: type[TrainConfig], props: dict[str, Any]) -> None:
+    """A TrainConfig's schema with ``sae`` spelt as ``variant`` plus every family's settings (as the
+    command line has them: a family setting left unset is that family's default)."""
+    from .options import _shown
+
+    if "sae" not in props:  # already flattened: the same class met twice
+        return
+    families = Sae.registry
+    spelt: dict[str, Any] = {"variant": {
+        "title": "Variant", "type": "string", "enum": list(families),
+        "default": cls.__dataclass_fields__["sae"].default_factory().variant,
+        "description": "SAE family: " + "; ".join(f"{v} ({_summary(c)})" for v, c in families.items())}}
+    for name, s in family_settings().items():
+        doc = next((d for v in s.defaults if (d := _field_docs(families[v].Hyper).get(name))), "")
+        shown = {v: _shown(d) for v, d in s.defaults.items()}
+        default = (next(iter(shown.values())) if len(set(shown.values())) == 1
+                   else ", ".join(f"{v} {d}" for v, d in shown.items()))
+        spelt[name] = {**TypeAdapter(s.type | None).json_schema(), "title": name.replace("_", " ").title(),
+                       "default": None,
+                       "description": f"{', '.join(s.defaults)}: {doc} (unset: the family's default, {default})"}
+    at = list(props).index("sae")
+    items = list(props.items())
+    props.clear()
+    props.update(items[:at] + list(spelt.items()) + items[at + 1:])
 
 
 def _report(stage: str, what: str, ident: str, reused: bool, detail: str = "") -> None:
@@ -76,18 +232,28 @@ def extract_publish_task(cfg: ExtractConfig, parts: int) -> ExtractResult:
     return extract(replace(cfg, parts=parts, finish=True))
 
 
-@flow(name="vitscope-extract")
-def extract_flow(cfg: ExtractConfig, parts: int = 1) -> ExtractResult:
-    """Extraction as ``parts`` tasks mapped over contiguous blocks of shards, then a publish step.
+ExtractForm = parameter(ExtractConfig)
 
-    Run it with a Dask task runner (:func:`task_runner`) to spread the parts over a cluster."""
-    if parts <= 1:
-        return extract_task(cfg)
-    futures = extract_part_task.map(unmapped(cfg), range(parts), unmapped(parts))
-    set_ids = {f.result() for f in futures}
-    if len(set_ids) != 1:
-        raise RuntimeError(f"parts disagree on the activation set id: {sorted(set_ids)}")
-    result = extract_publish_task(cfg, parts)
+
+@flow(name="vitscope-extract")
+def extract_flow(cfg: ExtractForm, parts: int = 1) -> ExtractResult:
+    """Extract ViT activations from images into an activation set (skipped when it is already
+    published), as ``parts`` tasks mapped over contiguous blocks of shards, then a publish step.
+
+    Run it with a Dask task runner (:func:`task_runner`) to spread the parts over a cluster.
+
+    Args:
+        cfg: The settings of `vitscope extract`.
+        parts: Extract in this many parallel tasks over blocks of shards (the set is the same whatever the number).
+    """
+    with _gpu_work():
+        if parts <= 1:
+            return extract_task(cfg)
+        futures = extract_part_task.map(unmapped(cfg), range(parts), unmapped(parts))
+        set_ids = {f.result() for f in futures}
+        if len(set_ids) != 1:
+            raise RuntimeError(f"parts disagree on the activation set id: {sorted(set_ids)}")
+        result = extract_publish_task(cfg, parts)
     _report("extract", "activation set", result.set_id, result.reused, _extract_detail(result))
     return result
 
@@ -104,48 +270,105 @@ def task_runner(parts: int, dask_address: str | None = None, dask_cluster_class:
     return ThreadPoolTaskRunner(max_workers=max(1, parts))
 
 
+def _sae_row(cfg: TrainConfig, result: TrainResult) -> dict[str, Any]:
+    """An SAE as a row of a table artifact: its id, the settings that tell SAEs apart, its metrics."""
+    return {"sae_id": result.sae_id, "variant": cfg.variant, **asdict(cfg.sae), "layer": cfg.layer, "lr": cfg.lr,
+            "expansion": cfg.expansion, "seed": cfg.seed, "reused": result.reused,
+            **{m: result.metrics.get(m) for m in (*METRICS, "tokens_per_s")}}
+
+
+def _frequency_artifact(store: str, sae_id: str) -> None:
+    """The SAE's log10 firing-frequency histogram (its record's, over the evaluation tokens of
+    training) as an image artifact. The PNG travels inside a data: URL, since objects of a store
+    have no address that the browser showing the Prefect UI could open."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, safe in threads
+
+    hist = load_record(open_store(store), sae_id).histogram
+    if not hist.get("counts"):  # a record from before histograms
+        return
+    fig = Figure(figsize=(6, 2.6))
+    ax = fig.subplots()
+    ax.stairs(hist["counts"], hist["log10_edges"], fill=True, color="#4c72b0")
+    ax.set(xlabel="log10 firing frequency over the evaluation tokens", ylabel="latents",
+           title=f"SAE {sae_id[:12]}: {hist['never']} latents never fired")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
+    create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(png.getvalue()).decode(),
+                          key=f"sae-{sae_id[:12]}-frequency", description=f"Firing frequency of SAE {sae_id}")
+
+
 @task(name="train", **_RETRY)
 def train_task(cfg: TrainConfig) -> TrainResult:
-    """Train an SAE (skipped when the same SAE is already published)."""
+    """Train an SAE (skipped when the same SAE is already published); its metrics become a table
+    artifact and its firing-frequency histogram an image artifact."""
     result = train(cfg)
     _report("train", "SAE", result.sae_id, result.reused)
-    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in result.metrics.items())
-    create_markdown_artifact(
-        key=f"sae-{result.sae_id[:12]}",
-        markdown=f"# SAE `{result.sae_id}`\n\n| metric | value |\n|---|---|\n{rows}\n",
-        description="SAE training metrics",
-    )
+    create_table_artifact(key=f"sae-{result.sae_id[:12]}", table=[_sae_row(cfg, result)],
+                          description="SAE training metrics")
+    _frequency_artifact(cfg.store, result.sae_id)
     return result
 
 
 @task(name="train-sweep", **_RETRY)
 def sweep_task(cfgs: list[TrainConfig]) -> list[TrainResult]:
-    """Train many SAEs from one pass over the data (each skipped when already published)."""
+    """Train many SAEs from one pass over the data (each skipped when already published); a table
+    artifact compares them, and each one's firing-frequency histogram is an image artifact."""
     results = train_sweep(cfgs)
-    for r in results:
+    for c, r in zip(cfgs, results, strict=True):
         _report("train", "SAE", r.sae_id, r.reused)
+        _frequency_artifact(c.store, r.sae_id)
     create_table_artifact(
         key="sweep",
-        table=[{"sae_id": r.sae_id, "variant": c.variant, **asdict(c.sae), "layer": c.layer, "lr": c.lr,
-                "expansion": c.expansion, "seed": c.seed, "reused": r.reused,
-                **{m: r.metrics.get(m) for m in (*METRICS, "tokens_per_s")}}
-               for c, r in zip(cfgs, results, strict=True)],
+        table=[_sae_row(c, r) for c, r in zip(cfgs, results, strict=True)],
         description="SAE sweep: one row per SAE (NMSE against L0 is the trade-off to read)",
     )
     return results
 
 
+TrainForm = parameter(TrainConfig)
+
+
+@flow(name="vitscope-train")
+def train_flow(cfg: TrainForm) -> TrainResult:
+    """Train one SAE on an activation set (skipped when the same SAE is already published).
+
+    Args:
+        cfg: The settings of `vitscope train`, in its flat form: `variant` (the SAE family) and that
+            family's settings beside the others, e.g. {"activations": "<set id>", "variant": "topk", "k": 32}.
+    """
+    with _gpu_work():
+        return train_task(cfg)
+
+
+SweepForm = parameter(SweepConfig)
+
+
 @flow(name="vitscope-sweep", log_prints=True)
-def sweep_flow(cfg: SweepConfig) -> list[TrainResult]:
-    """Train the SAEs of a sweep (file and/or --grid) from one pass over their activation set."""
-    return sweep_task(sweep_configs(cfg))
+def sweep_flow(cfg: SweepForm) -> list[TrainResult]:
+    """Train the SAEs of a sweep from one pass over their activation set.
+
+    Args:
+        cfg: The settings of `vitscope sweep`: a sweep file and/or grid axes, and settings for
+            every SAE in the flat form of `vitscope train` (set: ["variant=topk", "k=32"]).
+    """
+    with _gpu_work():
+        return sweep_task(sweep_configs(cfg))
+
+
+def _explore(store: str, sae_id: str) -> str:
+    """Markdown: the command that opens the explorer on a store, and the SAE's page in it."""
+    return (f"Explore it: `vitscope explore --store {store}`, then open "
+            f"[SAE {sae_id[:12]}](http://127.0.0.1:8501/?sae={sae_id}) (the explorer's default address)\n")
 
 
 @task(name="analyze", **_RETRY)
 def analyze_task(cfg: AnalyzeConfig) -> AnalyzeResult:
-    """Per-latent statistics and top-k (skipped when already published)."""
+    """Per-latent statistics and top-k (skipped when already published); the way to explore them
+    becomes a markdown artifact."""
     result = analyze(cfg)
     _report("analyze", "analysis", result.analysis_id, result.reused)
+    create_markdown_artifact(key=f"explore-{cfg.sae[:12]}", markdown=f"# SAE `{cfg.sae}`\n\n{_explore(cfg.store, cfg.sae)}",
+                             description="How to open the explorer on the analysed SAE")
     return result
 
 
@@ -158,17 +381,27 @@ def analyze_part_task(cfg: AnalyzeConfig, part: int, parts: int) -> str:
     return result.analysis_id
 
 
+AnalyzeForm = parameter(AnalyzeConfig)
+
+
 @flow(name="vitscope-analyze")
-def analyze_flow(cfg: AnalyzeConfig, parts: int = 1) -> AnalyzeResult:
-    """The analysis pass as ``parts`` tasks mapped over contiguous blocks of shards, then a task
-    that merges their states and publishes (the same bytes as one pass). Run it with a Dask task
-    runner (:func:`task_runner`) to spread the parts over a cluster."""
-    if parts <= 1:
-        return analyze_task(cfg)
-    ids = {f.result() for f in analyze_part_task.map(unmapped(cfg), range(parts), unmapped(parts))}
-    if len(ids) != 1:
-        raise RuntimeError(f"parts disagree on the analysis id: {sorted(ids)}")
-    return analyze_task(replace(cfg, parts=parts, finish=True))
+def analyze_flow(cfg: AnalyzeForm, parts: int = 1) -> AnalyzeResult:
+    """Per-latent statistics and top images of an SAE (skipped when already published), as
+    ``parts`` tasks mapped over contiguous blocks of shards, then a task that merges their states
+    and publishes (the same bytes as one pass). Run it with a Dask task runner
+    (:func:`task_runner`) to spread the parts over a cluster.
+
+    Args:
+        cfg: The settings of `vitscope analyze`.
+        parts: Analyse in this many parallel tasks over blocks of shards (the analysis is the same whatever the number).
+    """
+    with _gpu_work():
+        if parts <= 1:
+            return analyze_task(cfg)
+        ids = {f.result() for f in analyze_part_task.map(unmapped(cfg), range(parts), unmapped(parts))}
+        if len(ids) != 1:
+            raise RuntimeError(f"parts disagree on the analysis id: {sorted(ids)}")
+        return analyze_task(replace(cfg, parts=parts, finish=True))
 
 
 def evaluation_summary(report: dict[str, Any]) -> str:
@@ -191,6 +424,21 @@ def evaluate_task(cfg: EvaluateConfig) -> EvaluateResult:
         description="SAE evaluation: reconstruction, substitution, probing, label alignment",
     )
     return result
+
+
+EvaluateForm = parameter(EvaluateConfig)
+
+
+@flow(name="vitscope-evaluate")
+def evaluate_flow(cfg: EvaluateForm) -> EvaluateResult:
+    """Evaluate an SAE (skipped when the same report is already published): reconstruction, the
+    SAE spliced into its ViT, probing, label alignment, stability.
+
+    Args:
+        cfg: The settings of `vitscope evaluate`.
+    """
+    with _gpu_work():
+        return evaluate_task(cfg)
 
 
 @dataclass
@@ -229,37 +477,46 @@ def prepare_heldout(cfg: PipelineConfig) -> str | None:
     return _demo_images(cfg, "demo-heldout", cfg.demo_heldout_images, seed=1)
 
 
+PipelineForm = parameter(PipelineConfig, hidden=PIPELINE_FILLED)
+
+
 @flow(name="vitscope-pipeline", log_prints=True)
-def pipeline_flow(cfg: PipelineConfig) -> PipelineResult:
-    """extract -> train -> analyze -> evaluate, each skipped when its output is already published."""
-    log = get_run_logger()
-    data = prepare_data(cfg)
-    runner = task_runner(cfg.parts, cfg.dask_address, cfg.dask_cluster_class,
-                         json.loads(cfg.dask_cluster_kwargs) if cfg.dask_cluster_kwargs else None)
-    ex = extract_flow.with_options(task_runner=runner)(replace(cfg.extract, data=data, store=cfg.store),
-                                                       parts=cfg.parts)
-    tr = train_task(replace(cfg.train, activations=ex.set_id, store=cfg.store))
-    an = analyze_flow.with_options(task_runner=runner)(replace(cfg.analyze, sae=tr.sae_id, store=cfg.store),
-                                                       parts=cfg.parts)
-    stages: list[tuple[str, Any]] = [("extract", ex), ("train", tr), ("analyze", an)]
-    ev = None
-    if cfg.evaluation:
-        heldout = prepare_heldout(cfg)
-        held = (extract_flow.with_options(task_runner=runner)(replace(cfg.extract, data=heldout, store=cfg.store),
-                                                             parts=cfg.parts) if heldout else None)
-        ev = evaluate_task(replace(cfg.evaluate, sae=tr.sae_id, store=cfg.store, heldout=held.set_id if held else None))
-        stages.append(("evaluate", ev))
-    skipped = [name for name, r in stages if r.reused]
-    if len(skipped) == len(stages):
-        log.info("nothing to do: every stage's output is already published")
-    result = PipelineResult(ex.set_id, tr.sae_id, an.analysis_id, cfg.store, skipped, ev.report_id if ev else None)
-    create_markdown_artifact(
-        key="pipeline-result",
-        markdown=(f"# vitscope pipeline\n\n- activation set: `{ex.set_id}`\n- SAE: `{tr.sae_id}`\n"
-                  f"- analysis: `{an.analysis_id}`\n- evaluation report: `{result.report_id}`\n"
-                  f"- store: `{cfg.store}`\n- skipped: {', '.join(skipped) or 'none'}\n\n"
-                  f"Explore: `vitscope explore --store {cfg.store}`\n"),
-        description="What the pipeline published",
-    )
-    return result
+def pipeline_flow(cfg: PipelineForm) -> PipelineResult:
+    """extract -> train -> analyze -> evaluate, each skipped when its output is already published.
+
+    Args:
+        cfg: The settings of `vitscope pipeline`: the data, the store, and each stage's settings
+            under extract, train (the flat form of `vitscope train`), analyze and evaluate.
+    """
+    with _gpu_work():
+        log = get_run_logger()
+        data = prepare_data(cfg)
+        runner = task_runner(cfg.parts, cfg.dask_address, cfg.dask_cluster_class,
+                             json.loads(cfg.dask_cluster_kwargs) if cfg.dask_cluster_kwargs else None)
+        ex = extract_flow.with_options(task_runner=runner)(replace(cfg.extract, data=data, store=cfg.store),
+                                                           parts=cfg.parts)
+        tr = train_task(replace(cfg.train, activations=ex.set_id, store=cfg.store))
+        an = analyze_flow.with_options(task_runner=runner)(replace(cfg.analyze, sae=tr.sae_id, store=cfg.store),
+                                                           parts=cfg.parts)
+        stages: list[tuple[str, Any]] = [("extract", ex), ("train", tr), ("analyze", an)]
+        ev = None
+        if cfg.evaluation:
+            heldout = prepare_heldout(cfg)
+            held = (extract_flow.with_options(task_runner=runner)(replace(cfg.extract, data=heldout, store=cfg.store),
+                                                                 parts=cfg.parts) if heldout else None)
+            ev = evaluate_task(replace(cfg.evaluate, sae=tr.sae_id, store=cfg.store, heldout=held.set_id if held else None))
+            stages.append(("evaluate", ev))
+        skipped = [name for name, r in stages if r.reused]
+        if len(skipped) == len(stages):
+            log.info("nothing to do: every stage's output is already published")
+        result = PipelineResult(ex.set_id, tr.sae_id, an.analysis_id, cfg.store, skipped, ev.report_id if ev else None)
+        create_markdown_artifact(
+            key="pipeline-result",
+            markdown=(f"# vitscope pipeline\n\n- activation set: `{ex.set_id}`\n- SAE: `{tr.sae_id}`\n"
+                      f"- analysis: `{an.analysis_id}`\n- evaluation report: `{result.report_id}`\n"
+                      f"- store: `{cfg.store}`\n- skipped: {', '.join(skipped) or 'none'}\n\n"
+                      f"{_explore(cfg.store, tr.sae_id)}"),
+            description="What the pipeline published",
+        )
+        return result
 
