@@ -328,3 +328,13 @@ def test_health_passes_on_a_serving_explorer(tmp_path):
             proc.wait(timeout=20)
     closed = _health("--target", f"http://127.0.0.1:{port}/_stcore/health", "--timeout", "2")
     assert closed.returncode == 1 and len(closed.stderr.strip().splitlines()) == 1, closed.stderr
+
+
+def test_health_passes_on_a_prefect_server(prefect_server):
+    """The path the check uses for `prefect server start` (/api/health) on a real Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    assert api.endswith("/api"), api
+    ok = _health("--target", f"{api}/health")
+    assert ok.returncode == 0 and "HTTP 200" in ok.stdout, ok.stdout + ok.stderr
