@@ -7,12 +7,15 @@ import gc
 import itertools
 import json
 import math
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 import torch
+from support import TINY_IMAGE, TINY_SQUARE
 
 from vitscope.extractor import ExtractConfig, extract
 from vitscope.sae import (
@@ -28,6 +31,7 @@ from vitscope.sae import (
 )
 from vitscope.shards import ActivationSet
 from vitscope.store import LocalStore, open_store
+from vitscope.synthetic import make_planted_dataset
 from vitscope.trainer.config import train_config
 from vitscope.trainer.stream import TokenStream
 from vitscope.trainer.training import SaePlan, SaeTrainer, TrainConfig, TrainingError, _schedule, train
@@ -269,3 +273,84 @@ def test_checkpoint_loads_back_as_saved(tmp_path):
     (tmp_path / "saes/abc/cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="upgrade vitscope"):
         load_sae_from(store, "abc")
+
+
+def _heldout_set(store, model: str, folder, layers=(0, 1)) -> str:
+    """Other planted images, extracted like ``small_set``."""
+    make_planted_dataset(folder, n_images=12, size=TINY_IMAGE, square=TINY_SQUARE, seed=7)
+    return extract(ExtractConfig(data=str(folder), store=str(store), model=model, pretrained=None, layers=layers,
+                                 images_per_shard=6, workers=0, progress=False)).set_id
+
+
+def test_final_metrics_are_measured_on_the_heldout_set(small_set, tiny_model_name, tmp_path):
+    """With --heldout the published metrics are those of the held-out set's tokens, all of them
+    when --eval-tokens allows, computed on the sparse path to what a dense pass over them gives."""
+    store_root, set_id = small_set
+    held = _heldout_set(store_root, tiny_model_name, tmp_path / "held")
+    res = train(train_config({"activations": set_id, "store": str(store_root), "layer": 1, "variant": "topk", "k": 4,
+                              "expansion": 2, "batch_size": 64, "n_tokens": 640, "seed": 11, "eval_tokens": 10**6,
+                              "heldout": held, "progress": False}))
+    store = LocalStore(store_root)
+    sae, record = load_sae_from(store, res.sae_id)
+    assert record.training["heldout"] == held
+    aset = ActivationSet.open(store, held)
+    x = torch.cat([aset.image_tokens(1, i)[aset.layout.patch_start:] for i in range(len(aset))]).float()
+    with torch.no_grad():
+        x_norm = sae.normalize(x)
+        x_hat, z = sae.forward_normalized(x_norm)
+    assert res.metrics["eval_tokens"] == len(x) == 12 * 49
+    nmse = float((x_hat - x_norm).double().pow(2).sum() / (x_norm.double() - x_norm.double().mean(0)).pow(2).sum())
+    assert res.metrics["nmse"] == pytest.approx(nmse, rel=1e-4)
+    assert res.metrics["l0"] == pytest.approx(float((z > 0).sum(dim=1).double().mean()), rel=1e-6)
+    assert res.metrics["never_fired"] == int(((z > 0).sum(dim=0) == 0).sum())
+    assert 0 < res.metrics["eval_seconds"] and 0 < res.metrics["train_seconds"]
+
+
+def test_a_heldout_set_that_does_not_match_is_refused_before_training(small_set, tiny_model_name, tmp_path,
+                                                                      monkeypatch):
+    store_root, set_id = small_set
+    held = _heldout_set(store_root, tiny_model_name, tmp_path / "held", layers=(0,))
+
+    def no_training(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(SaeTrainer, "step", no_training)
+    with pytest.raises(TrainingError, match=rf"held-out set {held} stores layers \[0\], not \[1\]"):
+        train(train_config({"activations": set_id, "store": str(store_root), "layer": 1, "heldout": held,
+                            "progress": False}))
+
+
+_STEP_FAULTS = """
+import contextlib, resource, sys, torch
+from vitscope.device import keep_freed_memory
+from vitscope.sae import SaeConfig, TopKHyper
+from vitscope.trainer.training import SaePlan, SaeTrainer, TrainConfig
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+sae_config = SaeConfig(64, 8192, TopKHyper(k=8).resolved(64, 8192))
+cfg = TrainConfig(activations="-", sae=sae_config.hyper, d_sae=8192, device="cpu")
+trainer = SaeTrainer(SaePlan(cfg, "-", 0, sae_config, {}), 100, torch.device("cpu"))
+x = torch.randn(4096, 64)  # pre-activations [4096, 8192]: 128 MiB, above glibc's largest mmap threshold
+faults = []
+for step in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    trainer.step(x, step, contextlib.nullcontext())
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_cpu_training_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
+    """After the first steps, a step's large blocks come back from malloc's heap without a page
+    fault; without keep_freed_memory every step faults in its pre-activations' pages anew (each
+    4 KiB page of a fresh mmap faults once)."""
+    pages = 4096 * 8192 * 4 // 4096
+
+    def faults(mode: str) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", _STEP_FAULTS, mode], capture_output=True, text=True, check=True)
+        return [int(f) for f in out.stdout.split()]
+
+    default, keep = faults("default"), faults("keep")
+    assert min(default[3:]) > pages, default  # the control: without it, the problem is there
+    assert max(keep[3:]) < pages // 50, keep

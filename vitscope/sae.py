@@ -253,7 +253,9 @@ class Sae(nn.Module):
         return x_norm / self.norm_scale + self.norm_mean
 
     def pre_acts(self, x_norm: torch.Tensor) -> torch.Tensor:
-        return (x_norm - self.b_dec) @ self.W_enc + self.b_enc
+        # addmm: the bias is added in the product's own pass, not in a second one over [n, d_sae]
+        x_c = x_norm - self.b_dec
+        return torch.addmm(self.b_enc, x_c.reshape(-1, x_c.shape[-1]), self.W_enc).reshape(*x_c.shape[:-1], -1)
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -267,6 +269,20 @@ class Sae(nn.Module):
     def forward_normalized(self, x_norm: torch.Tensor) -> SaeOutput:
         z = self.encode_normalized(x_norm)
         return SaeOutput(self.decode_normalized(z), z)
+
+    def encode_sparse_normalized(self, x_norm: torch.Tensor) -> SparseCodes:
+        """The codes of normalised inputs [n, d_in] as (token, latent, value) triples, tokens
+        ascending: the values :meth:`encode_normalized` gives, for a pass over many tokens that
+        should not decode [n, d_sae] dense codes. Triples may include zero values (a family that
+        selects k latents a token keeps its k even where some are 0)."""
+        z = self.encode_normalized(x_norm)
+        rows, cols = z.nonzero(as_tuple=True)
+        return SparseCodes(rows, cols, z[rows, cols])
+
+    def decode_sparse_normalized(self, codes: SparseCodes, n: int) -> torch.Tensor:
+        """:meth:`decode_normalized` of ``n`` tokens' codes given as triples: a gather of the
+        decoder rows they name (``embedding_bag``) instead of a dense [n, d_sae] product."""
+        return _bag(codes.rows, codes.cols, codes.vals, self.W_dec, n) + self.b_dec
 
     # --- training ----------------------------------------------------------------------------
     def loss(self, x_norm: torch.Tensor, ctx: LossContext = LossContext()) -> LossResult:
@@ -299,6 +315,14 @@ class Sae(nn.Module):
 class SaeOutput(NamedTuple):
     reconstruction: torch.Tensor
     latents: torch.Tensor
+
+
+class SparseCodes(NamedTuple):
+    """Latent activations of n tokens as triples: token row (ascending), latent, value."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
 
 
 def _recon(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -366,11 +390,15 @@ def _repeat_rows(n: int, k: int, device: torch.device) -> torch.Tensor:
 class _SelectedPreActs(torch.autograd.Function):
     """Pre-activations at selected (row, col) entries, taken from the dense forward product,
     whose backward touches only those entries: the encoder's weight gradient is a sparse matmul
-    (nnz x d) and the input's a gather of encoder columns, instead of two dense
-    [n, d] x [d, d_sae] products."""
+    (nnz x d) instead of a dense [n, d] x [d, d_sae] product.
+
+    The centred input ``x_c = x - b_dec`` comes in without autograd (a training input takes no
+    gradient): b_dec's gradient, which is minus the sum over tokens of x_c's, is then
+    ``-W_enc @ grad(b_enc)``, a matrix-vector product instead of a gather of n x k encoder
+    columns into an [n, d] gradient."""
 
     @staticmethod
-    def forward(ctx, x_c, w_enc, b_enc, pre, rows, cols):
+    def forward(ctx, x_c, b_dec, w_enc, b_enc, pre, rows, cols):
         ctx.save_for_backward(x_c, w_enc, rows, cols)
         return pre[rows, cols]
 
@@ -379,15 +407,15 @@ class _SelectedPreActs(torch.autograd.Function):
         x_c, w_enc, rows, cols = ctx.saved_tensors
         g = g.to(x_c.dtype)
         n, m = len(x_c), w_enc.shape[1]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _bag(rows, cols, g, w_enc.T.contiguous(), n)
-        if ctx.needs_input_grad[1]:
+        grad_b_dec = grad_w = grad_b = None
+        if ctx.needs_input_grad[2]:
             coo = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (m, n), check_invariants=False)
             grad_w = torch.sparse.mm(coo, x_c).T
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             grad_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-        return grad_x, grad_w, grad_b, None, None, None
+            if ctx.needs_input_grad[1]:
+                grad_b_dec = -(w_enc @ grad_b)
+        return None, grad_b_dec, grad_w, grad_b if ctx.needs_input_grad[3] else None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -453,12 +481,12 @@ class _SparseCodes(Sae):
     def _encode_for_training(self, x_norm: torch.Tensor):
         """(pre-activations without gradient, a function giving the differentiable
         pre-activations at chosen (rows, cols))."""
-        x_c = x_norm - self.b_dec
-        if self.sparse_encode:
+        if self.sparse_encode and not x_norm.requires_grad:
             with torch.no_grad():
-                pre = x_c @ self.W_enc + self.b_enc
-            return pre, lambda r, c: _SelectedPreActs.apply(x_c, self.W_enc, self.b_enc, pre, r, c)
-        pre = x_c @ self.W_enc + self.b_enc
+                x_c = x_norm - self.b_dec
+                pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            return pre, lambda r, c: _SelectedPreActs.apply(x_c, self.b_dec, self.W_enc, self.b_enc, pre, r, c)
+        pre = torch.addmm(self.b_enc, x_norm - self.b_dec, self.W_enc)
         return pre.detach(), lambda r, c: pre[r, c]
 
     def decode_selected(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n: int,
@@ -541,6 +569,11 @@ class TopKSae(_SparseCodes):
         k = self.hyper.k
         cols = pre.topk(k, dim=-1)[1]
         return _repeat_rows(len(pre), k, pre.device), cols.reshape(-1)
+
+    def encode_sparse_normalized(self, x_norm: torch.Tensor) -> SparseCodes:
+        vals, cols = self.pre_acts(x_norm).topk(self.hyper.k, dim=-1)
+        return SparseCodes(_repeat_rows(len(x_norm), self.hyper.k, x_norm.device), cols.reshape(-1),
+                           torch.relu(vals).reshape(-1))
 
 
 class BatchTopKSae(_SparseCodes):

@@ -216,6 +216,20 @@ class Manifest:
             return self.layers[self.layers_requested.index(layer)]
         raise ValueError(f"layer {layer} is not in this activation set; it has layers {self.layers}")
 
+    def check_heldout(self, heldout: Manifest, layers: Sequence[int]) -> None:
+        """Raise ``ValueError`` unless ``heldout`` (a set of other images) holds tokens an SAE
+        trained on this set reads the same way: the same model and preprocessing, width and
+        ``layers``. What a held-out measurement compares must differ in its images only."""
+        if heldout.model.get("spec") != self.model.get("spec") or heldout.transform != self.transform:
+            raise ValueError(f"held-out set {heldout.set_id} comes from {heldout.model.get('spec')!r}, but set "
+                             f"{self.set_id} from {self.model.get('spec')!r}: extract the held-out images with the "
+                             "same model and settings")
+        if heldout.d_model != self.d_model:
+            raise ValueError(f"held-out set {heldout.set_id} has d={heldout.d_model}, set {self.set_id} d={self.d_model}")
+        missing = sorted(set(layers) - set(heldout.layers))
+        if missing:
+            raise ValueError(f"held-out set {heldout.set_id} stores layers {heldout.layers}, not {missing}")
+
 
 def part_block(n_shards: int, part: int, parts: int) -> range:
     """The contiguous block of shards that ``part`` of ``parts`` covers (blocks of equal size but

@@ -109,11 +109,10 @@ def _resolve(store: Store, cfg: EvaluateConfig, sae: Sae, record: SaeRecord) -> 
     if record.layer not in m.layers:
         raise EvaluationError(f"SAE {record.sae_id} reads layer {record.layer}; set {m.set_id} stores {m.layers}")
     if cfg.heldout:
-        trained = ActivationSet.open(store, record.activation_set_id).manifest
-        if trained.model.get("spec") != m.model.get("spec") or trained.transform != m.transform:
-            raise EvaluationError(f"held-out set {m.set_id} comes from {m.model.get('spec')!r}, but SAE "
-                                  f"{record.sae_id} was trained on {trained.model.get('spec')!r}: extract the "
-                                  "held-out images with the same model")
+        try:
+            ActivationSet.open(store, record.activation_set_id).manifest.check_heldout(m, [record.layer])
+        except ValueError as e:
+            raise EvaluationError(f"SAE {record.sae_id}: {e}") from None
     return aset
 
 

@@ -66,8 +66,16 @@ class TrainConfig:
     """Tokens per read (whole images): the unit that is shuffled before the token-level shuffle."""
     init_sample: int = 1 << 16
     """Tokens sampled to fit the normalisation and initialise b_dec (tens of thousands, not tens)."""
-    eval_tokens: int = 1 << 18
-    """Tokens in the final evaluation pass that produces the published metrics."""
+    eval_tokens: int = 1 << 14
+    """Tokens in the final pass that measures the published metrics (NMSE, L0, never-firing and
+    dense latents), read in chunks spread over the set (fewer if the set has fewer); on the
+    training set unless --heldout is given. Each token costs about half a training token (the
+    encoder's product, no backward or optimiser), so the default costs about two steps of 4096.
+    `vitscope evaluate` measures on every held-out token."""
+    heldout: str | None = None
+    """Activation set of images the SAE does not train on (extracted with the same model and
+    settings) for the final metrics pass; default: the training set. `vitscope pipeline` passes
+    its held-out set."""
     checkpoint_every: int = 100_000_000
     """Save a resumable state every this many tokens under runs/<run_id>/ (0: never)."""
     device: str = "auto"
@@ -99,7 +107,7 @@ class TrainConfig:
 
 # Settings of the data pass, which every SAE of a sweep must share; the others are per SAE.
 SHARED_FIELDS = ("activations", "store", "tokens", "batch_size", "n_tokens", "data_seed", "buffer_tokens",
-                 "chunk_tokens", "init_sample", "eval_tokens", "checkpoint_every", "device", "autocast",
+                 "chunk_tokens", "init_sample", "eval_tokens", "heldout", "checkpoint_every", "device", "autocast",
                  "cuda_graphs", "wandb_project", "progress")
 
 # What shapes the trained model besides the family's own settings, and so goes into its id;

@@ -23,16 +23,20 @@ class Accumulator:
 
     @torch.no_grad()
     def add(self, x_norm: torch.Tensor) -> None:
-        x_hat, z = self.sae.forward_normalized(x_norm)
+        # Sparse codes and a gather decode, as in training: dense [n, d_sae] codes and a dense
+        # decode made this pass cost more per token than a training step.
+        n = len(x_norm)
+        codes = self.sae.encode_sparse_normalized(x_norm)
+        x_hat = self.sae.decode_sparse_normalized(codes, n)
         x64 = x_norm.double()
         self.sse = self.sse + (x_hat.double() - x64).pow(2).sum()
         self.sx += x64.sum(dim=0)
         self.sxx = self.sxx + x64.pow(2).sum()
-        active = z > 0
+        active = codes.vals > 0
         self.l0 = self.l0 + active.sum()
-        self.l1 = self.l1 + z.double().sum()
-        self.fires += active.sum(dim=0)
-        self.n += len(x_norm)
+        self.l1 = self.l1 + codes.vals.double().sum()
+        self.fires.index_add_(0, codes.cols, active.double())
+        self.n += n
 
     def result(self) -> tuple[dict[str, float], dict]:
         """(scalar metrics, log10 firing-frequency histogram as the SAE record stores it)."""
