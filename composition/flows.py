@@ -50,8 +50,8 @@ from vitscope.trainer import (
     train_sweep,
 )
 
-from .options import _summary, field_docs
-from .pipeline import PIPELINE_FILLED, PipelineConfig
+from .options import _shown, _summary, field_docs
+from .pipeline import PIPELINE_FILLED, PipelineConfig, TrainStage
 
 
 def _retry_on_transient_errors(task_, task_run, state) -> bool:
@@ -85,6 +85,9 @@ def _gpu_work() -> AbstractContextManager:
 
 
 # --- flow parameters: the stages' configs as the Prefect UI's forms -------------------------------
+
+# inspect.getsource parses a class's whole module each time: once per class is enough.
+_field_docs = functools.cache(field_docs)
 
 
 def parameter(cls: type, hidden: Mapping[type, Collection[str]] | None = None) -> Any:
@@ -135,10 +138,6 @@ class _ConfigForm:
         schema["additionalProperties"] = False
 
 
-# inspect.getsource parses a class's whole module each time: once per class is enough.
-_field_docs = functools.cache(field_docs)
-
-
 def _is_train(cls: Any) -> bool:
     return isinstance(cls, type) and issubclass(cls, TrainConfig)
 
@@ -162,10 +161,9 @@ def _train_fields(flat: dict[str, Any]) -> dict[str, Any]:
     """The flat form of a TrainConfig as its fields: ``sae`` is the chosen family's typed settings.
     The names are checked by :func:`vitscope.trainer.train_config` (a setting of no family, or of
     another family, raises its ConfigError); the other values are left to pydantic to convert."""
-    from .pipeline import TrainStage  # every field has a default: checks the names, whichever are given
-
     family = {"variant", *family_settings()}
     # A form sends an unset family setting as null: that family's default, as on the command line.
+    # TrainStage has a default for every field, so the names are checked whichever are given.
     hyper = train_config({k: v for k, v in flat.items() if not (k in family and v is None)}, TrainStage).sae
     return {**{k: v for k, v in flat.items() if k not in family},
             "sae": TypeAdapter(type(hyper)).validate_python(asdict(hyper))}
@@ -174,8 +172,6 @@ def _train_fields(flat: dict[str, Any]) -> dict[str, Any]:
 def _flatten_train_schema(cls: type[TrainConfig], props: dict[str, Any]) -> None:
     """A TrainConfig's schema with ``sae`` spelt as ``variant`` plus every family's settings (as the
     command line has them: a family setting left unset is that family's default)."""
-    from .options import _shown
-
     if "sae" not in props:  # already flattened: the same class met twice
         return
     families = Sae.registry
