@@ -61,20 +61,28 @@ class PrefectStack:
         self.ran.append(list(args))
         return subprocess.Popen([PREFECT, *args], cwd=REPO, env=env or self.env, **kw)
 
-    def settings(self) -> Any:
-        """Prefect settings that point this process at this server (whatever server the session's
-        settings name)."""
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        return temporary_settings(updates={PREFECT_API_URL: self.api_url})
-
     @contextmanager
     def client(self) -> Iterator[Any]:
-        """A synchronous Prefect client on this server."""
+        """A synchronous Prefect client on this server (whatever server the session's settings name)."""
         from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        with self.settings(), get_client(sync_client=True) as client:
+        with temporary_settings(updates={PREFECT_API_URL: self.api_url}), get_client(sync_client=True) as client:
             yield client
+
+    @contextmanager
+    def holding(self, limit: str) -> Iterator[None]:
+        """One slot of a concurrency limit, held by this process until the block ends: through the
+        API, since Prefect's ``concurrency()`` also emits events, which the session would go on
+        trying to deliver to this server once it has stopped."""
+        with self.client() as client:
+            lease = client.increment_concurrency_slots_with_lease(names=[limit], slots=1, mode="concurrency",
+                                                                  lease_duration=600).json()
+            assert lease["limits"], f"no concurrency limit {limit}"
+            try:
+                yield
+            finally:
+                client.release_concurrency_slots_with_lease(UUID(lease["lease_id"]))
 
     def start(self, deployment: str, cfg: dict[str, Any]) -> UUID:
         """A flow run of ``deployment`` with parameter ``cfg``, created through the API."""
@@ -165,12 +173,10 @@ def runs(prefect_stack, tiny_model_name, planted_data, tmp_path_factory) -> Runs
     ~10 s of a core importing torch and Prefect, so side by side they take half as long on two
     cores. The test process holds the one slot of the worker's GPU tag until both extract runs of
     the pair have their task waiting for it, so that both are due at once when it lets go."""
-    from prefect.concurrency.sync import concurrency
-
     tmp = tmp_path_factory.mktemp("runs")
     data, _ = planted_data
     store = tmp / "pipeline-store"
-    with prefect_stack.settings(), concurrency(f"tag:{GPU_TAG}", occupy=1, strict=True):
+    with prefect_stack.holding(f"tag:{GPU_TAG}"):
         pipeline = prefect_stack.popen("deployment", "run", "vitscope-pipeline/pipeline-process", "--param",
                                        f"cfg={json.dumps(_pipeline_cfg(data, store, tiny_model_name))}",
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
