@@ -33,50 +33,34 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitscope.metrics import current_names
-from vitscope.store import NotFound, Store, open_store
-
-FORMAT = "vitscope.sae"
-SCHEMA_VERSION = 2
-"""2: a family's settings are one ``hyper`` object in cfg.json's ``config`` (1 had ``k`` and
-``prefixes`` beside ``d_sae``; still read)."""
-PREFIX = "saes"
-
-
-@dataclass(frozen=True)
-class SaeHyper:
-    """Base of every family's hyper-parameters: what that family's loss and architecture need,
-    typed, and nothing of any other family's. Each family declares its own subclass as ``Hyper``
-    and registration ties the two (``Hyper.variant``)."""
-
-    variant: ClassVar[str] = ""
-    knob: ClassVar[str] = ""
-    """The setting that trades reconstruction for sparsity (named when training diverges)."""
-
-    def resolved(self, d_in: int, d_sae: int) -> SaeHyper:
-        """This with its size-dependent defaults filled in (what a checkpoint records)."""
-        return self
-
-    def warmup_fraction(self) -> float:
-        """Fraction of training over which the trainer ramps the sparsity penalty up from 0."""
-        return 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> SaeHyper:
-        """The settings in ``d`` that this family has (others are ignored: older checkpoints
-        recorded every family's training settings side by side)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+# The record, the config and the families' settings need no torch: they live in sae_format, for
+# what reads checkpoints' cfg.json without running a model (the analyzer's listings); they are
+# this module's names too.
+from vitscope.sae_format import (  # noqa: F401
+    FORMAT,
+    PREFIX,
+    SCHEMA_VERSION,
+    BatchTopKHyper,
+    JumpReluHyper,
+    MatryoshkaHyper,
+    ReluHyper,
+    SaeConfig,
+    SaeHyper,
+    SaeRecord,
+    TopKHyper,
+    hyper_class,
+    list_saes,
+    load_record,
+    sae_prefix,
+    unknown_variant,
+)
+from vitscope.store import Store, open_store
 
 
 class LossContext(NamedTuple):
@@ -105,45 +89,15 @@ class LossResult(NamedTuple):
     """Smallest positive code value of the batch, for families that select codes (0 if none)."""
 
 
-@dataclass(frozen=True)
-class SaeConfig:
-    """Architecture of an SAE: its size and its family's settings (``hyper``; the family is
-    ``hyper.variant``)."""
-
-    d_in: int
-    d_sae: int
-    hyper: SaeHyper
-
-    @property
-    def variant(self) -> str:
-        return self.hyper.variant
-
-    @classmethod
-    def of(cls, variant: str, d_in: int, d_sae: int, **settings: Any) -> SaeConfig:
-        """The config of a ``variant`` SAE with that family's ``settings``, e.g.
-        ``SaeConfig.of("topk", 768, 16384, k=64)``."""
-        return cls(d_in, d_sae, sae_class(variant).Hyper(**settings))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"variant": self.variant, "d_in": self.d_in, "d_sae": self.d_sae, "hyper": self.hyper.to_json()}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any], training: dict[str, Any] | None = None) -> SaeConfig:
-        """Read a config of any schema; for schema 1 (``k``/``prefixes`` beside the sizes) the
-        family's settings come from those and the record's ``training`` settings."""
-        hyper = d.get("hyper")
-        if hyper is None:
-            hyper = {**(training or {}), **{k: v for k, v in d.items() if k in ("k", "prefixes")}}
-        return cls(int(d["d_in"]), int(d["d_sae"]), sae_class(d["variant"]).Hyper.from_json(hyper))
-
-
 class Sae(nn.Module):
     """Base class of the SAE families: a linear encoder with a family-specific activation, a
     linear decoder, and the input normalisation stored as buffers.
 
-    A family is one subclass naming its ``variant`` and its ``Hyper`` (a frozen
-    :class:`SaeHyper` dataclass); defining it registers it, and everything else (the CLI's
-    choices and options, sweep keys, checkpoints) is derived from the registry.
+    A family is one subclass naming its ``Hyper`` (a frozen :class:`SaeHyper` dataclass) and
+    its ``variant``, here or on the ``Hyper`` (the built-in families name it on their settings,
+    which :mod:`vitscope.sae_format` reads without torch); defining it registers it, and
+    everything else (the CLI's choices and options, sweep keys, checkpoints) is derived from
+    the registry.
 
     The public methods work in the raw activation space of the ViT: :meth:`encode`,
     :meth:`decode`, :meth:`reconstruct` and :meth:`forward` apply the normalisation the SAE was
@@ -165,14 +119,17 @@ class Sae(nn.Module):
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        if "variant" not in cls.__dict__:  # abstract intermediate classes name no variant
-            return
         hyper = cls.__dict__.get("Hyper")
+        if "variant" not in cls.__dict__ and hyper is None:  # abstract intermediate classes name neither
+            return
         if hyper is None or not (isinstance(hyper, type) and issubclass(hyper, SaeHyper)):
-            raise TypeError(f"SAE family {cls.variant!r} must define its own Hyper, a frozen SaeHyper dataclass")
-        if hyper.__dict__.get("variant") not in (None, "", cls.variant):
-            raise TypeError(f"{hyper.__name__} already belongs to family {hyper.variant!r}")
-        hyper.variant = cls.variant
+            raise TypeError(f"SAE family {cls.__dict__.get('variant', cls.__name__)!r} must define its own Hyper, "
+                            "a frozen SaeHyper dataclass")
+        if "variant" not in cls.__dict__:
+            if not hyper.__dict__.get("variant"):
+                raise TypeError(f"SAE family {cls.__name__} names no variant, nor does its Hyper")
+            cls.variant = hyper.variant
+        hyper.belong_to(cls.variant)
         Sae.registry[cls.variant] = cls
 
     def __init__(self, cfg: SaeConfig):
@@ -335,27 +292,10 @@ def _dense_counts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return active.sum(dim=0), active.sum(dim=-1).float().mean()
 
 
-@dataclass(frozen=True)
-class _PenaltyHyper(SaeHyper):
-    sparsity_warmup_frac: float = 0.05
-    """Ramp the sparsity penalty up from 0 over this fraction of training (avoids early dead latents)."""
-
-    def warmup_fraction(self) -> float:
-        return self.sparsity_warmup_frac
-
-
-@dataclass(frozen=True)
-class ReluHyper(_PenaltyHyper):
-    knob: ClassVar[str] = "l1_coeff"
-    l1_coeff: float = 5.0
-    """Weight of the L1 penalty (on inputs scaled to norm sqrt(d_in)); larger = sparser."""
-
-
 class ReluSae(Sae):
     """The classic: ReLU encoder, trained with an L1 penalty on latents weighted by decoder
     norms (so the penalty cannot be dodged by shrinking codes and growing decoder rows)."""
 
-    variant = "relu"
     Hyper = ReluHyper
     summary = "ReLU, L1 penalty weighted by decoder norms"
     elementwise = True
@@ -416,40 +356,6 @@ class _SelectedPreActs(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_b_dec = -(w_enc @ grad_b)
         return None, grad_b_dec, grad_w, grad_b if ctx.needs_input_grad[3] else None, None, None, None
-
-
-@dataclass(frozen=True)
-class _SelectionHyper(SaeHyper):
-    knob: ClassVar[str] = "k"
-    k: int = 32
-    """Active latents per token (on average over a batch for the batch families)."""
-    aux_coeff: float = 1 / 32
-    """Weight of the AuxK loss that trains dead latents on the residual."""
-    aux_k: int | None = None
-    """Dead latents used by the AuxK loss; default d_in / 2."""
-
-    def resolved(self, d_in: int, d_sae: int) -> SaeHyper:
-        return replace(self, aux_k=self.aux_k or d_in // 2)
-
-
-@dataclass(frozen=True)
-class TopKHyper(_SelectionHyper):
-    pass
-
-
-@dataclass(frozen=True)
-class BatchTopKHyper(_SelectionHyper):
-    pass
-
-
-@dataclass(frozen=True)
-class MatryoshkaHyper(_SelectionHyper):
-    prefixes: tuple[int, ...] = ()
-    """Nested prefix sizes, ascending, the last = d_sae; default d_sae/16, /8, /4, /2, 1."""
-
-    def resolved(self, d_in: int, d_sae: int) -> SaeHyper:
-        prefixes = self.prefixes or tuple(sorted({max(1, d_sae >> s) for s in (4, 3, 2, 1, 0)}))
-        return replace(super().resolved(d_in, d_sae), prefixes=tuple(prefixes))
 
 
 class _SparseCodes(Sae):
@@ -557,7 +463,6 @@ def _smallest_active(vals: torch.Tensor) -> torch.Tensor:
 class TopKSae(_SparseCodes):
     """Keep the k largest pre-activations of each token (ReLU'd), zero the rest."""
 
-    variant = "topk"
     Hyper = TopKHyper
     summary = "the k largest latents of each token, AuxK loss for dead latents"
 
@@ -582,7 +487,6 @@ class BatchTopKSae(_SparseCodes):
     Inference cannot depend on the batch, so it keeps latents above ``threshold``: an
     exponential moving average of the smallest kept activation of each training batch."""
 
-    variant = "batchtopk"
     Hyper = BatchTopKHyper
     elementwise = True  # at inference: a stored threshold, whatever the other latents do
     summary = "k latents per token on average over a batch; a learned threshold at inference"
@@ -626,7 +530,6 @@ class MatryoshkaSae(BatchTopKSae):
     reconstruct the input on its own, so early latents learn general concepts and later ones
     refine them instead of absorbing them. The loss is the mean of the prefix losses."""
 
-    variant = "matryoshka"
     Hyper = MatryoshkaHyper
     summary = "BatchTopK whose nested latent prefixes each reconstruct the input"
 
@@ -695,22 +598,12 @@ class _StepFn(torch.autograd.Function):
         return None, grad_t.reshape(-1, t.shape[-1]).sum(0), None
 
 
-@dataclass(frozen=True)
-class JumpReluHyper(_PenaltyHyper):
-    knob: ClassVar[str] = "l0_coeff"
-    l0_coeff: float = 0.5
-    """Weight of the L0 penalty; larger = sparser."""
-    bandwidth: float = 0.05
-    """Width of the straight-through kernel around each threshold."""
-
-
 class JumpReluSae(Sae):
     """JumpReLU (Rajamanoharan et al. 2024): a latent passes when its pre-activation exceeds
     its own learned threshold (stored as ``log_threshold``, so it stays positive), trained with
     an L0 penalty; the step's zero gradient is replaced by a rectangle kernel of width
     ``bandwidth`` around the threshold."""
 
-    variant = "jumprelu"
     Hyper = JumpReluHyper
     summary = "learned per-latent thresholds, L0 penalty"
     elementwise = True
@@ -744,74 +637,17 @@ class JumpReluSae(Sae):
         return LossResult(recon + hp.l0_coeff * ctx.sparsity_scale * l0, recon, *_dense_counts(z), {"l0": l0})
 
 
-@dataclass
-class SaeRecord:
-    """Everything in cfg.json besides the weights."""
-
-    sae_id: str
-    config: SaeConfig
-    activation_set_id: str
-    layer: int
-    tokens: list[str]
-    training: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    """Scalars only (mse, nmse, l0, ...), so that every consumer can tabulate them."""
-    histogram: dict[str, Any] = field(default_factory=dict)
-    """log10 firing-frequency histogram of the evaluation pass: ``log10_edges`` (bin edges),
-    ``counts`` (latents per bin) and ``never`` (latents that never fired, off the log scale)."""
-    model: str = ""
-    """The ViT the activations came from, in words (e.g. ``ViT-B-16/openai``)."""
-    model_record: dict[str, Any] = field(default_factory=dict)
-    """The same ViT as its activation set's manifest records it (name, pretrained, options,
-    init_seed): what :meth:`model_spec` rebuilds."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    format: str = FORMAT
-    schema_version: int = SCHEMA_VERSION
-
-    def model_spec(self):
-        """The :class:`vitscope.models.ModelSpec` of the ViT this SAE reads, for
-        ``vitscope.load_vit(record.model_spec())``."""
-        from vitscope.models import ModelSpec
-
-        if not self.model_record:
-            raise ValueError(f"SAE {self.sae_id} was published before checkpoints recorded their ViT; its activation "
-                             f"set {self.activation_set_id} does: ModelSpec.from_record(set.manifest.model)")
-        return ModelSpec.from_record(self.model_record)
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["config"] = self.config.to_json()
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> SaeRecord:
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not an SAE checkpoint (format={d.get('format')!r})")
-        if int(d.get("schema_version", 0)) > SCHEMA_VERSION:
-            raise ValueError(
-                f"checkpoint schema {d['schema_version']} is newer than this vitscope reads ({SCHEMA_VERSION}): upgrade vitscope"
-            )
-        kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        kw["config"] = SaeConfig.from_json(d["config"], d.get("training"))
-        kw["metrics"] = current_names(kw.get("metrics", {}))
-        return cls(**kw)
-
-
 def sae_class(variant: str) -> type[Sae]:
     """The family registered as ``variant``."""
     try:
         return Sae.registry[variant]
     except KeyError:
-        raise ValueError(f"unknown SAE variant {variant!r}; known: {', '.join(sorted(Sae.registry))}") from None
+        raise unknown_variant(variant, Sae.registry) from None
 
 
 def build_sae(cfg: SaeConfig) -> Sae:
     """The SAE class registered for ``cfg.variant``, freshly initialised."""
     return sae_class(cfg.variant)(cfg)
-
-
-def sae_prefix(sae_id: str) -> str:
-    return f"{PREFIX}/{sae_id}"
 
 
 def save_sae(store: Store, sae: Sae, record: SaeRecord) -> None:
@@ -824,13 +660,6 @@ def save_sae(store: Store, sae: Sae, record: SaeRecord) -> None:
     record.config = sae.cfg
     record.extra = {**record.extra, **sae.extra_config(), "norm_scale": float(sae.norm_scale)}
     store.put_bytes(f"{prefix}/cfg.json", json.dumps(record.to_json(), indent=1).encode())
-
-
-def load_record(store: Store, sae_id: str) -> SaeRecord:
-    try:
-        return SaeRecord.from_json(json.loads(store.get_bytes(f"{sae_prefix(sae_id)}/cfg.json")))
-    except NotFound:
-        raise NotFound(f"no published SAE {sae_id!r} in {store.uri}") from None
 
 
 def load_sae_from(store: Store, sae_id: str, device: str | torch.device = "cpu") -> tuple[Sae, SaeRecord]:
@@ -860,11 +689,6 @@ def load_sae(uri: str | os.PathLike, device: str | torch.device = "cpu") -> Sae:
         raise ValueError(f"{uri!r} is not an SAE URI: expected <store>/{PREFIX}/<sae_id>")
     sae, _ = load_sae_from(open_store(root or "/"), sae_id, device)
     return sae
-
-
-def list_saes(store: Store) -> list[str]:
-    """Ids of every published SAE in the store."""
-    return [k.split("/")[1] for k in store.list(f"{PREFIX}/") if k.endswith("/cfg.json") and k.count("/") == 2]
 
 
 @torch.no_grad()
