@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=os.environ.get("VITSCOPE_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Prefect's client logs every HTTP request at INFO through httpx: a flow's log drowned in them.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # Prefect starts a temporary API server for a flow run without a server of its own; its 20 s
     # default for that start is too short on a busy 2-core machine (the pipeline failed so).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

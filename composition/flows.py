@@ -491,16 +491,19 @@ def pipeline_flow(cfg: PipelineForm) -> PipelineResult:
                              json.loads(cfg.dask_cluster_kwargs) if cfg.dask_cluster_kwargs else None)
         ex = extract_flow.with_options(task_runner=runner)(replace(cfg.extract, data=data, store=cfg.store),
                                                            parts=cfg.parts)
-        tr = train_task(replace(cfg.train, activations=ex.set_id, store=cfg.store))
+        # The held-out images are extracted before training, whose final metrics are then
+        # measured on them too, as the evaluation's are.
+        heldout = prepare_heldout(cfg) if cfg.evaluation or cfg.heldout_data else None
+        held = (extract_flow.with_options(task_runner=runner)(replace(cfg.extract, data=heldout, store=cfg.store),
+                                                             parts=cfg.parts) if heldout else None)
+        held_id = held.set_id if held else None
+        tr = train_task(replace(cfg.train, activations=ex.set_id, store=cfg.store, heldout=held_id))
         an = analyze_flow.with_options(task_runner=runner)(replace(cfg.analyze, sae=tr.sae_id, store=cfg.store),
                                                            parts=cfg.parts)
         stages: list[tuple[str, Any]] = [("extract", ex), ("train", tr), ("analyze", an)]
         ev = None
         if cfg.evaluation:
-            heldout = prepare_heldout(cfg)
-            held = (extract_flow.with_options(task_runner=runner)(replace(cfg.extract, data=heldout, store=cfg.store),
-                                                                 parts=cfg.parts) if heldout else None)
-            ev = evaluate_task(replace(cfg.evaluate, sae=tr.sae_id, store=cfg.store, heldout=held.set_id if held else None))
+            ev = evaluate_task(replace(cfg.evaluate, sae=tr.sae_id, store=cfg.store, heldout=held_id))
             stages.append(("evaluate", ev))
         skipped = [name for name, r in stages if r.reused]
         if len(skipped) == len(stages):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from support import TINY_IMAGE, pipeline_config
 
@@ -25,13 +27,16 @@ def _patch_on_square(patch: int, grid_cols: int, box: tuple[int, int, int, int])
     return col * PATCH < x1 and (col + 1) * PATCH > x0 and row * PATCH < y1 and (row + 1) * PATCH > y0
 
 
-def test_a_latent_finds_the_planted_square(pipeline):
-    store = open_store(pipeline.store_uri)
-    manifest, table = load_analysis(store, pipeline.analysis_id)
-    aset = ActivationSet.open(store, pipeline.set_id)
-    sae, record = load_sae_from(store, pipeline.sae_id)
-    assert manifest.sae_id == pipeline.sae_id and record.activation_set_id == pipeline.set_id
-    boxes = {item.id: item.box for item in pipeline.items}
+def _assert_a_latent_finds_the_planted_square(store_uri: str, set_id: str, sae_id: str, analysis_id: str,
+                                              items) -> None:
+    """Some latent's top images are all planted images, its heatmap peaks on the square in every
+    one of them, and the stored best patch is that peak."""
+    store = open_store(store_uri)
+    manifest, table = load_analysis(store, analysis_id)
+    aset = ActivationSet.open(store, set_id)
+    sae, record = load_sae_from(store, sae_id)
+    assert manifest.sae_id == sae_id and record.activation_set_id == set_id
+    boxes = {item.id: item.box for item in items}
     image_ids = [r["id"] for s in aset.manifest.shards for r in aset.shard_records(s)]
     grid_rows, grid_cols = aset.layout.grid
     assert grid_cols * PATCH == TINY_IMAGE
@@ -55,6 +60,32 @@ def test_a_latent_finds_the_planted_square(pipeline):
     heat = sae.encode(aset.image_tokens(record.layer, first)[aset.layout.patch_start:])[:, best]
     assert int(heat.argmax()) == int(table.top["best_patch"].patch[best, 0])
     np.testing.assert_allclose(float(heat.max()), float(table.top["best_patch"].score[best, 0]), rtol=1e-4)
+
+
+def test_a_latent_finds_the_planted_square(pipeline):
+    _assert_a_latent_finds_the_planted_square(pipeline.store_uri, pipeline.set_id, pipeline.sae_id,
+                                              pipeline.analysis_id, pipeline.items)
+
+
+def test_the_demo_s_sae_family_finds_the_planted_square(pipeline, tmp_path):
+    """`make demo` trains a TopK SAE (PipelineConfig.demo) for its speed on a CPU: trained like the
+    test pipeline's SAE, a latent of that family finds the planted square too (on the pipeline's
+    set, in a copy of its store). k is scaled to the tiny model, 12x narrower than the demo's
+    ViT-B-32: 8 of 512 latents a token instead of 32 of 6144."""
+    from vitscope.analyzer import AnalyzeConfig, analyze
+    from vitscope.composition.pipeline import PipelineConfig
+    from vitscope.trainer import train
+
+    shutil.copytree(pipeline.store_uri, tmp_path / "store")
+    store = str(tmp_path / "store")
+    demo = PipelineConfig.demo().train.sae
+    assert demo.variant == "topk"
+    cfg = pipeline_config(store, pipeline.data_root, pipeline.model_name).train
+    trained = train(replace(cfg, sae=replace(demo, k=8), activations=pipeline.set_id, store=store))
+    assert not trained.reused and trained.metrics["l0"] == pytest.approx(8)
+    analysis = analyze(AnalyzeConfig(sae=trained.sae_id, store=store, top_images=8, progress=False))
+    _assert_a_latent_finds_the_planted_square(store, pipeline.set_id, trained.sae_id, analysis.analysis_id,
+                                              pipeline.items)
 
 
 def test_topk_images_are_unique_and_sorted(pipeline):
@@ -109,6 +140,29 @@ def test_rerun_skips_every_finished_stage(pipeline, caplog, tmp_path):
                                             train={"l1_coeff": 4.0, "n_tokens": 20_000}))
     assert changed.skipped == ["extract"]
     assert changed.set_id == pipeline.set_id and changed.sae_id != pipeline.sae_id
+
+
+def test_heldout_images_serve_training_s_final_metrics_and_the_evaluation(pipeline, tmp_path):
+    """With --heldout-data the pipeline extracts those images before training: the SAE's
+    published metrics and its evaluation report both come from that set (in a copy of the store,
+    with a changed training setting so that the SAE is trained again)."""
+    from support import TINY_SQUARE
+
+    from vitscope.composition.flows import pipeline_flow
+    from vitscope.reports import load_report
+    from vitscope.synthetic import make_planted_dataset
+
+    make_planted_dataset(tmp_path / "held", n_images=12, size=TINY_IMAGE, square=TINY_SQUARE, seed=7)
+    shutil.copytree(pipeline.store_uri, tmp_path / "store")
+    cfg = pipeline_config(str(tmp_path / "store"), pipeline.data_root, pipeline.model_name, train={"n_tokens": 20_000})
+    result = pipeline_flow(replace(cfg, heldout_data=str(tmp_path / "held")))
+    assert result.skipped == ["extract"]
+    store = open_store(str(tmp_path / "store"))
+    _, record = load_sae_from(store, result.sae_id)
+    report = load_report(store, result.report_id)
+    held = record.training["heldout"]
+    assert held not in (None, pipeline.set_id) and report["activation_set_id"] == held and report["split"] == "held-out"
+    assert record.metrics["eval_tokens"] == 12 * ActivationSet.open(store, held).layout.n_patches
 
 
 def test_the_pipeline_runs_on_s3(pipeline, s3_store):

@@ -332,7 +332,7 @@ cfg = TrainConfig(activations="-", sae=sae_config.hyper, d_sae=8192, device="cpu
 trainer = SaeTrainer(SaePlan(cfg, "-", 0, sae_config, {}), 100, torch.device("cpu"))
 x = torch.randn(4096, 64)  # pre-activations [4096, 8192]: 128 MiB, above glibc's largest mmap threshold
 faults = []
-for step in range(6):
+for step in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     trainer.step(x, step, contextlib.nullcontext())
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -342,7 +342,7 @@ print(*faults)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_cpu_training_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
-    """After the first steps, a step's large blocks come back from malloc's heap without a page
+    """After the first few steps, a step's large blocks come back from malloc's heap without a page
     fault; without keep_freed_memory every step faults in its pre-activations' pages anew (each
     4 KiB page of a fresh mmap faults once)."""
     pages = 4096 * 8192 * 4 // 4096
@@ -352,5 +352,6 @@ def test_cpu_training_steps_reuse_freed_memory_instead_of_faulting_it_in_again()
         return [int(f) for f in out.stdout.split()]
 
     default, keep = faults("default"), faults("keep")
-    assert min(default[3:]) > pages, default  # the control: without it, the problem is there
-    assert max(keep[3:]) < pages // 50, keep
+    assert min(default[4:]) > pages, default  # the control: without it, the problem is there
+    # malloc's bins settle within the first few steps (seen: 3); from then on nothing faults
+    assert max(keep[5:]) < pages // 50, keep
