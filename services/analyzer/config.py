@@ -27,7 +27,9 @@ class AnalyzeConfig:
     batch_images: int = 256
     """Images encoded at once (bounds memory: batch_images x patches x d_sae floats)."""
     device: str = "auto"
+    """Where the SAE encodes: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
     progress: bool = True
+    """Show a progress bar (images and images/s)."""
 
 
 @dataclass

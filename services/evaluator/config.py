@@ -38,4 +38,6 @@ class EvaluateConfig:
     seed: int = 0
     """Seed of the probes' train/test split and of k-means."""
     device: str = "auto"
+    """Where the ViT and the SAE run: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
     progress: bool = True
+    """Show progress bars of the passes over images and tokens."""

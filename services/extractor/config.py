@@ -37,6 +37,7 @@ class ExtractConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     """Stored precision: half precision halves storage and I/O."""
     batch_size: int = 64
+    """Images per forward pass of the ViT."""
     workers: int | None = None
     """Image-decoding processes (default: 1 on a CPU, where the forward pass needs the cores and
     decoding costs a few % of it; up to 8 with a GPU). The stored bytes never depend on this."""
@@ -60,3 +61,4 @@ class ExtractConfig:
     allow_random_weights: bool = False
     """If pretrained weights cannot be fetched (offline), warn and use random weights instead of failing."""
     progress: bool = True
+    """Show a progress bar (images and images/s)."""

@@ -94,6 +94,7 @@ class TrainConfig:
     wandb_project: str | None = None
     """Log live metrics to this Weights & Biases project (one W&B run per SAE; needs `pip install wandb`)."""
     progress: bool = True
+    """Show a progress bar with live NMSE, L0 and dead latents."""
 
     @property
     def variant(self) -> str:
