@@ -79,7 +79,9 @@ class TrainConfig:
     checkpoint_every: int = 100_000_000
     """Save a resumable state every this many tokens under runs/<run_id>/ (0: never)."""
     device: str = "auto"
-    """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...; 'cuda:all' (or a list such as
+    'cuda:0,cuda:2') spreads a sweep's SAEs over those GPUs, balanced by size. Under torchrun each
+    process trains on its own GPU (cuda:LOCAL_RANK) for auto or cuda (docs/distributed.md)."""
     autocast: bool = True
     """bf16 autocast on CUDA (ignored on CPU)."""
     sparse: Literal["auto", "off", "decode", "all"] = "auto"
