@@ -17,11 +17,11 @@ Version 1 analyses (the best-patch view only, no histogram) still load.
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from vitscope.hashing import content_id
 from vitscope.store import NotFound, Store
@@ -136,7 +136,8 @@ class LatentTable:
     def d_sae(self) -> int:
         return len(self.frequency)
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The table as stats.safetensors holds it, by tensor name."""
         arrays = {"frequency": self.frequency, "mean_activation": self.mean_activation,
                   "max_activation": self.max_activation}
         if self.histogram is not None:
@@ -149,11 +150,11 @@ class LatentTable:
         if self.cofiring is not None:
             c = self.cofiring
             arrays.update({"cofiring.latent": c.latent, "cofiring.jaccard": c.jaccard, "cofiring.count": c.count})
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> LatentTable:
-        a = {k: v.numpy() for k, v in t.items()}
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> LatentTable:
+        """Read the arrays :meth:`to_arrays` wrote (or a version 1 analysis')."""
         if "topk_score" in a:  # version 1: the best-patch view only
             top = {"best_patch": TopImages(a["topk_score"], a["topk_image"], a["topk_patch"])}
         else:
@@ -178,22 +179,41 @@ def analysis_prefix(aid: str) -> str:
 
 
 def save_analysis(store: Store, manifest: AnalysisManifest, table: LatentTable) -> None:
-    from safetensors.torch import save
+    # numpy's safetensors, not torch's: the same file, and reading it needs no torch (the
+    # analyzer answers the explorer's first page before importing torch).
+    from safetensors.numpy import save
 
     prefix = analysis_prefix(manifest.analysis_id)
-    store.put_bytes(f"{prefix}/stats.safetensors", save(table.to_tensors()))
+    store.put_bytes(f"{prefix}/stats.safetensors", save(table.to_arrays()))
     store.put_bytes(f"{prefix}/manifest.json", json.dumps(asdict(manifest), indent=1).encode())
 
 
 def load_analysis(store: Store, aid: str) -> tuple[AnalysisManifest, LatentTable]:
-    from safetensors.torch import load
+    from safetensors.numpy import load
 
-    prefix = analysis_prefix(aid)
+    manifest = load_analysis_manifest(store, aid)
+    return manifest, LatentTable.from_arrays(load(store.get_bytes(f"{analysis_prefix(aid)}/stats.safetensors")))
+
+
+def load_analysis_manifest(store: Store, aid: str) -> AnalysisManifest:
+    """A published analysis' manifest, without its table."""
     try:
-        manifest = AnalysisManifest.from_json(json.loads(store.get_bytes(f"{prefix}/manifest.json")))
+        return AnalysisManifest.from_json(json.loads(store.get_bytes(f"{analysis_prefix(aid)}/manifest.json")))
     except NotFound:
         raise NotFound(f"no published analysis {aid!r} in {store.uri}") from None
-    return manifest, LatentTable.from_tensors(load(store.get_bytes(f"{prefix}/stats.safetensors")))
+
+
+def load_frequency(store: Store, aid: str) -> np.ndarray:
+    """A published analysis' per-latent firing frequency alone (float64 [d_sae]): three ranged
+    reads of stats.safetensors (its header's length, the header, the one tensor) instead of
+    the whole table, which is tens of MB where an SAE's listing needs a d_sae vector."""
+    key = f"{analysis_prefix(aid)}/stats.safetensors"
+    (header_length,) = struct.unpack("<Q", store.get_range(key, 0, 8))
+    entry = json.loads(store.get_range(key, 8, header_length))["frequency"]
+    if entry["dtype"] != "F64":
+        raise ValueError(f"analysis {aid}: frequency is stored as {entry['dtype']}, not F64")
+    start, end = entry["data_offsets"]  # from the end of the header
+    return np.frombuffer(store.get_range(key, 8 + header_length + start, end - start), dtype="<f8")
 
 
 def analysis_exists(store: Store, aid: str) -> bool:

@@ -15,8 +15,10 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import hmac
+import importlib
 import io
 import ipaddress
 import json
@@ -37,27 +39,39 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from PIL import Image
 
-from vitscope.datasets import DatasetError, load_image_by_id
 from vitscope.hashing import content_id
 from vitscope.metrics import FrequencyRange, frequency_histogram, scalar_metrics
 from vitscope.proto import SERVICE, ResourceNameError, names, pb, rpc
-from vitscope.sae import Sae, SaeRecord, list_saes, load_record, load_sae_from
-from vitscope.shards import ActivationSet
+from vitscope.sae_format import SaeRecord, list_saes, load_record
+from vitscope.shard_format import Manifest, load_manifest
 from vitscope.store import InvalidKey, NotFound, Store, open_store
 
 from .config import ServeConfig
 from .labels import LabelBook, LabelConflict, LabelError, LabelRevision
-from .results import AnalysisManifest, LatentTable, list_analyses, load_analysis
+from .results import (
+    AnalysisManifest,
+    LatentTable,
+    list_analyses,
+    load_analysis,
+    load_analysis_manifest,
+    load_frequency,
+)
 
+# torch and what needs it (the SAEs' models, the activation rows, the ViT, the datasets) are
+# imported by the calls that run them: the listings the explorer opens with are answered from
+# JSON and numpy alone, without waiting seconds for torch.
 if TYPE_CHECKING:
+    import torch
+
     from vitscope.models import ViT
+    from vitscope.sae import Sae
+    from vitscope.shards import ActivationSet
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +101,11 @@ COFIRING_IMAGES = 64
 """Images of the first SAE's set that FindSimilarLatents encodes with both SAEs when they read
 different spaces: enough to rank clear matches, few enough to encode live through a ViT."""
 MAX_PAGE_TOKEN_LENGTH = 512  # the tokens this server issues are under 100 characters
+WARM_UP_IDLE_S = 1.0
+"""Once the server has answered calls and then had none for this long, it imports torch and the
+modules the latent calls run (seconds of CPU on a small machine) in the background: not as it
+starts, where that import slowed the explorer's first page, whose Streamlit and browser share the
+CPUs, and not on the first latent page, which would wait for it. ``math.inf``: never."""
 MAX_STRING_LENGTH = 4096
 """The longest string any request field may hold, whatever the RPC (ids and tokens have their own,
 shorter limits): nothing longer is a real id, path or name."""
@@ -237,6 +256,7 @@ def _rpc(method: Callable[..., T]) -> Callable[..., T]:
             context.abort(grpc.StatusCode.INTERNAL, f"{name} failed: internal error (incident {incident} in the server log)")
         finally:
             _call.reset(current)
+            self.last_call = time.monotonic()
         _refuse(context, name, code, message)
 
     return wrapper
@@ -266,10 +286,14 @@ class AnalyzerService(rpc.AnalyzerServicer):
 
     def __init__(self, store: Store):
         self.store = store
+        self.last_call: float | None = None
+        """When the server last answered a call (time.monotonic), None before its first."""
         self._records = _Lru(1024)
         self._saes = _Lru(4)  # weights can be hundreds of MB each
         self._analyses = _Lru(8)
-        self._histograms = _Lru(1024)  # per analysis: lets ListSaes skip loading whole tables
+        self._analysis_manifests = _Lru(1024)  # with the histograms, all ListSaes reads of an analysis
+        self._histograms = _Lru(1024)
+        self._manifests = _Lru(64)  # activation sets' manifests, for listings that read no rows
         self._sets = _Lru(16)
         self._image_records = _Lru(256)  # per shard
         self._orders = _Lru(32)  # sorted latent indices per (analysis, order)
@@ -310,10 +334,17 @@ class AnalyzerService(rpc.AnalyzerServicer):
         return aset, index
 
     def _sae(self, sae_id: str) -> Sae:
+        from vitscope.sae import load_sae_from
+
         return self._saes.get(sae_id, lambda: load_sae_from(self.store, sae_id)[0])
 
+    def _manifest(self, set_id: str) -> Manifest:
+        return self._manifests.get(set_id, lambda: load_manifest(self.store, set_id))
+
     def _set(self, set_id: str) -> ActivationSet:
-        return self._sets.get(set_id, lambda: ActivationSet.open(self.store, set_id))
+        from vitscope.shards import ActivationSet
+
+        return self._sets.get(set_id, lambda: ActivationSet(self.store, self._manifest(set_id)))
 
     def _analysis_id(self, record: SaeRecord, published: list[AnalysisManifest] | None = None) -> str | None:
         """The SAE's analysis (see the module docstring), or None while it has none."""
@@ -359,7 +390,7 @@ class AnalyzerService(rpc.AnalyzerServicer):
             config={k: v if isinstance(v, str) else json.dumps(v) for k, v in record.training.items()},
         )
         try:
-            m = self._set(record.activation_set_id).manifest
+            m = self._manifest(record.activation_set_id)
         except NotFound:  # one SAE whose activation set was deleted must not break the listing
             log.warning("SAE %s: activation set %s is gone", record.sae_id, record.activation_set_id)
         else:
@@ -367,11 +398,11 @@ class AnalyzerService(rpc.AnalyzerServicer):
             msg.grid_rows, msg.grid_cols = m.layout.grid
             msg.model = msg.model or str(m.model.get("spec", ""))
         if aid is not None:
-            hist = self._histograms.get(aid, lambda: frequency_histogram(load_analysis(self.store, aid)[1].frequency))
+            hist = self._histograms.get(aid, lambda: frequency_histogram(load_frequency(self.store, aid)))
             msg.log_frequency_edges.extend(hist.log10_edges.tolist())
             msg.log_frequency_counts.extend(hist.counts.tolist())
             msg.never_fired = hist.never_fired
-            manifest = self._analyses.get(aid, lambda: load_analysis(self.store, aid))[0]
+            manifest = self._analysis_manifests.get(aid, lambda: load_analysis_manifest(self.store, aid))
             msg.views.extend(VIEW_ENUM[v] for v in manifest.views)
             msg.default_view = VIEW_ENUM[manifest.default_view]
         return msg
@@ -485,6 +516,8 @@ class AnalyzerService(rpc.AnalyzerServicer):
                   images: list[int]) -> list[list[float]]:
         """The latent's activation on every patch of each image, recomputed from the stored rows
         (the latent's encoder column alone where the family allows; TopK needs every latent)."""
+        import torch
+
         _check_deadline()
         start = aset.layout.patch_start
         tokens = torch.stack([aset.image_tokens(layer, i)[start:] for i in images])
@@ -503,6 +536,8 @@ class AnalyzerService(rpc.AnalyzerServicer):
 
     def _dataset_image(self, aset: ActivationSet, index: int) -> Image.Image:
         """An activation set's image as its dataset holds it (before the model's transform)."""
+        from vitscope.datasets import DatasetError, load_image_by_id
+
         info = self._image_record(aset, index)
         try:
             return load_image_by_id(aset.manifest.dataset, info["id"])
@@ -524,6 +559,8 @@ class AnalyzerService(rpc.AnalyzerServicer):
         """The SAE's codes [tokens, d_sae] of an image, in the SAE's activation set's token
         layout: an image of that set from its stored rows; an upload, or an image of another set
         (say, another model's), through the SAE's ViT. Cached per (SAE, image)."""
+        import torch
+
         aset = self._set(record.activation_set_id)
         kind = source.WhichOneof("source")
         if kind == "image":
@@ -588,6 +625,8 @@ class AnalyzerService(rpc.AnalyzerServicer):
     @_rpc
     def SearchLatents(self, request: pb.SearchLatentsRequest,
                       context: grpc.ServicerContext) -> pb.SearchLatentsResponse:
+        import torch
+
         record = self._named(request.sae, "sae")
         if not 1 <= len(request.positives) <= MAX_SEARCH_EXAMPLES or len(request.negatives) > MAX_SEARCH_EXAMPLES:
             raise _invalid(f"give 1 to {MAX_SEARCH_EXAMPLES} positive examples and at most {MAX_SEARCH_EXAMPLES} "
@@ -634,6 +673,8 @@ class AnalyzerService(rpc.AnalyzerServicer):
     @_rpc
     def FindSimilarLatents(self, request: pb.FindSimilarLatentsRequest,
                            context: grpc.ServicerContext) -> pb.FindSimilarLatentsResponse:
+        import torch
+
         record, latent = self._latent(request.latent, "latent")
         other = self._named(request.other_sae, "other_sae") if request.other_sae else record
         top = _bounded(request, "top_latents", DEFAULT_SIMILAR_LATENTS, MAX_SIMILAR_LATENTS)
@@ -676,6 +717,8 @@ class AnalyzerService(rpc.AnalyzerServicer):
     def _sample_firing(self, record: SaeRecord, sampled: SaeRecord) -> torch.Tensor:
         """[images, d_sae] booleans: which of ``record``'s latents fire (at any patch) on each of
         COFIRING_IMAGES images spread evenly over ``sampled``'s activation set."""
+        import torch
+
         set_id = sampled.activation_set_id
 
         def load() -> torch.Tensor:
@@ -809,6 +852,8 @@ def _label_message(rev: LabelRevision) -> pb.LatentLabel:
 
 def _region_patches(region: pb.PatchRegion | None, grid: tuple[int, int]) -> torch.Tensor:
     """Patch indices (row-major) of a region of the grid; every patch for None."""
+    import torch
+
     rows, cols = grid
     if region is None:
         return torch.arange(rows * cols)
@@ -994,6 +1039,7 @@ class RunningServer:
     health: HealthServicer
     host: str
     port: int
+    stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     @property
     def address(self) -> str:
@@ -1002,6 +1048,7 @@ class RunningServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, then stop, letting in-flight calls finish for ``grace`` seconds."""
+        self.stopping.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
 
@@ -1062,7 +1109,8 @@ def serve(cfg: ServeConfig) -> RunningServer:
         ],
         maximum_concurrent_rpcs=cfg.workers + cfg.max_queued_calls,
     )
-    rpc.add_AnalyzerServicer_to_server(AnalyzerService(open_store(cfg.store)), server)
+    service = AnalyzerService(open_store(cfg.store))
+    rpc.add_AnalyzerServicer_to_server(service, server)
     health = HealthServicer()
     for name in ("", SERVICE):
         health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -1072,7 +1120,27 @@ def serve(cfg: ServeConfig) -> RunningServer:
         (SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     port = _bind(server, cfg)
     server.start()
-    return RunningServer(server, health, cfg.host, port)
+    running = RunningServer(server, health, cfg.host, port)
+    threading.Thread(target=_warm_up, args=(service, running.stopping), name="analyzer-warm-up", daemon=True).start()
+    return running
+
+
+WARM_MODULES = ("vitscope.sae", "vitscope.shards", "vitscope.models", "vitscope.datasets")
+"""What the calls that run an SAE or a ViT, or read images, import (torch and torchvision)."""
+
+
+def _warm_up(service: AnalyzerService, stopping: threading.Event) -> None:
+    """Import :data:`WARM_MODULES` once ``service`` has answered calls and then been idle for
+    :data:`WARM_UP_IDLE_S` (see there), unless the server stops first."""
+    while not stopping.wait(0.2):
+        last = service.last_call
+        if last is not None and time.monotonic() - last >= WARM_UP_IDLE_S:
+            try:
+                for module in WARM_MODULES:
+                    importlib.import_module(module)
+            except Exception:  # the call that needs the module will import it, and report why it fails
+                log.warning("could not import the latent calls' modules ahead of them", exc_info=True)
+            return
 
 
 def serve_forever(cfg: ServeConfig) -> None:
