@@ -9,7 +9,8 @@ A flow's parameter is its stage's config, read by :func:`parameter` so that a de
 the Prefect UI shows each setting with its type, default and the config's own docstring, and so
 that JSON parameters say what the command line says (the flat form of `vitscope train`). Every
 stage task is GPU work: its runs carry the tag :data:`GPU_TAG`, or the worker's own tag from
-:data:`GPU_TAG_ENV`, for a tag concurrency limit to bound.
+:data:`GPU_TAG_ENV`, for a tag concurrency limit to bound (but for the groups of a sweep sent
+to a Dask cluster, which train on the cluster's GPUs: see :func:`sweep_flow`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import itertools
 import json
 import os
 import typing
-from collections.abc import Collection, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Collection, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,7 +31,7 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger, tags, task, unmapped
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from pydantic import TypeAdapter
+from pydantic import Field, TypeAdapter
 from pydantic_core import core_schema
 
 from vitscope.analyzer import AnalyzeConfig, AnalyzeResult, analyze
@@ -38,6 +40,7 @@ from vitscope.extractor import ExtractConfig, ExtractResult, extract
 from vitscope.metrics import METRICS
 from vitscope.reports import headline
 from vitscope.sae import Sae, load_record
+from vitscope.shard_format import Manifest, load_manifest
 from vitscope.store import is_transient, open_store
 from vitscope.trainer import (
     SweepConfig,
@@ -305,20 +308,89 @@ def train_task(cfg: TrainConfig) -> TrainResult:
     return result
 
 
-@task(name="train-sweep", **_RETRY)
-def sweep_task(cfgs: list[TrainConfig]) -> list[TrainResult]:
-    """Train many SAEs from one pass over the data (each skipped when already published); a table
-    artifact compares them, and each one's firing-frequency histogram is an image artifact."""
+def _train_group(cfgs: list[TrainConfig]) -> list[TrainResult]:
+    """Train SAEs from one pass over the data (each skipped when already published); each one's
+    firing-frequency histogram becomes an image artifact."""
     results = train_sweep(cfgs)
     for c, r in zip(cfgs, results, strict=True):
         _report("train", "SAE", r.sae_id, r.reused)
         _frequency_artifact(c.store, r.sae_id)
+    return results
+
+
+def _sweep_table(cfgs: list[TrainConfig], results: list[TrainResult]) -> None:
+    """The sweep's SAEs as one table artifact, a row each."""
     create_table_artifact(
         key="sweep",
         table=[_sae_row(c, r) for c, r in zip(cfgs, results, strict=True)],
         description="SAE sweep: one row per SAE (NMSE against L0 is the trade-off to read)",
     )
+
+
+@task(name="train-sweep", **_RETRY)
+def sweep_task(cfgs: list[TrainConfig]) -> list[TrainResult]:
+    """Train many SAEs from one pass over the data (each skipped when already published); a table
+    artifact compares them, and each one's firing-frequency histogram is an image artifact."""
+    results = _train_group(cfgs)
+    _sweep_table(cfgs, results)
     return results
+
+
+@task(name="train-sweep-group", **_RETRY)
+def sweep_group_task(cfgs: list[TrainConfig]) -> list[TrainResult]:
+    """One group of a split sweep: its SAEs from one pass over the data (each skipped when already
+    published), each one's firing-frequency histogram an image artifact."""
+    return _train_group(cfgs)
+
+
+def sweep_groups(cfgs: Sequence[TrainConfig], groups: int, manifest: Manifest) -> list[list[int]]:
+    """Split a sweep's SAEs into at most ``groups`` groups, as indices into ``cfgs`` (each once,
+    ascending), for one data pass per group.
+
+    A group's pass costs its SAEs' training steps, which parallel groups share out, plus a read
+    of every layer its SAEs train on, which each group pays in full. So the SAEs, ordered by
+    layer (the sweep's order within a layer), are cut into contiguous groups of about equal
+    total width (d_sae: a step's cost grows with it): the groups are balanced to within one SAE,
+    and a layer is cut between two groups only where the balance needs it (each of the
+    ``groups - 1`` cuts splits at most one layer, whose data two groups then read; a tie goes
+    to the cut between layers). Configs that spell one SAE differently (its layer unset, as
+    requested at extraction or absolute; its width as ``expansion`` or ``d_sae``) stay in one
+    group, which trains it once: two groups would publish it at the same time."""
+    def layer(c: TrainConfig) -> int:
+        return manifest.layers[-1] if c.layer is None else manifest.layer_position(c.layer)
+
+    units: list[list[int]] = []  # the indices of the configs of one SAE
+    keys: list[TrainConfig] = []
+    for i, c in enumerate(cfgs):
+        key = replace(c, layer=layer(c), d_sae=c.d_sae or c.expansion * manifest.d_model, expansion=0)
+        if key in keys:
+            units[keys.index(key)].append(i)
+        else:
+            keys.append(key)
+            units.append([i])
+    order = sorted(range(len(units)), key=lambda u: keys[u].layer)
+    prefix = list(itertools.accumulate((keys[u].d_sae for u in order), initial=0))
+    n = max(1, min(groups, len(order)))
+
+    def cost(cut: int, target: float) -> tuple[float, bool]:
+        return abs(prefix[cut] - target), keys[order[cut - 1]].layer == keys[order[cut]].layer
+
+    cuts = [0]
+    for g in range(1, n):
+        cuts.append(min(range(cuts[-1] + 1, len(order) - (n - g) + 1), key=lambda c: cost(c, prefix[-1] * g / n)))
+    cuts.append(len(order))
+    return [sorted(i for u in order[a:b] for i in units[u]) for a, b in itertools.pairwise(cuts)]
+
+
+@flow(name="vitscope-sweep-groups", validate_parameters=False)
+def sweep_groups_flow(cfgs: list[TrainConfig], groups: list[list[int]]) -> list[TrainResult]:
+    """The groups of a sweep (:func:`sweep_groups`) as tasks mapped over this flow's task runner;
+    the results in the order of ``cfgs``."""
+    futures = sweep_group_task.map([[cfgs[i] for i in group] for group in groups])
+    results: dict[int, TrainResult] = {}
+    for group, future in zip(groups, futures, strict=True):
+        results.update(zip(group, future.result(), strict=True))
+    return [results[i] for i in range(len(cfgs))]
 
 
 TrainForm = parameter(TrainConfig)
@@ -340,15 +412,40 @@ SweepForm = parameter(SweepConfig)
 
 
 @flow(name="vitscope-sweep", log_prints=True)
-def sweep_flow(cfg: SweepForm) -> list[TrainResult]:
-    """Train the SAEs of a sweep from one pass over their activation set.
+def sweep_flow(cfg: SweepForm, groups: Annotated[int, Field(ge=1)] = 1, dask_address: str | None = None,
+               dask_cluster_class: str | None = None,
+               dask_cluster_kwargs: dict[str, Any] | None = None) -> list[TrainResult]:
+    """Train the SAEs of a sweep from one pass over their activation set, or from one pass per
+    group of them, the groups run in parallel as Prefect tasks: on threads of this process, or
+    on a Dask cluster (an existing scheduler, or one that ``dask_cluster_class`` starts, e.g.
+    dask-jobqueue's SLURMCluster). Each SAE is trained as in one pass (the same id and weights),
+    and skipped when already published; the results come back in the sweep's order.
+
+    On a Dask cluster the groups train on the cluster's GPUs, so their task runs do not carry
+    this process's GPU tag (a tag limit of 1 would run them one at a time, each waiting group
+    holding a worker of the cluster).
 
     Args:
         cfg: The settings of `vitscope sweep`: a sweep file and/or grid axes, and settings for
             every SAE in the flat form of `vitscope train` (set: ["variant=topk", "k=32"]).
+        groups: Split the SAEs into this many groups, each one task reading the data once: SAEs ordered by layer, cut into groups of about equal total width (1: one pass in this process).
+        dask_address: Run the groups on an existing Dask scheduler (tcp://host:8786) instead of threads of this process.
+        dask_cluster_class: Start a Dask cluster for the groups, e.g. dask_jobqueue.SLURMCluster (pip install dask-jobqueue) or distributed.LocalCluster.
+        dask_cluster_kwargs: Keyword arguments for dask_cluster_class, e.g. {"cores": 8, "memory": "64GB", "processes": 1, "n_workers": 2, "job_extra_directives": ["--gres=gpu:1"]}.
     """
-    with _gpu_work():
-        return sweep_task(sweep_configs(cfg))
+    cfgs = sweep_configs(cfg)
+    if groups == 1:
+        with _gpu_work():
+            return sweep_task(cfgs)
+    split = sweep_groups(cfgs, groups, load_manifest(open_store(cfgs[0].store), cfgs[0].activations))
+    get_run_logger().info("sweep of %d SAEs in %d groups of %s SAEs", len(cfgs), len(split),
+                          ", ".join(str(len(g)) for g in split))
+    on_cluster = bool(dask_address or dask_cluster_class)
+    runner = task_runner(len(split), dask_address, dask_cluster_class, dask_cluster_kwargs)
+    with nullcontext() if on_cluster else _gpu_work():
+        results = sweep_groups_flow.with_options(task_runner=runner)(cfgs, split)
+    _sweep_table(cfgs, results)
+    return results
 
 
 def _explore(store: str, sae_id: str) -> str:
