@@ -607,6 +607,21 @@ def test_prefect_yaml_deploys_the_pipeline_flow():
                 if isinstance(args, dict) and "dockerfile" in args:
                     assert (REPO / args["dockerfile"]).is_file(), f"deployment {name}: no {args['dockerfile']}"
     assert {"process", "docker"} <= set(pool_types.values()), pool_types
+    # The compose GPU worker (a worker in the image) has deployments of every flow on its default
+    # pool, of the pool's type, which run the installed package from the image's working folder:
+    # Prefect's default pull step would enter the folder `prefect deploy` ran in, which the
+    # container lacks.
+    worker = yaml.safe_load(COMPOSE.read_text())["services"]["worker"]["command"]
+    pool = re.fullmatch(r"\$\{VITSCOPE_WORK_POOL:-(.+)\}", worker[worker.index("--pool") + 1]).group(1)
+    assert pool_types.get(pool) == worker[worker.index("--type") + 1], (pool, pool_types)
+    workdir = re.findall(r"^WORKDIR\s+(\S+)", (REPO / "Dockerfile.gpu").read_text(), re.M)[-1]
+    on_pool = [dep for dep in deployments if dep["work_pool"]["name"] == pool]
+    assert {dep["entrypoint"].rsplit(".", 1)[1] for dep in on_pool} >= {
+        "extract_flow", "train_flow", "sweep_flow", "analyze_flow", "evaluate_flow", "pipeline_flow"}, on_pool
+    for dep in on_pool:
+        assert ":" not in dep["entrypoint"], f"deployment {dep['name']}: a file path, but the image has no source tree"
+        folders = [s.get("prefect.deployments.steps.set_working_directory") for s in dep.get("pull") or []]
+        assert folders == [{"directory": workdir}], f"deployment {dep['name']}: pull steps {dep.get('pull')}"
 
 
 def _logical_lines(text: str) -> list[str]:
