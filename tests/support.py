@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -141,6 +142,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _main_module_kept():
+    """Puts back ``sys.modules["__main__"]`` after each test. Streamlit's script runner (AppTest)
+    installs the page script as ``__main__`` and leaves it there; a process started later with
+    the spawn method (a Dask worker, a DataLoader worker) re-runs ``__main__``'s file, so it ran
+    the explorer's app.py and died before its work began."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
 
 
 @pytest.fixture(scope="session")
