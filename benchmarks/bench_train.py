@@ -25,6 +25,13 @@ patches per image, several shards, read from the page cache), no ViT needed:
     trained one by one (``train``), wall time end to end (sample, training, evaluation,
     publishing). On a CPU the SAEs' compute dominates, so this shows the least a sweep saves; on
     a GPU reading the data dominates, and one pass should take <= 0.3 of the single runs' time.
+(h) data-parallel: `vitscope train` (TopK k=32, d_sae ``--ddp-expansion`` x 768, batch 4096) under
+    ``torchrun --nproc-per-node 2`` against one process, on the same tokens (the same SAE id):
+    the training loop's time (the trainer's own ``train_seconds``: rank 0's, all-reduces
+    included) and the published weights' largest difference. On a CPU the two gloo processes get
+    half the cores each, against one process with all of them and one with half (the ideal ratio
+    to the latter is 0.5); on CUDA (2 GPUs or more; skipped with fewer) NCCL between two GPUs
+    against one GPU.
 (f) quality: on a ground-truth set (128 known unit directions in 64 dimensions, 4 active per
     token, noise 0.05), the fraction of directions each family's decoder recovers at
     cosine > 0.9, all five trained in one sweep through the real loader.
@@ -48,6 +55,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -129,7 +138,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quality-tokens", type=int, default=100_000, help="training tokens per SAE in (f)")
     p.add_argument("--e2e-tokens", type=int, default=204_800,
                    help="training tokens of (g)'s run (the default: 50 steps, the run the figures in docs are of)")
-    p.add_argument("--sections", default="abcdefg", help="which of (a) to (g) to run, e.g. --sections ad")
+    p.add_argument("--ddp-steps", type=int, default=8, help="optimiser steps of each run in (h)")
+    p.add_argument("--ddp-expansion", type=int, default=4, help="d_sae / d in (h)")
+    p.add_argument("--sections", default="abcdefgh", help="which of (a) to (h) to run, e.g. --sections ad")
     if p.parse_known_args()[0].gpu:
         p.set_defaults(**GPU_PRESET)
     args = p.parse_args()
@@ -140,6 +151,7 @@ def parse_args() -> argparse.Namespace:
         args.images, args.images_per_shard, args.repeats = 256, 32, 1
         args.batch_size, args.expansion, args.steps, args.standard_steps = 1024, 1, 4, 1
         args.decode_steps, args.sweep_steps, args.quality_tokens, args.e2e_tokens = 1, 2, 30_000, 2 * 4096
+        args.ddp_steps, args.ddp_expansion = 4, 1
     return args
 
 
@@ -435,6 +447,56 @@ def sweep(setup: Setup, args: argparse.Namespace) -> None:
     ])
 
 
+def data_parallel(setup: Setup, args: argparse.Namespace) -> None:
+    title = (f"(h) data-parallel [{where(args)}]: `vitscope train --variant topk --k 32 --d-sae "
+             f"{args.ddp_expansion * D_MODEL}`, batch {args.batch_size}, {args.ddp_steps} steps, torchrun with "
+             "2 processes against 1")
+    if on_cuda(args) and torch.cuda.device_count() < 2:
+        report(title, [])
+        print(f"  skipped: needs 2 GPUs, torch sees {torch.cuda.device_count()}")
+        return
+    argv = ["train", "--activations", setup.manifest.set_id, "--store", str(setup.store.root), "--variant", "topk",
+            "--k", "32", "--d-sae", str(args.ddp_expansion * D_MODEL), "--batch-size", str(args.batch_size),
+            "--n-tokens", str(args.ddp_steps * args.batch_size), "--lr", str(LR), "--init-sample", str(1 << 14),
+            "--eval-tokens", str(args.batch_size), "--device", "cuda" if on_cuda(args) else "cpu",
+            f"--{'' if args.autocast else 'no-'}autocast", "--no-progress"]
+    bin_dir = Path(sys.executable).parent
+    half = max(1, (os.cpu_count() or 2) // 2)
+    # name -> (processes, threads each); on a GPU the threads hardly matter
+    runs = {"2 processes": (2, half), "1 process": (1, 2 * half)}
+    if not on_cuda(args):
+        runs[f"1 process, {half} thread(s)"] = (1, half)
+    published: dict[str, tuple[dict[str, torch.Tensor], dict[str, float]]] = {}
+
+    def measure(name: str) -> float:
+        nproc, threads = runs[name]
+        launcher = [] if nproc == 1 else [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", str(nproc),
+                                          "--no-python"]
+        out = subprocess.run([*launcher, str(bin_dir / "vitscope"), *argv], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if out.returncode:
+            raise RuntimeError(f"(h) {name} failed:\n{out.stderr[-3000:]}")
+        sae, record = load_sae_from(setup.store, out.stdout.split()[-1])
+        published[name] = ({k: v.clone() for k, v in sae.state_dict().items()}, record.metrics)
+        setup.store.delete_prefix("saes/")
+        return record.metrics["train_seconds"]
+
+    t = interleaved({name: lambda name=name: measure(name) for name in runs}, args.repeats, warmup=False)
+    ddp, one = published["2 processes"], published["1 process"]
+    figures = [Figure(f"{name} ({n} x {threads} thread(s)): seconds per step", median(t[name]) / args.ddp_steps, "s")
+               for name, (n, threads) in runs.items()]
+    figures += [Figure.ratio(f"time ratio 2 processes / {name}", paired_ratios(t["2 processes"], t[name]))
+                for name in runs if name != "2 processes"]
+    figures += [Figure(f"max |{w} difference| 2 processes vs 1", float((ddp[0][w] - one[0][w]).abs().max()))
+                for w in ("W_dec", "W_enc")]
+    if not on_cuda(args):  # the rounding that thread count alone changes, for scale
+        other = published[f"1 process, {half} thread(s)"]
+        figures.append(Figure(f"max |W_dec difference| 1 process, {2 * half} vs {half} thread(s)",
+                              float((other[0]["W_dec"] - one[0]["W_dec"]).abs().max())))
+    figures.append(Figure("published NMSE, 2 processes / 1", ddp[1]["nmse"], f"/ {one[1]['nmse']:.6f}"))
+    report(title, figures)
+
+
 def quality(tmp: Path, args: argparse.Namespace) -> None:
     gt = GroundTruth(n_images=1024, grid=(4, 4))
     store = LocalStore(tmp / "ground-truth")
@@ -467,8 +529,9 @@ def main() -> None:
         manifest = write_activation_set(store, args.images, D_MODEL, images_per_shard=args.images_per_shard)
         print(f"wrote a synthetic activation set of {args.images} images in {time.perf_counter() - t0:.1f}s")
         setup = Setup(store, manifest, manifest.layout.token_indices(["patches"]))
-        sections = dict(zip("abcdefg", (loader, training, standard, decoding, sweep,
-                                        lambda _, args: quality(Path(name), args), end_to_end), strict=True))
+        sections = dict(zip("abcdefgh", (loader, training, standard, decoding, sweep,
+                                         lambda _, args: quality(Path(name), args), end_to_end, data_parallel),
+                            strict=True))
         for section, run in sections.items():
             if section in args.sections:
                 t0 = time.perf_counter()

@@ -137,6 +137,10 @@ def joined() -> Iterator[World | None]:
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield World(dist.get_rank(), dist.get_world_size(), local_rank)
+        # No rank closes its connections while another may still read from them (rank 0 returns
+        # from broadcasting the results before the others have them): that aborted a rank now and
+        # then ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
