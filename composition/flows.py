@@ -430,7 +430,7 @@ def sweep_flow(cfg: SweepForm, groups: Annotated[int, Field(ge=1)] = 1, dask_add
             every SAE in the flat form of `vitscope train` (set: ["variant=topk", "k=32"]).
         groups: Split the SAEs into this many groups, each one task reading the data once: SAEs ordered by layer, cut into groups of about equal total width (1: one pass in this process).
         dask_address: Run the groups on an existing Dask scheduler (tcp://host:8786) instead of threads of this process.
-        dask_cluster_class: Start a Dask cluster for the groups, e.g. dask_jobqueue.SLURMCluster (pip install dask-jobqueue) or distributed.LocalCluster.
+        dask_cluster_class: Start a Dask cluster for the groups, e.g. dask_jobqueue.SLURMCluster (pip install "vitscope[slurm]") or distributed.LocalCluster.
         dask_cluster_kwargs: Keyword arguments for dask_cluster_class, e.g. {"n_workers": 2, "cores": 1, "job_cpu": 8, "memory": "64GB", "job_extra_directives": ["--gres=gpu:1"]} (a job per worker with a GPU, one group at a time in each: one thread, 8 CPUs booked).
     """
     cfgs = sweep_configs(cfg)

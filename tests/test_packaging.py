@@ -745,6 +745,25 @@ def test_the_deploy_readme_runs_existing_commands(cli_help, prefect_help):
     assert {"extract", "train", "serve", "explore", "pipeline", "health", "prefect worker start"} <= checked, checked
 
 
+def test_the_deploy_readme_s_slurm_cluster_settings_make_the_job_they_describe():
+    """deploy/README.md's `dask_cluster_kwargs` for dask-jobqueue's SLURMCluster (the sweep's
+    groups as Slurm jobs), given to the real SLURMCluster: the job script it would submit asks
+    for one GPU, the node's 8 CPUs, the memory and walltime, and runs one single-threaded
+    worker in the Apptainer image. (Nothing is submitted: no workers are asked for.)"""
+    from dask_jobqueue import SLURMCluster
+
+    text = (REPO / "deploy" / "README.md").read_text()
+    [raw] = re.findall(r"--param dask_cluster_kwargs='(.*?)'", text, re.S)
+    kwargs = json.loads(raw)
+    assert kwargs.pop("n_workers") >= 1
+    with SLURMCluster(**kwargs, n_workers=0, scheduler_options={"host": "127.0.0.1"}) as cluster:
+        script = cluster.job_script()
+    directives = {line.split()[1] for line in script.splitlines() if line.startswith("#SBATCH")}
+    assert {"--gres=gpu:1", "--cpus-per-task=8", "-t", "--mem=60G"} <= directives, script
+    [worker] = [line for line in script.splitlines() if "distributed.cli.dask_worker" in line]
+    assert worker.startswith(kwargs["python"] + " -m distributed.cli.dask_worker") and "--nthreads 1" in worker
+
+
 def test_deploy_shell_scripts_parse():
     bash = shutil.which("bash")
     assert bash
