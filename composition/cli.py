@@ -311,17 +311,27 @@ def run_extract(cfg) -> None:
     print(extract(cfg).set_id)
 
 
+def _first_rank() -> bool:
+    """Whether this process prints the result: always, but under torchrun only rank 0, whose
+    id is every rank's (the ranks' lines would interleave on the job's shared stdout)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_train(cfg) -> None:
     from vitscope.trainer import train
 
-    print(train(cfg).sae_id)
+    sae_id = train(cfg).sae_id
+    if _first_rank():
+        print(sae_id)
 
 
 def run_sweep(cfg) -> None:
     from vitscope.trainer import sweep_configs, train_sweep
 
-    for r in train_sweep(sweep_configs(cfg)):
-        print(r.sae_id)
+    results = train_sweep(sweep_configs(cfg))
+    if _first_rank():
+        for r in results:
+            print(r.sae_id)
 
 
 def run_analyze(cfg) -> None:
