@@ -289,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Prefect's client logs every HTTP request at INFO through httpx: a flow's log drowned in them.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # open_clip reports each step of building a model at INFO on the root logger itself (six
+    # lines a model, three models in the demo); vitscope and the libraries worth hearing log
+    # through named loggers. VITSCOPE_LOG=DEBUG shows them again.
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
     # Prefect starts a temporary API server for a flow run without a server of its own; its 20 s
     # default for that start is too short on a busy 2-core machine (the pipeline failed so).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

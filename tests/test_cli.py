@@ -10,9 +10,11 @@ import dataclasses
 import inspect
 import io
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -338,3 +340,16 @@ def test_health_passes_on_a_prefect_server(prefect_server):
     assert api.endswith("/api"), api
     ok = _health("--target", f"{api}/health")
     assert ok.returncode == 0 and "HTTP 200" in ok.stdout, ok.stdout + ok.stderr
+
+
+def test_a_command_s_log_leaves_out_open_clip_s_chatter(tiny_model_name, planted_data, tmp_path):
+    """`vitscope extract` logs its own progress at INFO but not the lines open_clip writes at INFO
+    on the root logger for every model it builds; VITSCOPE_LOG=DEBUG brings them back."""
+    argv = [str(Path(sys.executable).parent / "vitscope"), "extract", "--model", tiny_model_name, "--data",
+            str(planted_data[0]), "--store", str(tmp_path), "--max-images", "4", "--no-progress"]
+    logs = {level: subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, "VITSCOPE_LOG": level}) for level in ("INFO", "DEBUG")}
+    for out in logs.values():
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert " INFO vitscope." in logs["INFO"].stderr and " INFO root: " not in logs["INFO"].stderr
+    assert " INFO root: " in logs["DEBUG"].stderr  # open_clip did say something, and it is only hidden
