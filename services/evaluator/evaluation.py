@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +130,15 @@ class _Tokens:
         self.patches = 0
 
 
+def _batches(n: int, cfg: EvaluateConfig, desc: str) -> Iterator[int]:
+    """The first index of each batch of ``cfg.batch_images`` images of ``n``, with a bar in
+    images that counts a batch once the loop's body is done with it."""
+    with tqdm(total=n, desc=desc, unit="img", disable=not cfg.progress) as bar:
+        for lo in range(0, n, cfg.batch_images):
+            yield lo
+            bar.update(min(cfg.batch_images, n - lo))
+
+
 @torch.no_grad()
 def _token_pass(aset: ActivationSet, sae: Sae, record: SaeRecord, chosen: np.ndarray,
                 patch_labels: dict[int, np.ndarray] | None, cfg: EvaluateConfig, device: torch.device) -> _Tokens:
@@ -136,7 +146,7 @@ def _token_pass(aset: ActivationSet, sae: Sae, record: SaeRecord, chosen: np.nda
     positions = torch.as_tensor(m.layout.token_indices(record.tokens), device=device)
     patch_slice = slice(m.layout.patch_start, m.layout.tokens_per_image)
     out = _Tokens()
-    for lo in tqdm(range(0, len(chosen), cfg.batch_images), desc="evaluate: tokens", disable=not cfg.progress):
+    for lo in _batches(len(chosen), cfg, "evaluate: SAE on tokens"):
         batch = chosen[lo:lo + cfg.batch_images]
         rows = torch.stack([aset.image_tokens(record.layer, int(i)) for i in batch]).to(device)
         x = rows[:, positions]
@@ -178,7 +188,8 @@ def _image_pass(aset: ActivationSet, sae: Sae, record: SaeRecord, records: list[
     splice = Splice.of(vit, sae, record) if vit is not None else None
     embeds: dict[str, list[torch.Tensor]] = {"clean": [], "sae": [], "ablated": []}
     sizes: list[tuple[int, int]] = []
-    for lo in tqdm(range(0, len(records), cfg.batch_images), desc="evaluate: images", disable=not cfg.progress):
+    # Three ViT passes an image (clean, the SAE spliced in, the layer ablated): the slow part.
+    for lo in _batches(len(records), cfg, "evaluate: ViT x3 on images"):
         try:
             images = [load_image_by_id(m.dataset, r["id"]) for r in records[lo:lo + cfg.batch_images]]
         except (OSError, DatasetError) as e:
