@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import open_clip
@@ -102,12 +103,20 @@ def test_siglip_through_open_clip_has_no_cls_token():
     torch.testing.assert_close(out, direct)
 
 
-def test_missing_weights_fail_clearly_or_fall_back_when_allowed(monkeypatch):
+def test_missing_weights_fail_clearly_or_fall_back_when_allowed(monkeypatch, caplog):
+    """A failure raises with open_clip's own messages left in the log; the fallback replaces
+    them with one warning of its own that gives the reason."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    caplog.set_level(logging.INFO)
     with pytest.raises(ModelLoadError, match="could not load ViT-S-32/openai"):
         load_vit(ModelSpec("ViT-S-32", "openai"))
+    assert any(r.name == "root" and r.levelno == logging.ERROR for r in caplog.records)  # open_clip's, kept
+    caplog.clear()
     vit = load_vit(ModelSpec("ViT-S-32", "openai"), allow_random=True)
     assert not vit.pretrained_loaded and vit.n_layers == 12
+    [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.name == "vitscope.models" and "RANDOM weights" in warning.getMessage()
+    assert "is not a known tag" in warning.getMessage()  # the reason open_clip gave
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_vit(ModelSpec(f"timm:{TINY_DINO}", "/no/such.pth", tuple(TINY_DINO_OPTIONS.items())))
     assert np.isfinite(vit.d_model)

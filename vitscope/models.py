@@ -344,23 +344,58 @@ def load_vit(model: str | ModelSpec, pretrained: str | None = None, *, options: 
         spec = ModelSpec(model, pretrained, tuple(sorted((options or {}).items())),
                          0 if init_seed is None else init_seed)
     device = str(resolve_device(str(device)))
+    held = _HeldRootRecords()
     try:
-        return _build(spec, device)
+        with held:
+            vit = _build(spec, device)
+        held.release()
+        return vit
     except ModelLoadError:
+        held.release()
         raise
     except Exception as e:  # open_clip/timm/HF raise many types for "could not get the weights"
         local = spec.name.startswith(("hf-hub:", "local-dir:")) or (spec.pretrained and os.path.exists(spec.pretrained))
         if not allow_random or local or spec.pretrained is None:
+            held.release()
             raise ModelLoadError(f"could not load {spec.describe()}: {e}") from e
+        reason = str(e).split(". ")[0][:300]
         log.warning(
-            "could not get pretrained weights for %s (%s); using RANDOM weights of the same architecture: "
+            "could not get pretrained weights for %s (%s: %s); using RANDOM weights of the same architecture: "
             "the pipeline runs, but its latents describe an untrained network",
-            spec.describe(), type(e).__name__,
+            spec.describe(), type(e).__name__, reason,
         )
         try:
-            return _build(replace(spec, pretrained=None), device)
+            with _HeldRootRecords():  # open_clip's "initialized randomly": said above
+                return _build(replace(spec, pretrained=None), device)
         except Exception as e2:
             raise ModelLoadError(f"could not build {spec.name}: {e2}") from e2
+
+
+class _HeldRootRecords(logging.Filter):
+    """Holds back what is logged on the root logger itself while a model is built: open_clip
+    reports there (``logging.error`` for weights it then fails to get, raising as well). When
+    :func:`load_vit` falls back to random weights, its own warning says why and the held
+    records are dropped; otherwise :meth:`release` passes them on as they were."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+    def __enter__(self) -> _HeldRootRecords:
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeFilter(self)
+
+    def release(self) -> None:
+        for record in self.records:
+            logging.getLogger().handle(record)
+        self.records.clear()
 
 
 def _build(spec: ModelSpec, device: str) -> ViT:
