@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import tyro
 
 if TYPE_CHECKING:
-    from vitscope.composition.pipeline import PipelineConfig
+    from vitscope.composition.pipeline import PipelineConfig, SweepCommand
 
 log = logging.getLogger("vitscope")
 
@@ -34,7 +35,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("vitscope.composition.pipeline", "PipelineConfig"),
     "extract": ("vitscope.extractor", "ExtractConfig"),
     "train": ("vitscope.trainer", "TrainConfig"),
-    "sweep": ("vitscope.trainer", "SweepConfig"),
+    "sweep": ("vitscope.composition.pipeline", "SweepCommand"),
     "analyze": ("vitscope.analyzer", "AnalyzeConfig"),
     "evaluate": ("vitscope.evaluator", "EvaluateConfig"),
     "serve": ("vitscope.analyzer", "ServeConfig"),
@@ -331,10 +332,19 @@ def run_train(cfg) -> None:
         print(sae_id)
 
 
-def run_sweep(cfg) -> None:
-    from vitscope.trainer import sweep_configs, train_sweep
+def run_sweep(cfg: SweepCommand) -> None:
+    if cfg.groups > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--groups runs the groups as Prefect tasks, not under torchrun: use one or the other")
+        from vitscope.composition.flows import sweep_flow
 
-    results = train_sweep(sweep_configs(cfg))
+        results = sweep_flow(cfg.sweep(), groups=cfg.groups, dask_address=cfg.dask_address,
+                             dask_cluster_class=cfg.dask_cluster_class,
+                             dask_cluster_kwargs=json.loads(cfg.dask_cluster_kwargs) if cfg.dask_cluster_kwargs else None)
+    else:
+        from vitscope.trainer import sweep_configs, train_sweep
+
+        results = train_sweep(sweep_configs(cfg.sweep()))
     if _first_rank():
         for r in results:
             print(r.sae_id)

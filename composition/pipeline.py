@@ -1,5 +1,6 @@
 """What ``vitscope pipeline`` is asked to do: the four stage configs, nested, plus what only the
-pipeline decides (the data, the store, how extraction is split). Reading it imports no Prefect.
+pipeline decides (the data, the store, how extraction is split); and ``vitscope sweep``, whose
+groups run as Prefect tasks too. Reading it imports no Prefect.
 
 The stage settings are the stages' own configs (``--extract.*``, ``--train.*``, ``--analyze.*``,
 ``--evaluate.*`` on the command line), so a default cannot differ between ``vitscope pipeline`` and the stage
@@ -10,13 +11,13 @@ hidden from the command line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from vitscope.analyzer import AnalyzeConfig
 from vitscope.evaluator import EvaluateConfig
 from vitscope.extractor import ExtractConfig
 from vitscope.sae import TopKHyper
-from vitscope.trainer import TrainConfig
+from vitscope.trainer import SweepConfig, TrainConfig
 
 
 @dataclass
@@ -115,3 +116,33 @@ class PipelineConfig:
         return cls(extract=ExtractStage(model="ViT-B-32", allow_random_weights=True, batch_size=32),
                    train=TrainStage(sae=TopKHyper(k=32), expansion=8, batch_size=1024, n_tokens=200_000),
                    analyze=AnalyzeStage(top_images=16))
+
+
+@dataclass
+class SweepCommand(SweepConfig):
+    __doc__ = SweepConfig.__doc__ + """
+
+    With --groups N the SAEs are split into N groups (ordered by layer, of about equal total
+    width), each one pass over the data, run in parallel as Prefect tasks: on threads here, or on
+    a Dask cluster (--dask-address, --dask-cluster-class). Each SAE is the one a single pass
+    trains (the same id and weights)."""
+
+    groups: int = 1
+    """Split the SAEs into this many groups, each reading the data once (1: one pass in this process)."""
+    dask_address: str | None = None
+    """Run the groups on an existing Dask scheduler (tcp://host:8786) instead of local threads."""
+    dask_cluster_class: str | None = None
+    """Start a Dask cluster for the groups, e.g. dask_jobqueue.SLURMCluster (pip install "vitscope[slurm]")."""
+    dask_cluster_kwargs: str | None = None
+    """JSON keyword arguments for --dask-cluster-class, e.g. '{"n_workers": 4, "cores": 1, "job_extra_directives": ["--gres=gpu:1"]}'."""
+
+    def __post_init__(self) -> None:
+        if self.groups < 1:
+            raise ValueError(f"--groups must be at least 1, not {self.groups}")
+        if self.groups == 1 and (self.dask_address or self.dask_cluster_class):
+            raise ValueError("--dask-address and --dask-cluster-class run a sweep's groups: give --groups 2 or more")
+
+    def sweep(self) -> SweepConfig:
+        """The sweep itself, without how its groups run."""
+        return SweepConfig(**{f.name: getattr(self, f.name) for f in fields(SweepConfig)})
+

@@ -210,6 +210,8 @@ def test_every_command_in_the_readme_parses():
     ["verify", "nosuchset", "--store", "{store}"],
     ["extract", "--data", "{store}/no/such/folder", "--store", "{store}", "--no-progress"],
     ["analyze", "--sae", "../escape", "--store", "{store}"],
+    ["sweep", "--activations", "x", "--store", "{store}", "--dask-address", "tcp://127.0.0.1:8786"],
+    ["sweep", "--activations", "x", "--store", "{store}", "--groups", "0"],
 ])
 def test_a_user_mistake_is_one_clear_line_and_debug_shows_the_traceback(argv, tmp_path):
     store = tmp_path / "store"
@@ -234,6 +236,27 @@ def test_ls_lists_what_the_pipeline_published(pipeline, tmp_path):
     assert pipeline.analysis_id in sections["analyses"] and pipeline.report_id in sections["reports"]
     code, text = run_cli("ls", "--store", str(tmp_path / "empty"))
     assert code == 0 and text.count("  none") == 4
+
+
+def test_sweep_groups_from_the_command_line_publish_what_one_pass_publishes(prefect_server, tmp_path):
+    """`vitscope sweep --groups 2` runs the sweep flow (two groups as Prefect tasks on threads) and
+    prints the ids a plain `vitscope sweep` of the same grid prints, in the grid's order."""
+    from vitscope.sae import list_saes
+
+    gt = GroundTruth(n_images=64, grid=(2, 2), d_model=16, n_directions=32)
+    ids = {}
+    for groups in ("1", "2"):
+        store = LocalStore(tmp_path / groups)
+        set_id = write_ground_truth_set(store, gt).set_id
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["sweep", "--activations", set_id, "--store", store.uri, "--groups", groups,
+                         "--grid", "k=2,3", "expansion=1,2", "--set", "variant=topk", "batch_size=64",
+                         "n_tokens=640", "init_sample=256", "eval_tokens=128", "progress=false"])
+        assert code == 0, out.getvalue()
+        ids[groups] = out.getvalue().split()
+        assert sorted(ids[groups]) == sorted(list_saes(store))
+    assert len(ids["1"]) == 4 and ids["2"] == ids["1"]
 
 
 # --- vitscope health: the image's HEALTHCHECK ----------------------------------------------------
