@@ -347,17 +347,14 @@ def load_vit(model: str | ModelSpec, pretrained: str | None = None, *, options: 
     held = _HeldRootRecords()
     try:
         with held:
-            vit = _build(spec, device)
-        held.release()
-        return vit
+            return _build(spec, device)
     except ModelLoadError:
-        held.release()
         raise
     except Exception as e:  # open_clip/timm/HF raise many types for "could not get the weights"
         local = spec.name.startswith(("hf-hub:", "local-dir:")) or (spec.pretrained and os.path.exists(spec.pretrained))
         if not allow_random or local or spec.pretrained is None:
-            held.release()
             raise ModelLoadError(f"could not load {spec.describe()}: {e}") from e
+        held.records.clear()  # the warning below gives their reason
         reason = str(e).split(". ")[0][:300]
         log.warning(
             "could not get pretrained weights for %s (%s: %s); using RANDOM weights of the same architecture: "
@@ -369,13 +366,16 @@ def load_vit(model: str | ModelSpec, pretrained: str | None = None, *, options: 
                 return _build(replace(spec, pretrained=None), device)
         except Exception as e2:
             raise ModelLoadError(f"could not build {spec.name}: {e2}") from e2
+    finally:
+        held.release()
 
 
 class _HeldRootRecords(logging.Filter):
     """Holds back what is logged on the root logger itself while a model is built: open_clip
     reports there (``logging.error`` for weights it then fails to get, raising as well). When
     :func:`load_vit` falls back to random weights, its own warning says why and the held
-    records are dropped; otherwise :meth:`release` passes them on as they were."""
+    records are dropped; otherwise :meth:`release` passes them on as they were. (Records other
+    threads log on the root logger itself meanwhile are held alike.)"""
 
     def __init__(self):
         super().__init__()
