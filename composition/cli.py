@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import logging
 import os
 import signal
@@ -337,10 +336,11 @@ def run_sweep(cfg: SweepCommand) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("--groups runs the groups as Prefect tasks, not under torchrun: use one or the other")
         from vitscope.composition.flows import sweep_flow
+        from vitscope.composition.pipeline import cluster_kwargs
 
         results = sweep_flow(cfg.sweep(), groups=cfg.groups, dask_address=cfg.dask_address,
                              dask_cluster_class=cfg.dask_cluster_class,
-                             dask_cluster_kwargs=json.loads(cfg.dask_cluster_kwargs) if cfg.dask_cluster_kwargs else None)
+                             dask_cluster_kwargs=cluster_kwargs(cfg.dask_cluster_kwargs))
     else:
         from vitscope.trainer import sweep_configs, train_sweep
 

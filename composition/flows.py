@@ -19,7 +19,6 @@ import base64
 import functools
 import io
 import itertools
-import json
 import os
 import typing
 from collections.abc import Collection, Mapping, Sequence
@@ -54,7 +53,7 @@ from vitscope.trainer import (
 )
 
 from .options import _shown, _summary, field_docs
-from .pipeline import PIPELINE_FILLED, PipelineConfig, TrainStage
+from .pipeline import PIPELINE_FILLED, PipelineConfig, TrainStage, cluster_kwargs
 
 
 def _retry_on_transient_errors(task_, task_run, state) -> bool:
@@ -585,7 +584,7 @@ def pipeline_flow(cfg: PipelineForm) -> PipelineResult:
         log = get_run_logger()
         data = prepare_data(cfg)
         runner = task_runner(cfg.parts, cfg.dask_address, cfg.dask_cluster_class,
-                             json.loads(cfg.dask_cluster_kwargs) if cfg.dask_cluster_kwargs else None)
+                             cluster_kwargs(cfg.dask_cluster_kwargs))
         ex = extract_flow.with_options(task_runner=runner)(replace(cfg.extract, data=data, store=cfg.store),
                                                            parts=cfg.parts)
         # The held-out images are extracted before training, whose final metrics are then

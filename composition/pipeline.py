@@ -11,13 +11,21 @@ hidden from the command line.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from vitscope.analyzer import AnalyzeConfig
 from vitscope.evaluator import EvaluateConfig
 from vitscope.extractor import ExtractConfig
 from vitscope.sae import TopKHyper
 from vitscope.trainer import SweepConfig, TrainConfig
+
+
+def cluster_kwargs(text: str | None) -> dict[str, Any] | None:
+    """``--dask-cluster-kwargs`` (JSON on the command line, in both the pipeline and a sweep) as
+    the keyword arguments for the cluster class."""
+    return json.loads(text) if text else None
 
 
 @dataclass
